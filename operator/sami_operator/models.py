@@ -1,0 +1,880 @@
+"""The SAMIRun API: spec and status as pydantic models.
+
+This module is the one source of truth for the API (see ARCHITECTURE.md): the CRD in crds/ and
+in the Helm chart is generated from these models (`sami crd`), the operator, the local runner and
+`sami validate` all parse a SAMIRun through them, and each field's description becomes
+`kubectl explain` text. Keys are camelCase as in every Kubernetes API; unknown keys are errors.
+
+Pure: pydantic only, no I/O, importable by both the operator and the worker programs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "sami.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "SAMIRun"
+PLURAL = "samiruns"
+SINGULAR = "samirun"
+SHORT_NAMES = ["sami"]
+
+# A Kubernetes resource quantity ("4", "16Gi", "500m", "1e3").
+QUANTITY_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$"
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+# Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are passed through to the
+# child pods as written: the API server validates them against the core schemas when the child
+# is created, and duplicating those schemas here would only drift.
+KubeObject = Annotated[
+    dict[str, Any],
+    Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+class APIModel(BaseModel):
+    """Base for every API object: camelCase keys, unknown fields rejected."""
+
+    # Python code may build objects by field name; manifests are parsed by alias only
+    # (validate.parse_samirun), so a snake_case key in YAML is an unknown field.
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as the API server stores it: camelCase keys, unset defaults omitted."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class PromptFormat(str, Enum):
+    chat = "chat"
+    base = "base"
+
+
+class Task(str, Enum):
+    dialogue = "dialogue"
+    summarization = "summarization"
+
+
+class ModelSpec(APIModel):
+    """The base (target) model: it is fine-tuned and also writes its own training data."""
+
+    uri: str = Field(
+        min_length=1,
+        description="Base model: an s3:// URI of a Hugging Face folder, a local path, or a "
+        "Hugging Face hub name.",
+    )
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer location when it differs from the model's."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Weights dtype for generation and scoring; 'auto' follows the model config.",
+    )
+    prompt_format: PromptFormat = Field(
+        default=PromptFormat.chat,
+        description="'chat' renders prompts with the tokenizer's chat template; 'base' uses the "
+        "paper's plain-text format prompts (for pretrained, non-instruct models).",
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the hub.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Principles
+
+
+class Principle(APIModel):
+    """One behaviour and its opposite."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$",
+        description="Short identifier, lower case, e.g. 'concise'.",
+    )
+    definition: str = Field(min_length=1, description="The behaviour, one sentence.")
+    antithesis: str = Field(min_length=1, description="The opposite behaviour, one sentence.")
+
+    @model_validator(mode="after")
+    def _antithesis_differs(self) -> Principle:
+        if self.definition.strip() == self.antithesis.strip():
+            raise ValueError(
+                f"antithesis: must differ from the definition (principle {self.name!r})"
+            )
+        return self
+
+
+class SecretKeyRef(APIModel):
+    """A key inside a Secret in the SAMIRun's namespace."""
+
+    name: str = Field(min_length=1, description="Secret name.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+
+
+class Endpoint(APIModel):
+    """An OpenAI-compatible chat completions endpoint."""
+
+    url: str = Field(
+        pattern=r"^https?://",
+        description="Base URL of the OpenAI-compatible API, e.g. http://vllm.svc:8000/v1.",
+    )
+    model: str = Field(min_length=1, description="Model name to request from the endpoint.")
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the API key; none for endpoints without auth.",
+    )
+    timeout_seconds: float = Field(default=120, gt=0, le=3600, description="Per-request timeout.")
+
+
+class PrincipleWriter(APIModel):
+    """An LM that writes principles and antitheses from a short instruction."""
+
+    model: str | None = Field(
+        default=None,
+        description="Writer model run locally with vLLM (URI as in spec.model.uri). "
+        "Exactly one of model and endpoint.",
+    )
+    endpoint: Endpoint | None = Field(
+        default=None, description="Writer behind an OpenAI-compatible endpoint."
+    )
+    instruction: str = Field(
+        min_length=1,
+        description="What the principles should be about, e.g. 'a helpful and harmless assistant'.",
+    )
+    count: int = Field(default=2, ge=1, le=64, description="How many principles to write.")
+    temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(default=1024, ge=16, le=16384, description="Answer length cap.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PrincipleWriter:
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("set exactly one of 'model' and 'endpoint'")
+        return self
+
+
+class PrinciplesSpec(APIModel):
+    """Training principles (inline or written by an LM) and held-out principles."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.inline) != has(self.writer)",
+                    "message": "set exactly one of principles.inline and principles.writer",
+                }
+            ]
+        }
+    )
+
+    inline: list[Principle] | None = Field(
+        default=None, min_length=1, description="Principles given by hand."
+    )
+    writer: PrincipleWriter | None = Field(
+        default=None, description="Ask an LM to write the principles (the 'principles' stage)."
+    )
+    held_out: list[Principle] = Field(
+        default_factory=list,
+        description="Principles never used in training; evaluation reports them apart to "
+        "measure generalisation.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PrinciplesSpec:
+        if (self.inline is None) == (self.writer is None):
+            raise ValueError("set exactly one of 'inline' and 'writer'")
+        if self.inline is not None:
+            _check_unique([p.name for p in self.inline], "inline")
+        _check_unique([p.name for p in self.held_out], "heldOut")
+        overlap = {p.name for p in self.inline or []} & {p.name for p in self.held_out}
+        if overlap:
+            raise ValueError(
+                f"heldOut: must be disjoint from the training principles; "
+                f"both contain {sorted(overlap)}"
+            )
+        return self
+
+
+def _check_unique(names: list[str], where: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: principle names must be unique; repeated: {dupes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Constitutions
+
+
+class ConstitutionMode(str, Enum):
+    pair = "pair"
+    diverse = "diverse"
+
+
+class ConstitutionsSpec(APIModel):
+    """How constitutions are sampled for each query (SAMI.md, 'One iteration', step 1)."""
+
+    per_query: int = Field(
+        default=2,
+        ge=2,
+        le=16,
+        description="C: constitutions (and responses) per query; the contrastive matrix is "
+        "C x C. The paper uses 2.",
+    )
+    mode: ConstitutionMode = Field(
+        default=ConstitutionMode.pair,
+        description="'pair': constitution 0 keeps every principle, the others negate a "
+        "non-empty subset. 'diverse': draw principlesPerConstitution principles, flip a coin "
+        "per principle; the other constitutions flip them.",
+    )
+    principles_per_constitution: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Principles drawn per constitution in 'diverse' mode.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed for sampling and shuffling.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class HFAdapter(str, Enum):
+    field = "field"
+    hh_rlhf = "hh-rlhf"
+    tldr = "tldr"
+
+
+class QuerySource(APIModel):
+    """Where queries come from: a file (JSONL/Parquet, local or S3) or a Hugging Face dataset."""
+
+    uri: str | None = Field(
+        default=None,
+        description="JSONL or Parquet file: s3://bucket/key, file:// or a local path. "
+        "Exactly one of uri and dataset.",
+    )
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        default="auto", description="File format; 'auto' goes by the file extension."
+    )
+    field: str = Field(default="query", min_length=1, description="Record field holding the query.")
+    dataset: str | None = Field(
+        default=None, description="Hugging Face dataset name, e.g. Anthropic/hh-rlhf."
+    )
+    split: str = Field(default="train", description="Dataset split.")
+    subset: str | None = Field(default=None, description="Dataset configuration or data_dir.")
+    adapter: HFAdapter = Field(
+        default=HFAdapter.field,
+        description="How a record becomes a query: 'field' reads `field`; 'hh-rlhf' takes the "
+        "first human turn of `chosen`; 'tldr' takes `info.post`.",
+    )
+    count: int = Field(ge=1, le=1_000_000, description="How many queries to take from the source.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QuerySource:
+        if (self.uri is None) == (self.dataset is None):
+            raise ValueError("set exactly one of 'uri' and 'dataset'")
+        return self
+
+
+class DataSpec(APIModel):
+    """Training and held-out evaluation queries."""
+
+    train: QuerySource = Field(
+        description="Training queries; each iteration generates responses for `count` of them."
+    )
+    eval: QuerySource = Field(description="Held-out queries for evaluation (the paper uses 250).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+class EngineSpec(APIModel):
+    """vLLM engine options."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs per engine.")
+    max_model_len: int | None = Field(
+        default=None,
+        ge=64,
+        le=1_048_576,
+        description="Context length cap; default from the model config.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory vLLM may use (on CPU builds: of host memory).",
+    )
+    enforce_eager: bool = Field(default=False, description="Skip CUDA graph capture / compilation.")
+
+
+class FiltersSpec(APIModel):
+    """Which generated pairs are dropped before training (SAMI.md, step 2)."""
+
+    drop_empty: bool = Field(default=True, description="Drop empty responses.")
+    drop_identical: bool = Field(
+        default=True,
+        description="Drop queries whose responses are identical across constitutions.",
+    )
+    debris_markers: list[str] = Field(
+        default_factory=lambda: ["[insert", "[Insert"],
+        description="Drop queries whose responses contain any of these template fragments.",
+    )
+
+
+class GenerationSpec(APIModel):
+    """Sampling of the model's own training data."""
+
+    backend: Literal["vllm", "transformers"] = Field(
+        default="vllm",
+        description="'vllm' (offline LLM.generate); 'transformers' is a slower fallback for "
+        "environments where vLLM cannot run.",
+    )
+    max_new_tokens: int = Field(
+        default=350,
+        ge=1,
+        le=32768,
+        description="Response length cap in tokens (paper: 350).",
+    )
+    temperature: float = Field(
+        default=0.0, ge=0, le=2, description="0 is greedy decoding, as in the paper."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling.")
+    stop: list[str] = Field(
+        default_factory=lambda: ["Human:", "###"],
+        description="Turn markers: responses are cut at the first one.",
+    )
+    filters: FiltersSpec = Field(default_factory=FiltersSpec, description="Post-filters.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine options.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class Launcher(str, Enum):
+    pytorchjob = "PyTorchJob"
+    jobset = "JobSet"
+    job = "Job"
+
+
+class OptimizerSpec(APIModel):
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "rmsprop"] = Field(
+        default="adamw", description="AdamW (paper, mistral-7b) or RMSprop (mixtral, llama3-70b)."
+    )
+    lr: float = Field(
+        default=5e-7, gt=0, le=1, description="Peak learning rate (paper: 5e-7 for 7B models)."
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, le=1, description="Decoupled weight decay (AdamW) or L2 (RMSprop)."
+    )
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="Decay after warmup."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Max global grad norm; 0 disables.")
+
+
+class TrainingSpec(APIModel):
+    """SAMI fine-tuning per iteration."""
+
+    iterations: int = Field(default=3, ge=1, le=100, description="T: SAMI iterations.")
+    steps: int = Field(
+        default=2,
+        ge=1,
+        le=1_000_000,
+        description="Optimizer steps in iteration 1.",
+    )
+    steps_growth: Literal["constant", "linear"] = Field(
+        default="linear",
+        description="'linear': iteration t trains t x steps (the paper trains each iteration "
+        "longer than the last); 'constant': every iteration trains `steps`.",
+    )
+    init: Literal["base", "previous"] = Field(
+        default="base",
+        description="'base': each iteration starts again from the base model (paper; the step "
+        "count is the only regulariser). 'previous': continue from iteration t-1.",
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    micro_batch_queries: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Query blocks (each C x C sequences) per process per micro-step.",
+    )
+    gradient_accumulation: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="Micro-steps per optimizer step (gradients really accumulate).",
+    )
+    precision: Literal["bf16", "fp32"] = Field(
+        default="bf16", description="bf16 mixed precision (GPU) or fp32."
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute decoder-layer activations in backward to save memory "
+        "(the paper uses it for llama3-70b).",
+    )
+    checkpoint_every: int = Field(
+        default=50,
+        ge=1,
+        description="Save resumable training state every N optimizer steps.",
+    )
+    launcher: Launcher = Field(
+        default=Launcher.pytorchjob,
+        description="Training workload on Kubernetes: Kubeflow PyTorchJob, JobSet, or a "
+        "single-node batch/v1 Job.",
+    )
+    nodes: int = Field(default=1, ge=1, le=1024, description="Training nodes (pods).")
+    procs_per_node: int = Field(default=1, ge=1, le=64, description="Processes (GPUs) per node.")
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retryable failures tolerated before the run fails.",
+    )
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> TrainingSpec:
+        if self.launcher == Launcher.job and self.nodes != 1:
+            raise ValueError(
+                f"nodes: launcher Job runs on a single node, got nodes={self.nodes}; "
+                "use PyTorchJob or JobSet for multi-node training"
+            )
+        return self
+
+    def steps_for(self, iteration: int) -> int:
+        """Optimizer steps for iteration t (1-based)."""
+        return self.steps * iteration if self.steps_growth == "linear" else self.steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class JudgeSpec(APIModel):
+    """An LLM judge for win rates (pairwise, iteration t vs the base model)."""
+
+    endpoint: Endpoint = Field(description="The judge's OpenAI-compatible endpoint.")
+    both_orders: bool = Field(
+        default=False,
+        description="Judge A/B and B/A and combine (the paper randomises the order once).",
+    )
+    items: int = Field(default=250, ge=1, le=100_000, description="Items judged per iteration.")
+    max_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Judge requests in flight at once."
+    )
+    reference: str | None = Field(
+        default=None,
+        description="Optional second baseline model (e.g. an instruct model) to compare with.",
+    )
+
+
+class EvaluationSpec(APIModel):
+    """Per-iteration evaluation on held-out queries."""
+
+    constitutions: int = Field(
+        default=4,
+        ge=2,
+        le=16,
+        description="K evaluation constitutions (paper: 4 for two principles, 2 for diverse).",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=32768,
+        description="Response cap for evaluation; default generation.maxNewTokens.",
+    )
+    include_base: bool = Field(
+        default=True,
+        description="Also evaluate the base model, reported as iteration 0.",
+    )
+    judge: JudgeSpec | None = Field(default=None, description="Optional LLM judge.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+class S3Credentials(APIModel):
+    """S3 keys from a Secret in the run's namespace (values never leave the Secret)."""
+
+    secret_name: str = Field(min_length=1, description="Secret in the run's namespace.")
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID", description="Key of the access key id in the Secret."
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY", description="Key of the secret access key in the Secret."
+    )
+
+
+class StorageSpec(APIModel):
+    """Where datasets, checkpoints and metrics live: s3://bucket/prefix or a local directory."""
+
+    uri: str = Field(
+        min_length=1,
+        description="s3://bucket/prefix, file:///path or a path. Outputs go under "
+        "<uri>/<namespace>/<run>/<uid>/.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, SeaweedFS, ...); default AWS.",
+    )
+    region: str | None = Field(default=None, description="S3 region.")
+    force_path_style: bool = Field(default=False, description="Path-style addressing.")
+    credentials: S3Credentials | None = Field(
+        default=None,
+        description="Secret with S3 keys; omit to use ambient identity (the pods' service "
+        "account, e.g. IRSA or workload identity).",
+    )
+
+    @model_validator(mode="after")
+    def _credentials_need_s3(self) -> StorageSpec:
+        if self.credentials is not None and not self.uri.startswith("s3://"):
+            raise ValueError(f"credentials: only used with s3:// storage, got uri={self.uri!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods
+
+
+class ResourcesSpec(APIModel):
+    """Container resources, as in a Pod spec (GPUs as e.g. nvidia.com/gpu)."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="Minimum resources, e.g. {cpu: 8, memory: 64Gi}."
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, description="Maximum resources, e.g. {nvidia.com/gpu: 8}."
+    )
+
+    @model_validator(mode="after")
+    def _quantities(self) -> ResourcesSpec:
+        for part, values in (("requests", self.requests), ("limits", self.limits)):
+            for name, value in values.items():
+                if not _QUANTITY_RE.match(str(value)):
+                    raise ValueError(
+                        f"{part}.{name}: {value!r} is not a Kubernetes quantity "
+                        "(e.g. 4, 500m, 16Gi)"
+                    )
+        return self
+
+
+class PodSpec(APIModel):
+    """Pod knobs applied to a stage's pods."""
+
+    image: str | None = Field(default=None, description="Worker image; default: the operator's.")
+    resources: ResourcesSpec | None = Field(
+        default=None, description="Worker container resources (GPUs included)."
+    )
+    node_selector: dict[str, str] | None = Field(default=None, description="Pod nodeSelector.")
+    tolerations: list[KubeObject] | None = Field(default=None, description="Pod tolerations.")
+    affinity: KubeObject | None = Field(default=None, description="Pod affinity.")
+    priority_class_name: str | None = Field(default=None, description="Pod priority class.")
+    image_pull_secrets: list[str] | None = Field(
+        default=None, description="Names of image pull Secrets."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        description="Service account (e.g. with cloud IAM for S3).",
+    )
+    volumes: list[KubeObject] | None = Field(default=None, description="Extra pod volumes.")
+    volume_mounts: list[KubeObject] | None = Field(
+        default=None, description="Extra mounts in the worker container."
+    )
+    env: list[KubeObject] | None = Field(default=None, description="Extra container env.")
+    shm_size: Quantity | None = Field(
+        default=None,
+        description="Size of the memory-backed /dev/shm (NCCL and dataloaders need more than "
+        "the 64Mi default); default 16Gi for training, 2Gi otherwise.",
+    )
+    annotations: dict[str, str] | None = Field(default=None, description="Pod annotations.")
+
+    def merged_over(self, default: PodSpec) -> PodSpec:
+        """This stage's settings, falling back field by field to `default`."""
+        mine = self.model_dump(exclude_unset=True)
+        return default.model_copy(update=mine)
+
+
+class PodsSpec(APIModel):
+    """Pod settings: `default` for every stage, overridden field by field per stage."""
+
+    default: PodSpec = Field(default_factory=PodSpec)
+    principles: PodSpec = Field(default_factory=PodSpec)
+    generate: PodSpec = Field(default_factory=PodSpec)
+    train: PodSpec = Field(default_factory=PodSpec)
+    evaluate: PodSpec = Field(default_factory=PodSpec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-level settings
+
+
+class DeadlinesSpec(APIModel):
+    """Deadlines, in seconds; none by default."""
+
+    start_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        description="Fail when the first stage has not started this long after creation "
+        "(image pull errors, unschedulable pods).",
+    )
+    active_seconds: int | None = Field(
+        default=None, ge=60, description="Fail when the run takes longer."
+    )
+
+
+class CleanupSpec(APIModel):
+    """What happens to children and storage."""
+
+    children: Literal["keep", "deleteOnSuccess", "delete"] = Field(
+        default="keep",
+        description="Finished child workloads: keep, delete when the run succeeds, or delete "
+        "as soon as their stage completes.",
+    )
+    storage_on_delete: Literal["retain", "delete"] = Field(
+        default="retain",
+        description="Whether deleting the SAMIRun deletes its storage prefix.",
+    )
+
+
+class SAMIRunSpec(APIModel):
+    """A SAMI run: principles, a base model, queries, and how to iterate."""
+
+    model: ModelSpec = Field(description="The base model to align.")
+    task: Task = Field(
+        default=Task.dialogue,
+        description="Prompt templates: 'dialogue' (assistant replies) or 'summarization'.",
+    )
+    principles: PrinciplesSpec
+    constitutions: ConstitutionsSpec = Field(default_factory=ConstitutionsSpec)
+    data: DataSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    storage: StorageSpec
+    pods: PodsSpec = Field(default_factory=PodsSpec)
+    queue_name: str | None = Field(
+        default=None,
+        description="Kueue LocalQueue; copied onto every child as kueue.x-k8s.io/queue-name.",
+    )
+    suspend: bool = Field(
+        default=False, description="Pause between stages; set back to false to resume."
+    )
+    deadlines: DeadlinesSpec = Field(default_factory=DeadlinesSpec)
+    cleanup: CleanupSpec = Field(default_factory=CleanupSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> SAMIRunSpec:
+        c = self.constitutions.per_query
+        inline = self.principles.inline
+        if inline is not None:
+            n = len(inline)
+            if self.constitutions.mode == ConstitutionMode.pair and c - 1 > 2**n - 1:
+                raise ValueError(
+                    f"constitutions.perQuery: pair mode with {n} principle(s) has "
+                    f"{2**n - 1} negating variant(s), so perQuery must be <= {2**n}, got {c}"
+                )
+            if self.constitutions.mode == ConstitutionMode.diverse:
+                k = self.constitutions.principles_per_constitution
+                if k > n:
+                    raise ValueError(
+                        f"constitutions.principlesPerConstitution: {k} exceeds the {n} "
+                        "training principles"
+                    )
+                if c > 2**k:
+                    raise ValueError(
+                        f"constitutions.perQuery: diverse mode with {k} principles per "
+                        f"constitution allows at most {2**k} distinct constitutions, got {c}"
+                    )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class StagePhase(str, Enum):
+    pending = "Pending"
+    queued = "Queued"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class Condition(APIModel):
+    """A Kubernetes condition (metav1.Condition fields)."""
+
+    type: str = Field(description="Condition type, e.g. Succeeded, Failed, Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason, e.g. InvalidSpec.",
+    )
+    message: str = Field(default="", description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the condition was computed from."
+    )
+
+
+class StageStatus(APIModel):
+    """One stage of one iteration."""
+
+    phase: StagePhase = Field(
+        default=StagePhase.pending,
+        description="Pending, Queued (admitted by no queue yet), Running, Succeeded or Failed.",
+    )
+    child: str | None = Field(default=None, description="Name of the child workload.")
+    attempts: int = Field(default=0, ge=0, description="Children created for this stage.")
+    start_time: str | None = Field(default=None, description="When the stage started.")
+    completion_time: str | None = Field(default=None, description="When the stage finished.")
+    message: str | None = Field(default=None, description="Why the stage is where it is.")
+
+
+class Estimate(APIModel):
+    """A mean with its standard error."""
+
+    value: float = Field(description="Mean over held-out queries.")
+    stderr: float | None = Field(default=None, description="Standard error of the mean.")
+
+
+class WinRate(APIModel):
+    """Pairwise win rate against a baseline, with 95% intervals."""
+
+    baseline: str = Field(description="What the iteration was compared with, e.g. 'base'.")
+    rate: float = Field(ge=0, le=1, description="Raw win rate (ties count 0.5).")
+    low: float = Field(ge=0, le=1, description="95% interval, lower end.")
+    high: float = Field(ge=0, le=1, description="95% interval, upper end.")
+    length_corrected: float | None = Field(
+        default=None, ge=0, le=1, description="Win rate at equal response length."
+    )
+    length_corrected_low: float | None = Field(
+        default=None, ge=0, le=1, description="95% interval of the corrected rate, lower end."
+    )
+    length_corrected_high: float | None = Field(
+        default=None, ge=0, le=1, description="95% interval of the corrected rate, upper end."
+    )
+    items: int = Field(ge=0, description="Items judged.")
+
+
+class Metrics(APIModel):
+    """Evaluation metrics of one model on held-out queries."""
+
+    mi_lower_bound: Estimate | None = Field(
+        default=None,
+        description="InfoNCE lower bound on I(y; c | x) in nats (at most log C).",
+    )
+    plug_in_mi: Estimate | None = Field(
+        default=None,
+        description="The paper's plotted plug-in MI estimate in nats (not bounded by log C).",
+    )
+    mean_response_tokens: Estimate | None = Field(
+        default=None, description="Mean response length in tokens."
+    )
+    win_rates: list[WinRate] = Field(
+        default_factory=list, max_length=8, description="Win rates against each baseline."
+    )
+
+
+class IterationStatus(APIModel):
+    """One SAMI iteration (0 is the base model's evaluation)."""
+
+    iteration: int = Field(ge=0, description="Iteration number; 0 is the base model.")
+    generate: StageStatus | None = Field(default=None, description="Generation stage.")
+    train: StageStatus | None = Field(default=None, description="Training stage.")
+    evaluate: StageStatus | None = Field(default=None, description="Evaluation stage.")
+    metrics: Metrics | None = Field(default=None, description="Metrics on training principles.")
+    held_out_metrics: Metrics | None = Field(
+        default=None, description="Metrics on held-out principles."
+    )
+    checkpoint_uri: str | None = Field(
+        default=None, description="The iteration's trained model (Hugging Face format)."
+    )
+
+
+class SAMIRunStatus(APIModel):
+    """Observed state of a SAMIRun. Full metric histories live in storage, not here."""
+
+    phase: Phase = Field(
+        default=Phase.pending, description="Pending, Running, Succeeded, Failed or Suspended."
+    )
+    message: str | None = Field(default=None, description="Short summary, e.g. the last error.")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation this status reflects."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="Kubernetes conditions."
+    )
+    iteration: int = Field(default=0, ge=0, description="Iteration in progress or last done.")
+    stage: str | None = Field(default=None, description="Stage in progress.")
+    latest_mi_lower_bound: float | None = Field(
+        default=None, description="MI lower bound (nats) of the latest evaluated iteration."
+    )
+    storage_uri: str | None = Field(default=None, description="The run's storage prefix.")
+    principles: StageStatus | None = Field(default=None, description="The principle writer.")
+    iterations: list[IterationStatus] = Field(
+        default_factory=list, max_length=101, description="Per iteration, 0 (base) first."
+    )
+    start_time: str | None = Field(default=None, description="When the first stage started.")
+    completion_time: str | None = Field(default=None, description="When the run finished.")
+
+
+class ObjectMeta(BaseModel):
+    """The subset of metadata a SAMIRun manifest needs; other keys are kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class SAMIRun(APIModel):
+    """A SAMI run as a Kubernetes object."""
+
+    api_version: Literal["sami.dev/v1alpha1"] = Field()
+    kind: Literal["SAMIRun"]
+    metadata: ObjectMeta
+    spec: SAMIRunSpec
+    status: SAMIRunStatus | None = None
+
+
+def log_c(c: int) -> float:
+    """The largest possible InfoNCE MI lower bound with C constitutions, in nats."""
+    return math.log(c)

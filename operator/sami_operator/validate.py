@@ -1,0 +1,124 @@
+"""Parse SAMIRun manifests through the API models, with errors a user can act on.
+
+Every entry point (the operator, `sami run`, `sami validate`) goes through `parse_samirun`, so
+a bad spec gets the same message everywhere: the field path, the bad value, what is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sami_operator.models import SAMIRun
+
+_FIELD_RE = re.compile(r"^[A-Za-z][\w/.-]*$")
+
+
+class SpecError(ValueError):
+    """A manifest that does not parse; the message lists one problem per line."""
+
+    def __init__(self, problems: list[str], source: str = "SAMIRun"):
+        self.problems = problems
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects repeated keys (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"repeated key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_manifests(text: str) -> list[Any]:
+    """The non-empty YAML documents in `text`; raises yaml.YAMLError on bad or repeated keys."""
+    return [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc is not None]
+
+
+def parse_samirun(obj: Any, source: str = "SAMIRun") -> SAMIRun:
+    """Validate a decoded manifest (a dict) into a SAMIRun or raise SpecError."""
+    if not isinstance(obj, dict):
+        got = type(obj).__name__
+        raise SpecError([f"expected a mapping with apiVersion, kind and spec, got {got}"], source)
+    try:
+        return SAMIRun.model_validate(obj, by_alias=True, by_name=False)
+    except ValidationError as err:
+        raise SpecError([describe_error(e) for e in err.errors()], source) from None
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as 'path: problem (got value)'."""
+    loc = error["loc"]
+    path = _render_path(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(SAMIRun, loc[:-1])
+        hint = f"; valid fields here: {', '.join(valid)}" if valid else ""
+        return f"{path}: unknown field{hint}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        # Cross-field rules sit on the object and start their message with the field they blame.
+        field, sep, rest = message.partition(": ")
+        if sep and _FIELD_RE.match(field):
+            return f"{path}.{field}: {rest}" if path else f"{field}: {rest}"
+        return f"{path or 'manifest'}: {message}"
+    return f"{path}: {message} (got {_short(error.get('input'))})"
+
+
+def _render_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "lax-or-strict")) or part in ("int", "str"):
+            continue  # pydantic's union/validator branch names, not fields
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names (aliases) accepted at `loc`, following nested models."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = next(
+            (f for name, f in current.model_fields.items() if (f.alias or name) == part), None
+        )
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(f.alias or name for name, f in current.model_fields.items())
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside X, X | None, list[X]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Creates or reuses the project's virtualenv and links it at .venv in the repo root.
+#
+# The environment is heavy (torch, later vLLM), so it lives outside the clone in
+# $SAMI_CACHE_DIR (default ~/.cache/sami), keyed on the files that decide its contents:
+# a fresh clone with the same dependency files reuses it in seconds. Only the project
+# itself is reinstalled (editable, no deps) so the venv points at this clone.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${SAMI_CACHE_DIR:-$HOME/.cache/sami}
+key=$(cat "$root/pyproject.toml" "$root/scripts/venv.sh" | sha256sum | cut -c1-16)
+venv="$cache/venv-$key"
+python=${PYTHON:-python3}
+log="$cache/venv-$key.log"
+mkdir -p "$cache"
+: >"$log"
+
+# pip's output goes to a log, shown only when pip fails.
+pip_quiet() {
+  if ! "$venv/bin/pip" install --quiet "$@" >>"$log" 2>&1; then
+    cat "$log" >&2
+    echo "sami: pip install $* failed (log: $log)" >&2
+    exit 1
+  fi
+}
+
+if [ ! -f "$venv/.complete" ]; then
+  echo "sami: building the virtualenv in $venv (first run only: a few minutes)" >&2
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  pip_quiet --upgrade pip setuptools wheel
+  # The CPU build of torch first: pip finds the wheel on this machine's disk, and every
+  # later requirement that torch satisfies then installs nothing more.
+  pip_quiet "torch==2.13.0"
+  pip_quiet -e "$root[worker,operator,vllm,dev]"
+  touch "$venv/.complete"
+  # Environments for dependency files not used for a week are dead weight (GBs each).
+  find "$cache" -maxdepth 1 -name 'venv-*' ! -name "venv-$key*" -mtime +7 -exec rm -rf {} +
+fi
+
+ln -sfn "$venv" "$root/.venv"
+pip_quiet --no-deps --no-build-isolation -e "$root"

@@ -1,0 +1,55 @@
+"""The `sami` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from sami_operator import __version__
+from sami_operator.cli import main
+from tests.conftest import ROOT, example_manifests
+
+
+def test_console_script_is_installed():
+    sami = Path(sys.executable).parent / "sami"
+    out = subprocess.run([sami, "version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == __version__
+
+
+def test_validate_accepts_the_examples():
+    result = CliRunner().invoke(main, ["validate", *map(str, example_manifests())])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": valid") == len(example_manifests())
+
+
+def test_validate_reports_each_problem_and_fails(tmp_path):
+    text = (ROOT / "examples" / "samirun.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("lr: 5.0e-7", "lr: -1").replace("perQuery: 2", "perQuery: 40"))
+    good = tmp_path / "good.yaml"
+    good.write_text(text)
+    result = CliRunner().invoke(main, ["validate", str(bad), str(good)])
+    assert result.exit_code == 1
+    assert f"{bad} is invalid:" in result.output
+    assert "spec.training.optimizer.lr: Input should be greater than 0 (got -1)" in result.output
+    assert "spec.constitutions.perQuery: Input should be less than or equal to 16" in result.output
+    assert f"{good}: valid" in result.output
+
+
+def test_validate_rejects_unreadable_and_non_yaml(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spec: [unclosed\n")
+    result = CliRunner().invoke(main, ["validate", str(broken), str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 1
+    assert "not valid YAML" in result.output
+    assert "missing.yaml: cannot read" in result.output
+
+
+def test_crd_writes_what_the_models_generate(tmp_path):
+    result = CliRunner().invoke(main, ["crd", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "sami.dev_samiruns.yaml").read_text()
+    assert written == (ROOT / "crds" / "sami.dev_samiruns.yaml").read_text()

@@ -1,0 +1,91 @@
+"""The generated CRD: committed YAML matches the models, and the schema is structural."""
+
+from __future__ import annotations
+
+import jsonschema
+import pytest
+import yaml
+
+from sami_operator import crd
+from sami_operator.validate import load_manifests
+from tests.conftest import ROOT, example_manifests
+
+COMMITTED = ROOT / "crds" / crd.CRD_FILE
+
+
+def test_committed_crd_matches_models():
+    assert COMMITTED.read_text() == crd.render_crd_yaml(), (
+        "crds/ is out of date with operator/sami_operator/models.py: run `make crds`"
+    )
+
+
+def _nodes(node, path="$"):
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from _nodes(child, f"{path}.{name}")
+    if "items" in node:
+        yield from _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}{{}}")
+
+
+SCHEMA = crd.build_openapi_schema()
+
+
+def test_schema_is_structural():
+    for path, node in _nodes(SCHEMA):
+        assert not {"$ref", "anyOf", "allOf", "oneOf", "$defs", "const", "title"} & set(node), path
+        assert node.get("additionalProperties") is not False, path
+        typed = "type" in node or node.get("x-kubernetes-int-or-string")
+        assert typed, f"{path} has no type"
+        if "properties" in node:
+            assert node["type"] == "object", path
+        if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(
+            node["exclusiveMinimum"], bool
+        ):
+            pytest.fail(f"{path}: exclusiveMinimum must be a boolean in OpenAPI 3.0")
+
+
+def test_every_field_is_described_for_kubectl_explain():
+    missing = [
+        path
+        for path, node in _nodes(SCHEMA)
+        if path.startswith(("$.spec", "$.status"))
+        and "description" not in node
+        and not path.endswith(("{}", "[]"))
+    ]
+    assert missing == []
+
+
+def test_printer_columns_read_status_and_spec():
+    version = crd.build_crd()["spec"]["versions"][0]
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert names[:5] == ["Iteration", "Stage", "Phase", "MI", "Age"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_cel_rules_are_carried_over():
+    principles = SCHEMA["properties"]["spec"]["properties"]["principles"]
+    rules = [r["rule"] for r in principles["x-kubernetes-validations"]]
+    assert "has(self.inline) != has(self.writer)" in rules
+
+
+@pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)
+def test_examples_satisfy_the_crd_schema(path):
+    # OpenAPI 3.0 schemas are a Draft 4 dialect (boolean exclusive bounds).
+    for doc in load_manifests(path.read_text()):
+        jsonschema.Draft4Validator(SCHEMA).validate(doc)
+
+
+def test_crd_schema_rejects_what_the_models_reject(samirun_doc):
+    samirun_doc["spec"]["training"]["optimizer"]["lr"] = 5.0
+    with pytest.raises(jsonschema.ValidationError, match="5.0 is greater than the maximum of 1"):
+        jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
+    samirun_doc["spec"]["training"]["optimizer"]["lr"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="less than or equal to the minimum"):
+        jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
+
+
+def test_crd_yaml_is_one_document():
+    docs = list(yaml.safe_load_all(COMMITTED.read_text()))
+    assert len(docs) == 1 and docs[0]["metadata"]["name"] == "samiruns.sami.dev"

@@ -1,0 +1,166 @@
+"""The SAMIRun API models: examples parse, broken copies fail with precise messages."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from sami_operator.models import PodSpec, SAMIRun, TrainingSpec
+from sami_operator.validate import SpecError, load_manifests, parse_samirun
+from tests.conftest import example_manifests
+
+
+@pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)
+def test_examples_parse(path):
+    docs = load_manifests(path.read_text())
+    assert docs
+    for doc in docs:
+        run = parse_samirun(doc)
+        assert isinstance(run, SAMIRun)
+
+
+def test_round_trip_through_api_form(samirun_doc):
+    run = parse_samirun(samirun_doc)
+    again = parse_samirun(run.to_api())
+    assert again == run
+    assert run.spec.training.micro_batch_queries == 1
+    assert run.to_api()["spec"]["training"]["microBatchQueries"] == 1
+
+
+def _set(doc: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    node = doc
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    node[last] = value
+
+
+BROKEN = [
+    (
+        "spec.training.optimizer.lr",
+        5.0,
+        "spec.training.optimizer.lr: Input should be less than or equal to 1 (got 5.0)",
+    ),
+    (
+        "spec.constitutions.perQuery",
+        1,
+        "spec.constitutions.perQuery: Input should be greater than or equal to 2 (got 1)",
+    ),
+    (
+        "spec.constitutions.mode",
+        "pairs",
+        "spec.constitutions.mode: Input should be 'pair' or 'diverse' (got 'pairs')",
+    ),
+    (
+        "spec.training.launcher",
+        "MPIJob",
+        "spec.training.launcher: Input should be 'PyTorchJob', 'JobSet' or 'Job' (got 'MPIJob')",
+    ),
+    ("spec.generation.topP", 0, "spec.generation.topP: Input should be greater than 0 (got 0)"),
+    (
+        "spec.constitutions.colour",
+        "red",
+        "spec.constitutions.colour: unknown field; valid fields here: "
+        "mode, perQuery, principlesPerConstitution, seed",
+    ),
+    ("spec.constitutions.per_query", 2, "spec.constitutions.per_query: unknown field"),
+    (
+        "spec.pods.train.resources.requests.memory",
+        "lots",
+        "spec.pods.train.resources.requests.memory: 'lots' is not a Kubernetes quantity",
+    ),
+    (
+        "spec.principles.inline.1.name",
+        "helpful",
+        "spec.principles.inline: principle names must be unique; repeated: ['helpful']",
+    ),
+    (
+        "spec.principles.inline.0.antithesis",
+        "The assistant gives a direct, specific answer that addresses what the human asked.",
+        "spec.principles.inline[0].antithesis: must differ from the definition",
+    ),
+    (
+        "spec.principles.heldOut",
+        [{"name": "helpful", "definition": "a", "antithesis": "b"}],
+        "spec.principles.heldOut: must be disjoint from the training principles; "
+        "both contain ['helpful']",
+    ),
+    (
+        "spec.constitutions.perQuery",
+        5,
+        "spec.constitutions.perQuery: pair mode with 2 principle(s) has 3 negating variant(s), "
+        "so perQuery must be <= 4, got 5",
+    ),
+    ("spec.storage.uri", "/data/runs", "spec.storage.credentials: only used with s3:// storage"),
+    (
+        "spec.data.train.uri",
+        "s3://bucket/queries.jsonl",
+        "spec.data.train: set exactly one of 'uri' and 'dataset'",
+    ),
+    (
+        "spec.principles.writer",
+        {"model": "x", "instruction": "be nice"},
+        "spec.principles: set exactly one of 'inline' and 'writer'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "path,value,expected", BROKEN, ids=[f"{b[0]}={b[1]!r:.20}" for b in BROKEN]
+)
+def test_broken_copies_name_the_field(samirun_doc, path, value, expected):
+    _set(samirun_doc, path, value)
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_launcher_job_is_single_node(samirun_doc):
+    _set(samirun_doc, "spec.training.launcher", "Job")
+    _set(samirun_doc, "spec.training.nodes", 2)
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert info.value.problems == [
+        "spec.training.nodes: launcher Job runs on a single node, got nodes=2; "
+        "use PyTorchJob or JobSet for multi-node training"
+    ]
+
+
+def test_diverse_mode_limits(samirun_doc):
+    _set(samirun_doc, "spec.constitutions.mode", "diverse")
+    _set(samirun_doc, "spec.constitutions.principlesPerConstitution", 3)
+    with pytest.raises(SpecError, match="principlesPerConstitution: 3 exceeds the 2 training"):
+        parse_samirun(samirun_doc)
+
+
+def test_missing_and_wrong_kind(samirun_doc):
+    doc = copy.deepcopy(samirun_doc)
+    del doc["spec"]["storage"]
+    doc["kind"] = "Job"
+    with pytest.raises(SpecError) as info:
+        parse_samirun(doc)
+    assert "spec.storage: required field is missing" in info.value.problems
+    assert "kind: Input should be 'SAMIRun' (got 'Job')" in info.value.problems
+    with pytest.raises(SpecError, match="expected a mapping"):
+        parse_samirun(["not", "a", "mapping"])
+
+
+def test_repeated_yaml_keys_are_errors():
+    with pytest.raises(yaml.YAMLError, match="repeated key 'nodes'"):
+        load_manifests("spec:\n  nodes: 1\n  nodes: 2\n")
+
+
+def test_steps_grow_per_iteration():
+    assert [TrainingSpec(steps=3).steps_for(t) for t in (1, 2, 3)] == [3, 6, 9]
+    constant = TrainingSpec(steps=3, steps_growth="constant")
+    assert [constant.steps_for(t) for t in (1, 2, 3)] == [3, 3, 3]
+
+
+def test_stage_pod_settings_override_the_default_field_by_field():
+    default = PodSpec(service_account_name="sami-worker", shm_size="2Gi")
+    train = PodSpec(shm_size="32Gi")
+    merged = train.merged_over(default)
+    assert merged.service_account_name == "sami-worker"
+    assert merged.shm_size == "32Gi"
