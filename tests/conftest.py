@@ -4,6 +4,8 @@ import pytest
 
 from sami_operator.validate import load_manifests
 
+pytest_plugins = ["tests.s3server", "tests.tinymodel"]
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 

@@ -1,0 +1,79 @@
+"""Worker programs: `python -m sami_worker <stage> --task TASK.json`.
+
+Stages: generate, score, write-principles. The same programs run in Kubernetes pods and as
+local processes under `sami run`; they do not know which started them.
+
+Exit codes, so a launcher's failure policy can tell failures apart:
+    0   done (or already done: a completed stage is not redone)
+    1   unexpected error (a bug; the traceback is printed)
+    65  bad task or input: invalid task file, missing dataset or model, bad credentials,
+        empty query set. Retrying cannot help (sysexits EX_DATAERR).
+    75  transient failure: storage unreachable after retries, a peer died. Retrying may help
+        (sysexits EX_TEMPFAIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_BAD_INPUT = 65
+EXIT_RETRYABLE = 75
+
+log = logging.getLogger("sami_worker")
+
+
+def _run_stage(stage: str, task_path: Path) -> dict:
+    from sami_worker.tasks import load_task
+
+    task = load_task(task_path, stage)
+    if stage == "generate":
+        from sami_worker import generate
+
+        return generate.run(task)
+    if stage == "score":
+        from sami_worker import score
+
+        return score.run(task)
+    from sami_worker import principle_writer
+
+    return principle_writer.run(task)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sami_worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=["generate", "score", "write-principles"])
+    parser.add_argument("--task", required=True, type=Path, help="Task JSON file.")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from sami_worker.datasets import DatasetError
+    from sami_worker.storage import StorageError, TransientStorageError
+    from sami_worker.tasks import TaskError
+
+    try:
+        summary = _run_stage(args.stage, args.task)
+    except TransientStorageError as err:
+        log.error("%s (retryable)", err)
+        return EXIT_RETRYABLE
+    except (TaskError, DatasetError, StorageError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    print(json.dumps({"stage": args.stage, "summary": summary}))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

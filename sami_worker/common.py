@@ -1,0 +1,68 @@
+"""Plumbing shared by the worker programs: storage from a task, models, principles, queries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from sami_operator.models import Principle, QuerySource, StorageSpec
+from sami_worker import storage
+from sami_worker.datasets import load_queries
+from sami_worker.settings import cache_dir
+from sami_worker.tasks import PrinciplesRef, TaskError
+
+log = logging.getLogger(__name__)
+
+PRINCIPLES_FILE = "principles.json"
+
+
+def storage_settings(spec: StorageSpec | None) -> storage.StorageSettings:
+    if spec is None:
+        return storage.StorageSettings()
+    return storage.StorageSettings(
+        endpoint_url=spec.endpoint_url, region=spec.region, force_path_style=spec.force_path_style
+    )
+
+
+def open_uri(uri: str, spec: StorageSpec | None) -> storage.Storage:
+    return storage.open_storage(uri, storage_settings(spec))
+
+
+def read_uri(uri: str, spec: StorageSpec | None) -> bytes:
+    """The bytes of one object or file, named by its full URI."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return open_uri(parent or ".", spec).read_bytes(name)
+
+
+def fetch_model(uri: str, spec: StorageSpec | None) -> Path:
+    """Download a model folder from s3:// into the local cache (resumable; verified against
+    the stage manifest when the folder was written by sami)."""
+    target = cache_dir() / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    remote = open_uri(uri, spec)
+    if storage.read_manifest(remote, "") is not None:
+        storage.download_stage(remote, "", target)
+    else:
+        for info in remote.list(""):
+            local = target / info.key
+            if not (local.exists() and local.stat().st_size == info.size):
+                remote.download_file(info.key, local)
+    return target
+
+
+def load_principles(ref: PrinciplesRef, spec: StorageSpec | None) -> list[Principle]:
+    if ref.inline is not None:
+        principles = ref.inline
+    elif ref.uri is not None:
+        data = storage.read_stage_file(open_uri(ref.uri, spec), "", PRINCIPLES_FILE)
+        principles = [Principle.model_validate(p) for p in json.loads(data)]
+    else:
+        raise TaskError("principles: set 'inline' or 'uri'")
+    if not principles:
+        raise TaskError("principles: the list is empty")
+    return list(principles)
+
+
+def load_task_queries(source: QuerySource, offset: int, spec: StorageSpec | None) -> list[str]:
+    return load_queries(source, read_bytes=lambda uri: read_uri(uri, spec), offset=offset)

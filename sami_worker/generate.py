@@ -1,0 +1,214 @@
+"""The generation stage: the model writes its own SAMI training data (SAMI.md, steps 1-2).
+
+For every query, sample C constitutions, render one prompt per constitution, generate one
+response per prompt, post-process (cut at turn markers, drop empty / identical / debris
+pairs), and publish the dataset with its stats under the stage prefix, manifest last.
+
+Differences from the paper's code: prompts are tokenised once here and the dataset records
+the exact prompt and response token ids, so training scores precisely what was generated
+(prompt and response joined as ids, EOS scored when generation ended with it).
+
+    python -m sami_worker generate --task task.json
+
+A completed stage (its manifest exists) is not redone; an interrupted one is redone whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from sami_operator.models import PromptFormat
+from sami_worker import storage
+from sami_worker.backends import (
+    Backend,
+    SamplingSettings,
+    open_backend,
+    request_seed,
+    resolve_model_dir,
+)
+from sami_worker.common import fetch_model, load_principles, load_task_queries, open_uri
+from sami_worker.constitutions import derive_rng, sample_constitutions
+from sami_worker.prompts import cut_response, filter_reason, render_prompt
+from sami_worker.tasks import GenerateTask, TaskError
+
+log = logging.getLogger(__name__)
+
+DATASET_JSONL = "dataset.jsonl"
+DATASET_PARQUET = "dataset.parquet"
+STATS_FILE = "stats.json"
+BATCH_PROMPTS = 256  # prompts per engine call: progress is logged after each
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a rendered prompt. Chat templates already include BOS and the like, so
+    they are tokenised without adding special tokens again."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    try:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except Exception:
+        # Templates that reject a system role get the constitution in the first user turn.
+        system, first, *rest = prompt
+        merged = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
+        text = tokenizer.apply_chat_template(
+            [merged, *rest], add_generation_prompt=True, tokenize=False
+        )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_records(task: GenerateTask, backend: Backend, queries: list[str], principles):
+    """Generate and post-process; returns (kept records, stats)."""
+    by_name = {p.name: p for p in principles}
+    fmt = "chat" if task.model.prompt_format == PromptFormat.chat else "base"
+    c = task.constitutions.per_query
+    items = []
+    for index, query in enumerate(queries):
+        query_id = task.query_offset + index
+        rng = derive_rng(task.constitutions.seed, task.iteration, query_id)
+        constitutions = sample_constitutions(
+            principles,
+            task.constitutions.mode.value,
+            c,
+            rng,
+            per_constitution=task.constitutions.principles_per_constitution,
+        )
+        texts = [con.render(by_name) for con in constitutions]
+        prompts = [render_prompt(task.task.value, fmt, t, query) for t in texts]
+        ids = [prompt_token_ids(backend.tokenizer, p) for p in prompts]
+        items.append((query_id, query, constitutions, texts, ids))
+
+    g = task.generation
+    settings = SamplingSettings(g.max_new_tokens, g.temperature, g.top_p, tuple(g.stop))
+    flat_prompts = [ids for item in items for ids in item[4]]
+    seeds = [
+        request_seed(task.constitutions.seed, task.iteration, item[0], j)
+        for item in items
+        for j in range(c)
+    ]
+    completions = []
+    started = time.monotonic()
+    generated_tokens = 0
+    for begin in range(0, len(flat_prompts), BATCH_PROMPTS):
+        chunk = backend.generate(
+            flat_prompts[begin : begin + BATCH_PROMPTS],
+            settings,
+            seeds[begin : begin + BATCH_PROMPTS],
+        )
+        completions.extend(chunk)
+        generated_tokens += sum(len(x.token_ids) + x.ended_with_eos for x in chunk)
+        elapsed = time.monotonic() - started
+        log.info(
+            "generated %d/%d responses, %.1f tokens/s",
+            len(completions),
+            len(flat_prompts),
+            generated_tokens / max(elapsed, 1e-9),
+        )
+    elapsed = time.monotonic() - started
+
+    dropped: Counter[str] = Counter()
+    records = []
+    for n, (query_id, query, constitutions, texts, ids) in enumerate(items):
+        outs = completions[n * c : (n + 1) * c]
+        responses = [cut_response(o.text, g.stop) for o in outs]
+        reason = filter_reason(responses, g.filters.debris_markers)
+        if reason == "empty" and not g.filters.drop_empty:
+            reason = None
+        if reason == "identical" and not g.filters.drop_identical:
+            reason = None
+        if reason is not None:
+            dropped[reason] += 1
+            continue
+        # The stored response ids are the canonical tokenisation of the stored text; EOS is
+        # kept apart (ended_with_eos) and scored in training when the model emitted it.
+        response_ids = [
+            backend.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses
+        ]
+        records.append(
+            {
+                "query_id": query_id,
+                "query": query,
+                "constitutions": [[[name, kept] for name, kept in k.items] for k in constitutions],
+                "constitution_texts": texts,
+                "prompt_token_ids": ids,
+                "responses": responses,
+                "response_token_ids": response_ids,
+                "response_tokens": [len(r) for r in response_ids],
+                "finish_reasons": [o.finish_reason for o in outs],
+                "ended_with_eos": [
+                    o.ended_with_eos and r == o.text.strip()
+                    for o, r in zip(outs, responses, strict=True)
+                ],
+            }
+        )
+    kept_tokens = [t for r in records for t in r["response_tokens"]]
+    stats = {
+        "queries": len(queries),
+        "kept": len(records),
+        "dropped": {reason: dropped.get(reason, 0) for reason in ("empty", "identical", "debris")},
+        "responses_generated": len(completions),
+        "mean_response_tokens": sum(kept_tokens) / len(kept_tokens) if kept_tokens else 0.0,
+        "generated_tokens": generated_tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": generated_tokens / elapsed if elapsed > 0 else 0.0,
+        "backend": g.backend,
+    }
+    return records, stats
+
+
+def write_dataset(records: list[dict], directory: Path, fmt: str) -> Path:
+    if fmt == "jsonl":
+        path = directory / DATASET_JSONL
+        with path.open("w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = directory / DATASET_PARQUET
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def run(task: GenerateTask) -> dict:
+    out = open_uri(task.output, task.storage)
+    if storage.is_complete(out, ""):
+        log.info("generation output %s is already complete; nothing to do", out.uri())
+        manifest = storage.read_manifest(out, "")
+        return manifest.meta if manifest else {}
+
+    principles = load_principles(task.principles, task.storage)
+    queries = load_task_queries(task.queries, task.query_offset, task.storage)
+    if not queries:
+        raise TaskError(f"queries: the source yields no queries ({task.queries.uri})")
+    model_dir = resolve_model_dir(task.model.uri, lambda uri: fetch_model(uri, task.storage))
+    backend = open_backend(
+        task.generation.backend,
+        model_dir,
+        task.model,
+        task.generation.engine,
+        seed=task.constitutions.seed,
+    )
+    try:
+        records, stats = build_records(task, backend, queries, principles)
+    finally:
+        backend.close()
+    if not records:
+        raise TaskError(f"every query was dropped by the filters: {stats['dropped']}")
+    with tempfile.TemporaryDirectory(prefix="sami-generate-") as tmp:
+        write_dataset(records, Path(tmp), task.output_format)
+        (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        storage.upload_stage(out, Path(tmp), "", stage="generate", meta=stats)
+    log.info(
+        "published %d of %d queries to %s (%.1f tokens/s)",
+        stats["kept"],
+        stats["queries"],
+        out.uri(),
+        stats["tokens_per_second"],
+    )
+    return stats

@@ -1,0 +1,20 @@
+"""Environment variables the worker programs read (this module is the only reader).
+
+SAMI_CACHE_DIR    local cache for converted and downloaded models (default ~/.cache/sami)
+SAMI_API_KEY      API key for OpenAI-compatible endpoints (principle writer, judge); the
+                  operator fills it from the Secret named in the spec. OPENAI_API_KEY is
+                  used when it is unset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAMI_CACHE_DIR") or Path.home() / ".cache" / "sami")
+
+
+def api_key() -> str | None:
+    return os.environ.get("SAMI_API_KEY") or os.environ.get("OPENAI_API_KEY")

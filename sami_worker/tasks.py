@@ -1,0 +1,110 @@
+"""Typed tasks: the JSON documents a worker program consumes (`--task task.json`).
+
+The planner writes them, the operator mounts them from a ConfigMap, `sami run` passes a file;
+the worker does not know which. Tasks reuse the SAMIRun API models for their settings, so a
+setting means the same thing in the manifest and in the task.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from sami_operator.models import (
+    APIModel,
+    ConstitutionsSpec,
+    GenerationSpec,
+    ModelSpec,
+    Principle,
+    PrincipleWriter,
+    QuerySource,
+    StorageSpec,
+    Task,
+)
+
+
+class TaskError(ValueError):
+    """A task document that does not parse or cannot be carried out (not retryable)."""
+
+
+class PrinciplesRef(APIModel):
+    """Principles given inline or as the output of the principles stage."""
+
+    inline: list[Principle] | None = Field(default=None, description="Principles as written.")
+    uri: str | None = Field(default=None, description="Stage prefix written by `write-principles`.")
+
+
+class GenerateTask(APIModel):
+    """Generate one response per (query, constitution) with the model of iteration t-1."""
+
+    kind: Literal["generate"] = "generate"
+    output: str = Field(description="Stage prefix (s3:// or local) for the dataset.")
+    storage: StorageSpec | None = Field(
+        default=None, description="Connection settings for s3:// URIs in this task."
+    )
+    model: ModelSpec = Field(description="The model to sample from (base or a checkpoint).")
+    task: Task = Task.dialogue
+    principles: PrinciplesRef
+    constitutions: ConstitutionsSpec = Field(default_factory=ConstitutionsSpec)
+    queries: QuerySource
+    query_offset: int = Field(default=0, ge=0, description="Skip this many queries first.")
+    iteration: int = Field(default=1, ge=0, description="SAMI iteration (seeds depend on it).")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    output_format: Literal["jsonl", "parquet"] = Field(default="jsonl")
+
+
+class ScorePair(APIModel):
+    """One (prompt, response) to score, as token ids."""
+
+    prompt_token_ids: list[int] = Field(min_length=1)
+    response_token_ids: list[int] = Field(min_length=1)
+
+
+class ScoreTask(APIModel):
+    """Sum and mean response log-probs of (prompt, response) pairs under a model."""
+
+    kind: Literal["score"] = "score"
+    output: str = Field(description="Stage prefix for scores.jsonl.")
+    storage: StorageSpec | None = None
+    model: ModelSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    pairs: list[ScorePair] | None = Field(default=None, description="Pairs given inline.")
+    pairs_uri: str | None = Field(default=None, description="JSONL of ScorePair records.")
+
+
+class WritePrinciplesTask(APIModel):
+    """Ask an LM to write principles with antitheses."""
+
+    kind: Literal["write-principles"] = "write-principles"
+    output: str
+    storage: StorageSpec | None = None
+    writer: PrincipleWriter
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    seed: int = 0
+
+
+AnyTask = Annotated[GenerateTask | ScoreTask | WritePrinciplesTask, Field(discriminator="kind")]
+_ADAPTER: TypeAdapter[AnyTask] = TypeAdapter(AnyTask)
+
+
+def load_task(path: Path, expected: str) -> GenerateTask | ScoreTask | WritePrinciplesTask:
+    """Parse a task file and check it is the kind the program expects."""
+    try:
+        task = _ADAPTER.validate_json(path.read_bytes())
+    except OSError as err:
+        raise TaskError(f"cannot read task file {path}: {err.strerror}") from None
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_url=False)
+        )
+        raise TaskError(f"task file {path} is invalid: {problems}") from None
+    if task.kind != expected:
+        raise TaskError(f"task file {path} is a {task.kind!r} task, expected {expected!r}")
+    return task
+
+
+def dump_task(task: GenerateTask | ScoreTask | WritePrinciplesTask) -> str:
+    return json.dumps(task.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2)
