@@ -1,7 +1,8 @@
 """Worker programs: `python -m sami_worker <stage> --task TASK.json`.
 
-Stages: generate, score, write-principles. The same programs run in Kubernetes pods and as
-local processes under `sami run`; they do not know which started them.
+Stages: generate, score, write-principles, train (under torchrun for several processes). The
+same programs run in Kubernetes pods and as local processes under `sami run`; they do not know
+which started them.
 
 Exit codes, so a launcher's failure policy can tell failures apart:
     0   done (or already done: a completed stage is not redone)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,9 +42,22 @@ def _run_stage(stage: str, task_path: Path) -> dict:
         from sami_worker import score
 
         return score.run(task)
+    if stage == "train":
+        from sami_worker import train
+
+        return train.run(task)
     from sami_worker import principle_writer
 
     return principle_writer.run(task)
+
+
+def _dist_error() -> type[BaseException]:
+    """torch.distributed's error for a lost peer or store, when torch is installed."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:
+        return OSError
+    return DistError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=["generate", "score", "write-principles"])
+    parser.add_argument("stage", choices=["generate", "score", "write-principles", "train"])
     parser.add_argument("--task", required=True, type=Path, help="Task JSON file.")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -61,17 +76,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from sami_worker.datasets import DatasetError
     from sami_worker.storage import StorageError, TransientStorageError
+
+    DistError = _dist_error()
     from sami_worker.tasks import TaskError
 
     try:
         summary = _run_stage(args.stage, args.task)
-    except TransientStorageError as err:
+    except (TransientStorageError, DistError) as err:
         log.error("%s (retryable)", err)
         return EXIT_RETRYABLE
     except (TaskError, DatasetError, StorageError, FileNotFoundError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-    print(json.dumps({"stage": args.stage, "summary": summary}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"stage": args.stage, "summary": summary}))
     return EXIT_OK
 
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sami_operator.models import ModelSpec
 from sami_worker.backends import Completion, SamplingSettings
@@ -37,6 +37,15 @@ def load_model(model_dir: str, model: ModelSpec, dtype: torch.dtype | None = Non
         dtype=torch_dtype,
         trust_remote_code=model.trust_remote_code,
     )
+
+
+def published_dtype(model_dir: str) -> torch.dtype:
+    """The dtype a model folder's weights were saved in (float32 when it does not say)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 class HFBackend:

@@ -527,17 +527,28 @@ def upload_stage(
     root = Path(local_dir)
     if not root.is_dir():
         raise StorageError(f"upload_stage: {root} is not a directory")
-    if (root / MANIFEST_NAME).exists():
-        raise StorageError(f"{root / MANIFEST_NAME}: that name is reserved for the stage manifest")
+    unpublish(storage, prefix)
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    files = upload_files(storage, prefix, root, paths)
+    return publish_manifest(storage, prefix, files, stage=stage, meta=meta)
+
+
+def upload_files(
+    storage: Storage, prefix: str, local_root: str | os.PathLike[str], paths: list[str]
+) -> list[ManifestFile]:
+    """Upload local_root/<path> to prefix/<path> for each path and return their manifest
+    entries, without publishing. For stages written by several processes (sharded
+    checkpoints): each uploads its own files, one publishes the manifest of all."""
+    if MANIFEST_NAME in paths:
+        raise StorageError(f"{MANIFEST_NAME}: that name is reserved for the stage manifest")
     target = storage.child(prefix)
-    _unpublish(target)
     files = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for rel in paths:
+        path = Path(local_root, *rel.split("/"))
         size, sha256 = _file_digest(path)
-        rel = path.relative_to(root).as_posix()
         target.upload_file(path, rel)
         files.append(ManifestFile(path=rel, size=size, sha256=sha256))
-    return _publish(target, stage, files, meta)
+    return files
 
 
 def write_stage_files(
@@ -553,21 +564,29 @@ def write_stage_files(
         ManifestFile(path=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
         for name, data in sorted(files.items())
     ]
+    unpublish(storage, prefix)
     target = storage.child(prefix)
-    _unpublish(target)
     for entry in entries:
         target.write_bytes(entry.path, files[entry.path])
-    return _publish(target, stage, entries, meta)
+    return publish_manifest(storage, prefix, entries, stage=stage, meta=meta)
 
 
-def _unpublish(target: Storage) -> None:
-    # Re-publishing overwrites files; an old manifest would vouch for them meanwhile.
-    target.delete(MANIFEST_NAME)
+def unpublish(storage: Storage, prefix: str) -> None:
+    """Withdraw a stage's manifest before its files are overwritten: an old manifest would
+    vouch for a mix of old and new files meanwhile."""
+    storage.child(prefix).delete(MANIFEST_NAME)
 
 
-def _publish(
-    target: Storage, stage: str, files: list[ManifestFile], meta: dict[str, Any] | None
+def publish_manifest(
+    storage: Storage,
+    prefix: str,
+    files: list[ManifestFile],
+    *,
+    stage: str,
+    meta: dict[str, Any] | None = None,
 ) -> Manifest:
+    """Write prefix/_manifest.json: from now on the stage is complete."""
+    target = storage.child(prefix)
     manifest = Manifest(
         stage=stage, created=datetime.now(timezone.utc), files=files, meta=meta or {}
     )

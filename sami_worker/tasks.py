@@ -23,6 +23,7 @@ from sami_operator.models import (
     QuerySource,
     StorageSpec,
     Task,
+    TrainingSpec,
 )
 
 
@@ -86,11 +87,34 @@ class WritePrinciplesTask(APIModel):
     seed: int = 0
 
 
-AnyTask = Annotated[GenerateTask | ScoreTask | WritePrinciplesTask, Field(discriminator="kind")]
+class TrainTask(APIModel):
+    """Fine-tune with the SAMI objective on one iteration's dataset(s)."""
+
+    kind: Literal["train"] = "train"
+    output: str = Field(
+        description="Stage prefix: checkpoint/ (Hugging Face model), state/ (resumable "
+        "sharded training state) and metrics.jsonl go under it."
+    )
+    storage: StorageSpec | None = None
+    model: ModelSpec = Field(description="The base model (tokenizer and architecture).")
+    init_uri: str | None = Field(
+        default=None,
+        description="Start from these weights (the previous iteration's checkpoint) instead "
+        "of model.uri.",
+    )
+    datasets: list[str] = Field(min_length=1, description="Generation stage prefixes.")
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    seed: int = Field(default=0, ge=0)
+
+
+AnyTask = Annotated[
+    GenerateTask | ScoreTask | WritePrinciplesTask | TrainTask, Field(discriminator="kind")
+]
 _ADAPTER: TypeAdapter[AnyTask] = TypeAdapter(AnyTask)
 
 
-def load_task(path: Path, expected: str) -> GenerateTask | ScoreTask | WritePrinciplesTask:
+def load_task(path: Path, expected: str):
     """Parse a task file and check it is the kind the program expects."""
     try:
         task = _ADAPTER.validate_json(path.read_bytes())
@@ -106,5 +130,5 @@ def load_task(path: Path, expected: str) -> GenerateTask | ScoreTask | WritePrin
     return task
 
 
-def dump_task(task: GenerateTask | ScoreTask | WritePrinciplesTask) -> str:
+def dump_task(task: APIModel) -> str:
     return json.dumps(task.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2)

@@ -1,0 +1,481 @@
+"""The training stage: SAMI fine-tuning with FSDP2 under torchrun (SAMI.md, The objective).
+
+Each micro-step takes `microBatchQueries` query blocks per process; a block is one query's
+C prompts and C responses, scored as all C x C (constitution, response) sequences in one
+padded forward pass. Only response tokens are scored (prompt masked exactly, EOS scored when
+the model emitted it), through the LM head in chunks, never as a full-vocabulary float32
+log-softmax over the batch. The (C, C) matrix is assembled from explicit index pairs and fed to
+`sami_loss`. Blocks never straddle processes, so the loss needs no cross-rank gather.
+
+Differences from the paper's code:
+- gradient accumulation accumulates: the paper-era code zeroed gradients at every micro-step,
+  so each optimizer step saw only the last micro-batch;
+- the data order is a deterministic function of (seed, step), so a resumed run and a run with
+  a different number of processes see the same blocks at the same step.
+
+Run it:
+    CPU, one process:   python -m sami_worker train --task task.json
+    CPU or one GPU, N:  torchrun --nproc_per_node N -m sami_worker train --task task.json
+    multi-node:         torchrun --nnodes $PET_NNODES --nproc_per_node $PET_NPROC_PER_NODE \\
+                          --node_rank $PET_NODE_RANK --master_addr $PET_MASTER_ADDR \\
+                          --master_port $PET_MASTER_PORT -m sami_worker train --task task.json
+
+Outputs under the task's output prefix: state/step-NNNNNNNN/ (resumable sharded state, every
+`checkpointEvery` steps; the newest complete one is resumed automatically), checkpoint/ (the
+Hugging Face model vLLM loads next), metrics.jsonl (one line per optimizer step) and
+summary.json; the stage's manifest, written last, lists the latter two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from sami_worker import distributed, storage
+from sami_worker.backends import resolve_model_dir
+from sami_worker.common import fetch_model, open_uri
+from sami_worker.generate import DATASET_JSONL, DATASET_PARQUET
+from sami_worker.hf import load_model, load_tokenizer, published_dtype
+from sami_worker.logprobs import assemble_matrices, block_pairs, build_sequences, response_logprobs
+from sami_worker.objective import sami_loss
+from sami_worker.tasks import TaskError, TrainTask
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+KEEP_STATES = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class Block:
+    """One query: C prompts (token ids) and the C responses generated under them."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    responses: tuple[tuple[int, ...], ...]
+
+
+def read_blocks(local_dir: Path, eos_id: int) -> list[Block]:
+    """Blocks from a generation stage's dataset; EOS appended where the model emitted it."""
+    if (local_dir / DATASET_JSONL).exists():
+        lines = (local_dir / DATASET_JSONL).read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    else:
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(local_dir / DATASET_PARQUET).to_pylist()
+    blocks = []
+    for r in records:
+        responses = [
+            tuple(ids) + ((eos_id,) if eos else ())
+            for ids, eos in zip(r["response_token_ids"], r["ended_with_eos"], strict=True)
+        ]
+        blocks.append(Block(tuple(map(tuple, r["prompt_token_ids"])), tuple(responses)))
+    return blocks
+
+
+class BlockSchedule:
+    """Which blocks each (step, micro-step, rank) trains on.
+
+    Each optimizer step consumes G = world x accumulation x micro-batch blocks from a global
+    sequence: epoch after epoch, each a seeded permutation truncated to a multiple of G (the
+    remainder is dropped and logged, not padded with duplicates). The sequence depends only on
+    the seed and G's factors' product, so 1 process x accumulation 2 and 2 processes x 1 see
+    the same blocks in the same steps.
+    """
+
+    def __init__(self, blocks: list[Block], per_step: int, seed: int):
+        n_blocks = len(blocks)
+        if n_blocks < per_step:
+            raise TaskError(
+                f"the dataset has {n_blocks} query blocks but one optimizer step needs "
+                f"{per_step} (processes x gradientAccumulation x microBatchQueries)"
+            )
+        self.blocks, self.n, self.per_step, self.seed = blocks, n_blocks, per_step, seed
+        self.steps_per_epoch = n_blocks // per_step
+        dropped = n_blocks - self.steps_per_epoch * per_step
+        if dropped:
+            log.info("each epoch drops %d of %d blocks to fill whole steps", dropped, n_blocks)
+
+    def step_blocks(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = list(range(self.n))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order[offset * self.per_step : (offset + 1) * self.per_step]
+
+    def micro_blocks(self, step: int, micro: int, rank: int, world: int, size: int) -> list[Block]:
+        """This rank's blocks for one micro-step."""
+        start = (micro * world + rank) * size
+        return [self.blocks[i] for i in self.step_blocks(step)[start : start + size]]
+
+
+def collate(blocks: list[Block], pad_id: int):
+    """One padded batch holding every (constitution, response) pair of every block."""
+    c = len(blocks[0].prompts)
+    prompts = [p for b in blocks for p in b.prompts]
+    responses = [r for b in blocks for r in b.responses]
+    pairs = block_pairs(c, len(blocks))
+    return build_sequences(prompts, responses, pairs, pad_id), c
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class SamiScorer(nn.Module):
+    """The causal LM's trunk plus its LM head applied to response positions only.
+
+    Being the FSDP root, its forward unshards the embeddings, final norm and LM head weight
+    for `response_logprobs`, which reads the weight directly instead of calling the head.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        head = self.model.get_output_embeddings()
+        return response_logprobs(hidden, head.weight, input_ids, response_mask, bias=head.bias)
+
+
+def shard_model(scorer: SamiScorer, device: torch.device, bf16: bool, checkpointing: bool):
+    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute on GPU."""
+    model = scorer.model
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    layer_types = tuple(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        raise TaskError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    # The root stays unsharded after forward: the chunked LM head recomputes in backward.
+    fully_shard(scorer, mp_policy=mp, reshard_after_forward=False)
+    return scorer.to(device)
+
+
+def build_optimizer(params, task: TrainTask):
+    o = task.training.optimizer
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _state_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_state(states: storage.Storage) -> int | None:
+    """Step of the newest complete training state; half-written ones have no manifest."""
+    steps = sorted(
+        {
+            int(o.key.split("/")[0].removeprefix("step-"))
+            for o in states.list()
+            if o.key.startswith("step-") and o.key.endswith("/" + storage.MANIFEST_NAME)
+        },
+        reverse=True,
+    )
+    return next((s for s in steps if storage.is_complete(states, _state_name(s))), None)
+
+
+def save_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -> None:
+    """Sharded state with torch.distributed.checkpoint: each rank uploads the files it wrote,
+    rank 0 publishes one manifest for all of them, last. The metrics so far travel with the
+    state, so a resumed run keeps its history."""
+    rank = distributed.rank()
+    local = workdir / _state_name(step)
+    model_sd, optim_sd = get_state_dict(scorer, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local))
+    torch.save(
+        {"rng": torch.get_rng_state(), "py_rng": random.getstate()}, local / f"rng-{rank}.pt"
+    )
+    if rank == 0:
+        (local / "trainer.json").write_text(
+            json.dumps({"step": step, "scheduler": scheduler.state_dict()})
+        )
+        shutil.copy(workdir / METRICS_FILE, local / METRICS_FILE)
+    distributed.barrier()
+    mine = [f"rng-{rank}.pt"] + sorted(p.name for p in local.glob(f"__{rank}_*.distcp"))
+    if rank == 0:
+        mine += [".metadata", "trainer.json", METRICS_FILE]
+    files = storage.upload_files(states, _state_name(step), local, mine)
+    everyone = [f for part in distributed.gather_objects(files) for f in part]
+    if rank == 0:
+        storage.publish_manifest(
+            states, _state_name(step), everyone, stage="train-state", meta={"step": step}
+        )
+        for old in sorted({int(o.key[5:13]) for o in states.list() if o.key.startswith("step-")}):
+            if old < step and old not in _newest(states, KEEP_STATES):
+                states.delete_prefix(_state_name(old))
+    distributed.barrier()
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _newest(states, n: int) -> set[int]:
+    done = sorted(
+        {int(o.key[5:13]) for o in states.list() if o.key.endswith(storage.MANIFEST_NAME)}
+    )
+    return set(done[-n:])
+
+
+def load_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -> None:
+    local = workdir / f"resume-{_state_name(step)}"
+    storage.download_stage(states, _state_name(step), local)
+    model_sd, optim_sd = get_state_dict(scorer, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(local))
+    set_state_dict(
+        scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    trainer = json.loads((local / "trainer.json").read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    if distributed.is_main():
+        shutil.copy(local / METRICS_FILE, workdir / METRICS_FILE)
+    rng_file = local / f"rng-{distributed.rank()}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["rng"])
+        random.setstate(rng["py_rng"])
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def export_model(scorer, tokenizer, dtype: torch.dtype, target: Path) -> None:
+    """The trained weights as a Hugging Face folder (rank 0 writes; every rank gathers)."""
+    full = get_model_state_dict(
+        scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if distributed.is_main():
+        weights = {k.removeprefix("model."): v.to(dtype) for k, v in full.items()}
+        model = scorer.model
+        model.save_pretrained(target, state_dict=weights)
+        # save_pretrained records the in-memory (float32 master) dtype; record the real one.
+        model.config.dtype = dtype
+        model.config.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(task: TrainTask) -> dict:
+    device = distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
+    out = open_uri(task.output, task.storage)
+    if storage.is_complete(out, ""):
+        log.info("training output %s is already complete", out.uri())
+        return storage.read_manifest(out, "").meta
+    t = task.training
+    torch.manual_seed(task.seed)
+    random.seed(task.seed)
+
+    with tempfile.TemporaryDirectory(prefix="sami-train-") as tmp:
+        workdir = Path(tmp)
+        base_dir = resolve_model_dir(task.model.uri, lambda u: fetch_model(u, task.storage))
+        init_dir = base_dir
+        if task.init_uri:
+            init_dir = resolve_model_dir(task.init_uri, lambda u: fetch_model(u, task.storage))
+        tokenizer = load_tokenizer(base_dir, task.model)
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+
+        blocks: list[Block] = []
+        for i, uri in enumerate(task.datasets):
+            local = workdir / f"dataset-{i}"
+            storage.download_stage(open_uri(uri, task.storage), "", local)
+            blocks += read_blocks(local, tokenizer.eos_token_id)
+        size = t.micro_batch_queries
+        schedule = BlockSchedule(blocks, world * t.gradient_accumulation * size, task.seed)
+
+        # float32 master weights; the export goes back to the dtype the model came in.
+        save_dtype = published_dtype(init_dir)
+        model = load_model(init_dir, task.model, dtype=torch.float32)
+        model.config.use_cache = False
+        scorer = shard_model(
+            SamiScorer(model),
+            device,
+            t.precision == "bf16" and device.type == "cuda",
+            t.activation_checkpointing,
+        )
+        optimizer = build_optimizer(scorer.parameters(), task)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, task.steps, t.optimizer.warmup_steps, t.optimizer.schedule),
+        )
+
+        states = out.child("state")
+        start = latest_state(states) or 0
+        metrics_path = workdir / METRICS_FILE
+        if start:
+            log.info("resuming from %s at step %d", states.uri(_state_name(start)), start)
+            load_state(states, scorer, optimizer, scheduler, start, workdir)
+
+        for step in range(start, task.steps):
+            row = train_step(scorer, optimizer, schedule, step, task, pad_id, device)
+            scheduler.step()
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log.info(
+                    "step %d/%d loss %.4f mi_lower_bound %.4f grad_norm %.3f %.0f tokens/s",
+                    step + 1,
+                    task.steps,
+                    row["loss"],
+                    row["mi_lower_bound"],
+                    row["grad_norm"],
+                    row["tokens_per_s"],
+                )
+            done = step + 1
+            if done % t.checkpoint_every == 0 and done < task.steps:
+                save_state(states, scorer, optimizer, scheduler, done, workdir)
+                if rank == 0:  # progress for observers; the stage manifest lists it at the end
+                    out.write_bytes(METRICS_FILE, metrics_path.read_bytes())
+
+        model_dir = workdir / "checkpoint"
+        export_model(scorer, tokenizer, save_dtype, model_dir)
+        summary = {}
+        if rank == 0:
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+            summary = summarize(rows, task, world, len(blocks))
+            storage.upload_stage(out, model_dir, "checkpoint", stage="checkpoint", meta=summary)
+            storage.write_stage_files(
+                out,
+                "",
+                {
+                    METRICS_FILE: metrics_path.read_bytes(),
+                    SUMMARY_FILE: json.dumps(summary, indent=2).encode(),
+                },
+                stage="train",
+                meta=summary,
+            )
+        distributed.barrier()
+    distributed.shutdown()
+    return summary
+
+
+def train_step(scorer, optimizer, schedule, step, task: TrainTask, pad_id, device) -> dict:
+    """One optimizer step: accumulate over micro-steps, clip, update; metrics averaged over
+    ranks."""
+    t = task.training
+    rank, world = distributed.rank(), distributed.world_size()
+    accum, size = t.gradient_accumulation, t.micro_batch_queries
+    started = time.perf_counter()
+    sums = torch.zeros(5, dtype=torch.float64)
+    tokens = 0
+    for micro in range(accum):
+        picked = schedule.micro_blocks(step, micro, rank, world, size)
+        batch, c = collate(picked, pad_id)
+        # Reduce-scatter gradients once per optimizer step, not at every micro-step.
+        scorer.set_requires_gradient_sync(micro == accum - 1)
+        scored = scorer(
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            batch.response_mask.to(device),
+        )
+        matrices = assemble_matrices(scored.mean, batch.pairs, c, len(picked))
+        result = sami_loss(matrices)
+        # Every block weighs the same in the step: the sum over this rank's blocks divided by
+        # the blocks per rank per step; FSDP averages over ranks.
+        (result.block_loss.sum() / (accum * size)).backward()
+        sums += torch.tensor(
+            [
+                result.loss.item(),
+                result.loss_row.item(),
+                result.loss_col.item(),
+                result.mi_lower_bound.item(),
+                result.accuracy.item(),
+            ],
+            dtype=torch.float64,
+        )
+        tokens += int(batch.attention_mask.sum())
+    clip = t.optimizer.grad_clip if t.optimizer.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - started
+    means = distributed.all_mean((sums / accum).tolist() + [tokens / elapsed], device)
+    return {
+        "step": step + 1,
+        "loss": means[0],
+        "loss_row": means[1],
+        "loss_col": means[2],
+        "mi_lower_bound": means[3],
+        "diag_accuracy": means[4],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_per_s": means[5] * world,
+        "peak_memory_mb": peak_memory_mb(device),
+        "seconds": elapsed,
+    }
+
+
+def summarize(rows: list[dict], task: TrainTask, world: int, n_blocks: int) -> dict:
+    first, last = rows[0], rows[-1]
+    return {
+        "steps": len(rows),
+        "processes": world,
+        "blocks": n_blocks,
+        "first_loss": first["loss"],
+        "final_loss": last["loss"],
+        "first_mi_lower_bound": first["mi_lower_bound"],
+        "final_mi_lower_bound": last["mi_lower_bound"],
+        "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+        "checkpoint": "checkpoint",
+    }

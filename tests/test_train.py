@@ -1,0 +1,280 @@
+"""The training worker: SAMI with FSDP2 under torchrun on CPU (gloo), checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sami_worker import storage
+from sami_worker.tasks import TrainTask, dump_task
+from sami_worker.train import METRICS_FILE, BlockSchedule, lr_factor
+from tests.conftest import EXAMPLES
+from tests.test_generate import VLLM_CPU
+
+PROMPTS = ("Answer kindly and helpfully. {q}", "Answer rudely and unhelpfully. {q}")
+RESPONSES = (" Sure, happy to help with that.", " No. Figure it out yourself.")
+
+
+def make_dataset(model_dir: Path, output: Path, n: int) -> str:
+    """A generation-stage dataset in the worker's format: two constitutions per query."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lines = (EXAMPLES / "data" / "dialogue-train.jsonl").read_text().splitlines()[:n]
+    records = []
+    for i, line in enumerate(lines):
+        query = json.loads(line)["query"]
+        records.append(
+            {
+                "query_id": i,
+                "prompt_token_ids": [tok(p.format(q=query))["input_ids"] for p in PROMPTS],
+                "response_token_ids": [
+                    tok(r, add_special_tokens=False)["input_ids"] for r in RESPONSES
+                ],
+                "ended_with_eos": [True, False],
+            }
+        )
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    storage.write_stage_files(
+        storage.open_storage(str(output)), "", {"dataset.jsonl": data}, stage="generate"
+    )
+    return str(output)
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_llama, tmp_path_factory) -> str:
+    return make_dataset(tiny_llama, tmp_path_factory.mktemp("dataset"), 16)
+
+
+def train_task(model: Path, data: str, output: Path, steps=6, **training) -> TrainTask:
+    settings = {
+        "microBatchQueries": 2,
+        "gradientAccumulation": 2,
+        "precision": "fp32",
+        "checkpointEvery": 3,
+        "optimizer": {"lr": 1e-3},
+    }
+    settings.update(training)
+    return TrainTask.model_validate(
+        {
+            "output": str(output),
+            "model": {"uri": str(model)},
+            "datasets": [data],
+            "steps": steps,
+            "training": settings,
+        }
+    )
+
+
+def launch(task: TrainTask, tmp_path: Path, nproc: int = 1, env=None, wait=True):
+    path = tmp_path / f"task-{time.monotonic_ns()}.json"
+    path.write_text(dump_task(task))
+    worker = ["-m", "sami_worker", "train", "--task", str(path)]
+    if nproc > 1 or env:
+        command = [
+            str(Path(sys.executable).parent / "torchrun"),
+            f"--nproc_per_node={nproc}",
+            *worker,
+        ]
+    else:
+        command = [sys.executable, *worker]
+    kwargs = dict(env={**os.environ, **(env or {})}, text=True)
+    if not wait:
+        return subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
+        )
+    return subprocess.run(command, capture_output=True, timeout=600, **kwargs)
+
+
+def losses(output: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+def test_training_lowers_the_loss_and_raises_the_mi_bound(tiny_llama, dataset, tmp_path):
+    result = launch(train_task(tiny_llama, dataset, tmp_path / "out"), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "out" / METRICS_FILE).read_text().splitlines()]
+    assert len(rows) == 6
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    assert rows[-1]["mi_lower_bound"] > rows[0]["mi_lower_bound"] + 0.1
+    for key in (
+        "loss_row",
+        "loss_col",
+        "diag_accuracy",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "peak_memory_mb",
+    ):
+        assert all(key in r for r in rows)
+    out = storage.open_storage(str(tmp_path / "out"))
+    assert storage.is_complete(out, "") and storage.is_complete(out, "checkpoint")
+    assert storage.read_manifest(out, "").meta["final_loss"] == rows[-1]["loss"]
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint")
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
+    ids = torch.tensor([[1, 2, 3]])
+    assert after.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+def test_same_trajectory_with_1_or_2_processes_and_with_accumulation(tiny_llama, dataset, tmp_path):
+    """4 blocks per optimizer step, three ways: 1 process accumulating 2 micro-steps of 2;
+    2 processes (torchrun, gloo) with 2 each; 1 process with one micro-step of 4."""
+    runs = {
+        "accumulate": (1, {"gradientAccumulation": 2, "microBatchQueries": 2}),
+        "two_procs": (2, {"gradientAccumulation": 1, "microBatchQueries": 2}),
+        "big_micro": (1, {"gradientAccumulation": 1, "microBatchQueries": 4}),
+    }
+    trajectories = {}
+    for name, (nproc, settings) in runs.items():
+        task = train_task(tiny_llama, dataset, tmp_path / name, **settings)
+        result = launch(task, tmp_path, nproc=nproc)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        trajectories[name] = losses(tmp_path / name)
+    reference = trajectories["accumulate"]
+    assert reference[-1] < reference[0]
+    for name, trajectory in trajectories.items():
+        assert trajectory == pytest.approx(reference, abs=1e-4), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_from_the_kubeflow_env_contract(tiny_llama, dataset, tmp_path):
+    """Two torchrun launches, one per 'node', configured only through PET_* variables as a
+    PyTorchJob sets them; they train together as one world of 2."""
+    port = _free_port()
+    procs = []
+    task = train_task(tiny_llama, dataset, tmp_path / "nodes", gradientAccumulation=1)
+    for node in (0, 1):
+        env = {
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(node),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+        }
+        procs.append(launch(task, tmp_path, env=env, wait=False))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    summary = storage.read_manifest(storage.open_storage(str(tmp_path / "nodes")), "").meta
+    assert summary["processes"] == 2
+
+    single = train_task(tiny_llama, dataset, tmp_path / "single", gradientAccumulation=2)
+    assert launch(single, tmp_path).returncode == 0
+    assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+
+
+def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_llama, dataset, tmp_path):
+    steps = 40
+    reference = train_task(
+        tiny_llama, dataset, tmp_path / "reference", steps=steps, checkpointEvery=4
+    )
+    assert launch(reference, tmp_path).returncode == 0
+
+    task = reference.model_copy(update={"output": str(tmp_path / "killed")})
+    states = tmp_path / "killed" / "state"
+    proc = launch(task, tmp_path, wait=False)
+    deadline = time.monotonic() + 300
+    while not list(states.glob("step-*/_manifest.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not storage.is_complete(storage.open_storage(str(tmp_path / "killed")), "")
+    done = max(int(p.parent.name[5:]) for p in states.glob("step-*/_manifest.json"))
+    # A state written only halfway (no manifest) must be ignored.
+    half = states / f"step-{done + 1:08d}"
+    half.mkdir(exist_ok=True)
+    (half / ".metadata").write_bytes(b"partial")
+
+    result = launch(task, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {done}" in result.stderr
+    resumed = losses(tmp_path / "killed")
+    assert len(resumed) == steps
+    assert resumed == pytest.approx(losses(tmp_path / "reference"), abs=1e-4)
+
+
+def test_bad_training_tasks_fail_as_bad_input(tiny_llama, dataset, tmp_path):
+    missing = train_task(tiny_llama, str(tmp_path / "nowhere"), tmp_path / "a")
+    result = launch(missing, tmp_path)
+    assert result.returncode == 65
+    assert "_manifest.json does not exist" in result.stderr
+    too_big = train_task(tiny_llama, dataset, tmp_path / "b", microBatchQueries=32)
+    result = launch(too_big, tmp_path)
+    assert result.returncode == 65
+    assert "has 16 query blocks but one optimizer step needs 64" in result.stderr
+
+
+def test_block_schedule_covers_each_epoch_once():
+    schedule = BlockSchedule(list(range(10)), per_step=4, seed=3)
+    first_epoch = schedule.step_blocks(0) + schedule.step_blocks(1)
+    assert len(set(first_epoch)) == 8  # 2 of 10 dropped, none repeated
+    assert schedule.step_blocks(2) != schedule.step_blocks(0)  # a new epoch, reshuffled
+    parts = [schedule.micro_blocks(0, m, r, 2, 1) for m in range(2) for r in range(2)]
+    assert sorted(b for p in parts for b in p) == sorted(schedule.step_blocks(0))
+
+
+def test_learning_rate_schedules():
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 10, 2, "linear") == 1.0 and lr_factor(6, 10, 2, "linear") == 0.5
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_exported_checkpoint_generates_with_vllm(tiny_llama, dataset, tmp_path):
+    from tests.test_generate import generate_task, read_dataset, run_worker
+
+    trained = tmp_path / "out"
+    assert launch(train_task(tiny_llama, dataset, trained), tmp_path).returncode == 0
+    task = generate_task(
+        trained / "checkpoint",
+        str(tmp_path / "gen"),
+        generation={"backend": "vllm", "maxNewTokens": 8, "engine": VLLM_CPU},
+    )
+    result = run_worker("generate", task, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_dataset(tmp_path / "gen")
+
+
+@pytest.mark.slow
+def test_smollm2_trains_on_cpu(smollm2, tmp_path):
+    data = make_dataset(smollm2, tmp_path / "data", 4)
+    task = train_task(
+        smollm2,
+        data,
+        tmp_path / "out",
+        steps=2,
+        microBatchQueries=1,
+        gradientAccumulation=2,
+        checkpointEvery=100,
+        optimizer={"lr": 1e-5},
+    )
+    result = launch(task, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(losses(tmp_path / "out")) == 2
+    config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
