@@ -1,5 +1,5 @@
 # The README's commands. Every target sets up what it needs on a fresh machine.
-.PHONY: venv test crds lint
+.PHONY: venv test crds lint quickstart
 
 PY := .venv/bin/python
 
@@ -15,3 +15,6 @@ crds: venv
 lint: venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+
+quickstart: venv
+	.venv/bin/sami run examples/quickstart.yaml

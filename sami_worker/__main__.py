@@ -1,8 +1,8 @@
 """Worker programs: `python -m sami_worker <stage> --task TASK.json`.
 
-Stages: generate, score, write-principles, train (under torchrun for several processes). The
-same programs run in Kubernetes pods and as local processes under `sami run`; they do not know
-which started them.
+Stages: write-principles, generate, train (under torchrun for several processes), evaluate,
+and score. The same programs run in Kubernetes pods and as local processes under `sami run`;
+they do not know which started them.
 
 Exit codes, so a launcher's failure policy can tell failures apart:
     0   done (or already done: a completed stage is not redone)
@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+STAGES = ["write-principles", "generate", "train", "evaluate", "score"]
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 65
@@ -42,6 +43,10 @@ def _run_stage(stage: str, task_path: Path) -> dict:
         from sami_worker import score
 
         return score.run(task)
+    if stage == "evaluate":
+        from sami_worker import evaluate
+
+        return evaluate.run(task)
     if stage == "train":
         from sami_worker import train
 
@@ -66,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=["generate", "score", "write-principles", "train"])
+    parser.add_argument(
+        "stage", choices=["generate", "score", "write-principles", "train", "evaluate"]
+    )
     parser.add_argument("--task", required=True, type=Path, help="Task JSON file.")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)

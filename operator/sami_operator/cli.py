@@ -60,6 +60,77 @@ def _validate_file(path: Path) -> list[str]:
     return problems
 
 
+def _load_one(path: Path):
+    """The single SAMIRun in a file, or exit with the validation message."""
+    problems = _validate_file(path)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
+    docs = load_manifests(path.read_text())
+    if len(docs) != 1:
+        click.echo(f"{path}: expected one SAMIRun, found {len(docs)} documents", err=True)
+        sys.exit(1)
+    return parse_samirun(docs[0], str(path))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where task files and logs go (default .sami/<namespace>/<name>/<uid>).",
+)
+def run(file: Path, workdir: Path | None) -> None:
+    """Run a SAMIRun on this machine: every stage as a local process. Re-running resumes."""
+    import logging
+
+    from sami_operator.local import LocalRunner, default_workdir, run_uid
+
+    logging.basicConfig(level=logging.WARNING)
+    samirun = _load_one(file)
+    workdir = workdir or default_workdir(samirun, run_uid(samirun))
+    runner = LocalRunner(samirun, workdir, echo=click.echo)
+    try:
+        status = runner.execute()
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted: the running stage was stopped; run the same command to resume", err=True
+        )
+        sys.exit(130)
+    report = runner.write_report()
+    click.echo("")
+    click.echo((report / "summary.md").read_text())
+    click.echo(f"report: {report}")
+    if status.phase.value != "Succeeded":
+        click.echo(f"run {status.phase.value}: {status.message}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("location")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report directory (default <location>/report for local runs).",
+)
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// runs.")
+def report(location: str, out: Path | None, endpoint_url: str | None) -> None:
+    """Rebuild a run's report from its stored results (a run directory or s3:// prefix)."""
+    from sami_operator.report import build_report
+    from sami_worker.storage import StorageSettings, open_storage
+
+    store = open_storage(location, StorageSettings(endpoint_url=endpoint_url))
+    if out is None:
+        if location.startswith("s3://"):
+            raise click.UsageError("--out is required for s3:// locations")
+        out = Path(location.removeprefix("file://")) / "report"
+    click.echo(build_report(store, out))
+    click.echo(f"report: {out}")
+
+
 @main.command("crd")
 @click.option(
     "--out",

@@ -1,0 +1,180 @@
+"""`sami run`: execute the planned stages as local processes, on one machine, no cluster.
+
+Each stage runs its worker program exactly as a pod would (`python -m sami_worker <stage>
+--task task.json`; training through `torchrun --nproc_per_node N`). A stage whose outputs are
+complete in storage (manifest present) is skipped, so re-running the same command resumes
+where it stopped, and a finished run is reported, not redone. Ctrl-C terminates the running
+child's process group; stages publish their manifest last, so nothing half-written counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sami_operator.models import SAMIRun, SAMIRunStatus, StagePhase
+from sami_operator.planner import Stage, plan, run_prefix
+from sami_operator.report import build_report
+from sami_operator.status import StageRecord, derive_status
+from sami_worker import storage
+from sami_worker.common import open_uri
+from sami_worker.tasks import dump_task
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+# Worker lines worth showing on the console; everything goes to the stage's log file.
+PROGRESS_MARKERS = ("sami_worker", "Traceback", "Error")
+
+
+def run_uid(run: SAMIRun) -> str:
+    """A stable id for a local run: the hash of its spec. The same file resumes; a changed
+    spec is a different run with its own storage prefix."""
+    canonical = json.dumps(run.spec.to_api(), sort_keys=True).encode()
+    return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stage_command(stage: Stage, task_file: Path) -> list[str]:
+    worker = ["-m", "sami_worker", stage.program, "--task", str(task_file)]
+    if stage.name == "train":
+        nproc = stage.task.training.procs_per_node
+        torchrun = Path(sys.executable).with_name("torchrun")
+        return [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", *worker]
+    return [sys.executable, *worker]
+
+
+class LocalRunner:
+    def __init__(self, run: SAMIRun, workdir: Path, echo=print):
+        self.run = run
+        self.uid = run_uid(run)
+        self.prefix = run_prefix(run, self.uid)
+        self.storage = open_uri(self.prefix, run.spec.storage)
+        self.workdir = workdir
+        self.echo = echo
+        self.records: dict[str, StageRecord] = {}
+        self.status: SAMIRunStatus | None = None
+
+    def report_dir(self) -> Path:
+        if self.prefix.startswith("s3://"):
+            return self.workdir / "report"
+        return Path(self.prefix.removeprefix("file://")) / "report"
+
+    def execute(self) -> SAMIRunStatus:
+        stages = plan(self.run, self.uid)
+        if self.run.spec.training.nodes > 1:
+            self.echo(
+                f"note: training.nodes={self.run.spec.training.nodes} is for clusters; "
+                f"locally training uses {self.run.spec.training.procs_per_node} process(es)"
+            )
+        self.echo(f"run data: {self.prefix}")
+        for number, stage in enumerate(stages, 1):
+            record = self.records.setdefault(stage.id, StageRecord())
+            stage_store = open_uri(stage.prefix, self.run.spec.storage)
+            if storage.is_complete(stage_store, ""):
+                record.phase = StagePhase.succeeded
+                record.meta = storage.read_manifest(stage_store, "").meta
+                self.echo(f"[{number}/{len(stages)}] {stage.id}: already done")
+                continue
+            self.echo(f"[{number}/{len(stages)}] {stage.id}: running")
+            started = time.monotonic()
+            record.phase, record.start_time = StagePhase.running, now()
+            record.attempts += 1
+            self._publish_status()
+            code = self._run_stage(stage)
+            record.completion_time = now()
+            if code != 0:
+                record.phase = StagePhase.failed
+                record.message = f"exit code {code}; log: {self._log_path(stage)}"
+                self._publish_status()
+                self.echo(f"[{number}/{len(stages)}] {stage.id}: FAILED ({record.message})")
+                return self.status
+            record.phase = StagePhase.succeeded
+            record.meta = storage.read_manifest(stage_store, "").meta
+            self.echo(
+                f"[{number}/{len(stages)}] {stage.id}: done in {time.monotonic() - started:.0f}s"
+                + _headline(stage, record.meta)
+            )
+            self._publish_status()
+        self._publish_status()
+        return self.status
+
+    def _log_path(self, stage: Stage) -> Path:
+        return self.workdir / "logs" / f"{stage.id}.log"
+
+    def _run_stage(self, stage: Stage) -> int:
+        task_file = self.workdir / "tasks" / f"{stage.id}.json"
+        task_file.parent.mkdir(parents=True, exist_ok=True)
+        task_file.write_text(dump_task(stage.task))
+        log_path = self._log_path(stage)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("w") as sink:
+            child = subprocess.Popen(
+                stage_command(stage, task_file),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+            try:
+                for line in child.stdout:
+                    sink.write(line)
+                    if any(marker in line for marker in PROGRESS_MARKERS):
+                        self.echo("    " + line.rstrip()[:160])
+                return child.wait()
+            except KeyboardInterrupt:
+                _terminate(child)
+                raise
+
+    def _publish_status(self) -> None:
+        self.status = derive_status(self.run, self.uid, self.records, now(), self.status)
+        data = json.dumps(self.status.to_api(), indent=2).encode()
+        self.storage.write_bytes(STATUS_FILE, data)
+
+    def write_report(self) -> Path:
+        directory = self.report_dir()
+        build_report(self.storage, directory)
+        if self.status is not None:
+            (directory / STATUS_FILE).write_text(json.dumps(self.status.to_api(), indent=2))
+        return directory
+
+
+def _terminate(child: subprocess.Popen, grace_s: float = 10) -> None:
+    """Stop a stage's whole process group (vLLM and torchrun start children of their own)."""
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _headline(stage: Stage, meta: dict) -> str:
+    if stage.name == "evaluate" and meta.get("metrics"):
+        mi = meta["metrics"].get("miLowerBound", {}).get("value")
+        return f" (MI lower bound {mi:.4f} nats)" if mi is not None else ""
+    if stage.name == "generate" and "kept" in meta:
+        return f" ({meta['kept']}/{meta['queries']} queries kept)"
+    if stage.name == "train" and "final_loss" in meta:
+        return f" (loss {meta['first_loss']:.3f} -> {meta['final_loss']:.3f})"
+    return ""
+
+
+def default_workdir(run: SAMIRun, uid: str) -> Path:
+    namespace = run.metadata.namespace or "default"
+    return Path(".sami") / namespace / run.metadata.name / uid

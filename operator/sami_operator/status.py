@@ -1,0 +1,130 @@
+"""SAMIRun status, derived from what an executor observed of each stage (pure).
+
+Both executors (the local runner and the operator) record per stage a `StageRecord` and call
+`derive_status`, so `status.json` on one machine and `.status` on a cluster have the same
+shape and meaning. Conditions keep their lastTransitionTime while their status is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sami_operator.models import (
+    Condition,
+    IterationStatus,
+    Metrics,
+    Phase,
+    SAMIRun,
+    SAMIRunStatus,
+    StagePhase,
+    StageStatus,
+)
+from sami_operator.planner import checkpoint_uri, plan, run_prefix
+
+CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
+
+
+@dataclass
+class StageRecord:
+    """What an executor knows about one stage."""
+
+    phase: StagePhase = StagePhase.pending
+    child: str | None = None
+    attempts: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the stage manifest's summary
+
+    def as_status(self) -> StageStatus:
+        return StageStatus(
+            phase=self.phase,
+            child=self.child,
+            attempts=self.attempts,
+            start_time=self.start_time,
+            completion_time=self.completion_time,
+            message=self.message,
+        )
+
+
+def derive_status(
+    run: SAMIRun,
+    uid: str,
+    records: dict[str, StageRecord],
+    now: str,
+    previous: SAMIRunStatus | None = None,
+) -> SAMIRunStatus:
+    stages = plan(run, uid)
+    prefix = run_prefix(run, uid)
+    get = lambda stage_id: records.get(stage_id, StageRecord())  # noqa: E731
+
+    failed = next((s for s in stages if get(s.id).phase == StagePhase.failed), None)
+    current = next((s for s in stages if get(s.id).phase != StagePhase.succeeded), None)
+    started = [r.start_time for r in records.values() if r.start_time]
+    if failed is not None:
+        phase, reason = Phase.failed, "StageFailed"
+        message = f"{failed.id} failed: {get(failed.id).message or 'see its logs'}"
+    elif current is None:
+        phase, reason, message = Phase.succeeded, "AllStagesSucceeded", "all stages succeeded"
+    elif run.spec.suspend:
+        phase, reason, message = Phase.suspended, "Suspended", f"suspended before {current.id}"
+    elif started:
+        phase, reason, message = Phase.running, "StageRunning", f"running {current.id}"
+    else:
+        phase, reason, message = Phase.pending, "Pending", "waiting for the first stage"
+
+    iterations: dict[int, IterationStatus] = {}
+    for stage in stages:
+        if stage.iteration is None:
+            continue
+        entry = iterations.setdefault(stage.iteration, IterationStatus(iteration=stage.iteration))
+        record = get(stage.id)
+        setattr(entry, stage.name, record.as_status())
+        if stage.name == "train" and record.phase == StagePhase.succeeded:
+            entry.checkpoint_uri = checkpoint_uri(prefix, stage.iteration)
+        if stage.name == "evaluate" and record.meta.get("metrics"):
+            entry.metrics = Metrics.model_validate(record.meta["metrics"])
+            if record.meta.get("heldOutMetrics"):
+                entry.held_out_metrics = Metrics.model_validate(record.meta["heldOutMetrics"])
+    evaluated = [i for i in iterations.values() if i.metrics and i.metrics.mi_lower_bound]
+    latest = max(evaluated, key=lambda i: i.iteration, default=None)
+
+    principles = None
+    if run.spec.principles.writer is not None:
+        principles = get("principles").as_status()
+    return SAMIRunStatus(
+        phase=phase,
+        message=message,
+        observed_generation=(run.metadata.model_extra or {}).get("generation"),
+        conditions=_conditions(phase, reason, message, now, previous, run),
+        iteration=(current.iteration or 0) if current else run.spec.training.iterations,
+        stage=current.id if current and phase != Phase.failed else None,
+        latest_mi_lower_bound=latest.metrics.mi_lower_bound.value if latest else None,
+        storage_uri=prefix,
+        principles=principles,
+        iterations=[iterations[t] for t in sorted(iterations)],
+        start_time=min(started) if started else None,
+        completion_time=now if phase in (Phase.succeeded, Phase.failed) else None,
+    )
+
+
+def _conditions(phase, reason, message, now, previous, run) -> list[Condition]:
+    before = {c.type: c for c in (previous.conditions if previous else [])}
+    generation = (run.metadata.model_extra or {}).get("generation")
+    out = []
+    for kind in CONDITION_TYPES:
+        status = "True" if phase.value == kind else "False"
+        old = before.get(kind)
+        changed = old is None or old.status != status
+        out.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason if status == "True" else (old.reason if old else "NotApplicable"),
+                message=message if status == "True" else "",
+                last_transition_time=now if changed else old.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    return out

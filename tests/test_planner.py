@@ -1,0 +1,105 @@
+"""The planner and status derivation: pure functions of a spec and what is done."""
+
+from __future__ import annotations
+
+import pytest
+
+from sami_operator.models import Phase, StagePhase
+from sami_operator.planner import checkpoint_uri, next_stage, plan, run_prefix
+from sami_operator.status import StageRecord, derive_status
+from sami_operator.validate import parse_samirun
+
+
+@pytest.fixture
+def run(samirun_doc):
+    return parse_samirun(samirun_doc)
+
+
+def test_stage_order_for_three_iterations(run):
+    ids = [s.id for s in plan(run, "u1")]
+    assert ids == [
+        "evaluate-0",
+        "generate-1", "train-1", "evaluate-1",
+        "generate-2", "train-2", "evaluate-2",
+        "generate-3", "train-3", "evaluate-3",
+    ]  # fmt: skip
+
+
+def test_each_iteration_samples_from_the_previous_model(run):
+    stages = {s.id: s for s in plan(run, "u1")}
+    prefix = run_prefix(run, "u1")
+    assert prefix == "s3://sami-runs/experiments/default/mistral-hh/u1"
+    assert stages["generate-1"].task.model.uri == run.spec.model.uri
+    assert stages["generate-2"].task.model.uri == checkpoint_uri(prefix, 1)
+    assert stages["evaluate-0"].task.model.uri == run.spec.model.uri
+    assert stages["evaluate-2"].task.model.uri == checkpoint_uri(prefix, 2)
+    assert stages["train-2"].task.datasets == [stages["generate-2"].prefix]
+
+
+def test_training_steps_grow_and_init_follows_the_spec(run):
+    stages = {s.id: s for s in plan(run, "u1")}
+    assert [stages[f"train-{t}"].task.steps for t in (1, 2, 3)] == [16, 32, 48]
+    assert all(stages[f"train-{t}"].task.init_uri is None for t in (1, 2, 3))  # from base
+
+    continuing = run.model_copy(deep=True)
+    continuing.spec.training.init = "previous"
+    stages = {s.id: s for s in plan(continuing, "u1")}
+    assert stages["train-1"].task.init_uri is None
+    assert stages["train-3"].task.init_uri == checkpoint_uri(run_prefix(run, "u1"), 2)
+
+
+def test_a_principle_writer_comes_first_and_feeds_every_stage(samirun_doc):
+    writer = {"model": "s3://models/writer", "instruction": "be good"}
+    samirun_doc["spec"]["principles"] = {"writer": writer}
+    stages = plan(parse_samirun(samirun_doc), "u1")
+    assert stages[0].id == "principles" and stages[0].program == "write-principles"
+    assert stages[1].task.principles.uri == stages[0].prefix
+
+
+def test_next_stage_skips_what_is_done(run):
+    assert next_stage(run, "u1", set()).id == "evaluate-0"
+    assert next_stage(run, "u1", {"evaluate-0", "generate-1"}).id == "train-1"
+    everything = {s.id for s in plan(run, "u1")}
+    assert next_stage(run, "u1", everything) is None
+
+
+def test_status_follows_the_records(run):
+    evaluated = {
+        "metrics": {
+            "miLowerBound": {"value": 0.2, "stderr": 0.01},
+            "plugInMi": {"value": 1.5},
+            "meanResponseTokens": {"value": 40.0},
+        }
+    }
+    records = {
+        "evaluate-0": StageRecord(StagePhase.succeeded, start_time="t0", meta=evaluated),
+        "generate-1": StageRecord(StagePhase.succeeded, start_time="t1"),
+        "train-1": StageRecord(StagePhase.running, start_time="t2", child="mistral-hh-it1-train"),
+    }
+    status = derive_status(run, "u1", records, now="t3")
+    assert status.phase == Phase.running
+    assert (status.iteration, status.stage) == (1, "train-1")
+    assert status.latest_mi_lower_bound == 0.2
+    assert status.iterations[0].metrics.plug_in_mi.value == 1.5
+    assert status.iterations[1].train.child == "mistral-hh-it1-train"
+    running = next(c for c in status.conditions if c.type == "Running")
+    assert running.status == "True" and running.last_transition_time == "t3"
+
+    records["train-1"] = StageRecord(StagePhase.failed, start_time="t2", message="exit code 65")
+    failed = derive_status(run, "u1", records, now="t4", previous=status)
+    assert failed.phase == Phase.failed
+    assert failed.message == "train-1 failed: exit code 65"
+    assert failed.completion_time == "t4"
+    by_type = {c.type: c for c in failed.conditions}
+    assert by_type["Failed"].status == "True" and by_type["Running"].status == "False"
+    # A condition whose status did not change keeps its transition time.
+    assert by_type["Succeeded"].last_transition_time == "t3"
+
+
+def test_status_is_bounded_and_serialisable(run):
+    records = {s.id: StageRecord(StagePhase.succeeded, start_time="t") for s in plan(run, "u")}
+    status = derive_status(run, "u", records, now="t9")
+    assert status.phase == Phase.succeeded
+    assert len(status.iterations) == 4
+    assert status.iterations[3].checkpoint_uri.endswith("/iterations/3/train/checkpoint")
+    assert len(status.model_dump_json()) < 20_000
