@@ -91,13 +91,41 @@ def main(argv: list[str] | None = None) -> int:
         summary = _run_stage(args.stage, args.task)
     except (TransientStorageError, DistError) as err:
         log.error("%s (retryable)", err)
-        return EXIT_RETRYABLE
+        return _report(args.stage, EXIT_RETRYABLE, error=str(err))
     except (TaskError, DatasetError, StorageError, FileNotFoundError) as err:
         log.error("%s", err)
-        return EXIT_BAD_INPUT
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"stage": args.stage, "summary": summary}))
-    return EXIT_OK
+        return _report(args.stage, EXIT_BAD_INPUT, error=str(err))
+    return _report(args.stage, EXIT_OK, summary=summary)
+
+
+# The Kubernetes termination message holds at most 4096 bytes.
+SUMMARY_LIMIT = 4000
+
+
+def _report(stage: str, code: int, summary: dict | None = None, error: str | None = None) -> int:
+    """Print the result line (rank 0 only) and, in a pod, leave it as the termination
+    message."""
+    from sami_worker.settings import summary_file
+
+    if os.environ.get("RANK", "0") != "0":
+        return code
+    line = json.dumps({"stage": stage, "exit_code": code, "summary": summary, "error": error})
+    if len(line) > SUMMARY_LIMIT:
+        line = json.dumps(
+            {
+                "stage": stage,
+                "exit_code": code,
+                "error": (error or "")[:2000],
+                "summary": None,
+                "truncated": True,
+            }
+        )
+    print(line)
+    path = summary_file()
+    if path:
+        with open(path, "w") as f:
+            f.write(line)
+    return code
 
 
 if __name__ == "__main__":

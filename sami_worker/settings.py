@@ -1,6 +1,7 @@
 """Environment variables the worker programs read (this module is the only reader).
 
 SAMI_CACHE_DIR    local cache for converted and downloaded models (default ~/.cache/sami)
+SAMI_SUMMARY_FILE where to write the stage's result line (set in pods: the termination log)
 SAMI_API_KEY      API key for OpenAI-compatible endpoints (principle writer, judge); the
                   operator fills it from the Secret named in the spec. OPENAI_API_KEY is
                   used when it is unset.
@@ -18,3 +19,10 @@ def cache_dir() -> Path:
 
 def api_key() -> str | None:
     return os.environ.get("SAMI_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+def summary_file() -> str | None:
+    """Where a worker writes its one-line JSON result for whoever started it: in a pod, the
+    container's termination message (the operator reads it from the pod status, so it needs
+    no access to the bucket)."""
+    return os.environ.get("SAMI_SUMMARY_FILE") or None

@@ -614,8 +614,7 @@ class PodSpec(APIModel):
 
     def merged_over(self, default: PodSpec) -> PodSpec:
         """This stage's settings, falling back field by field to `default`."""
-        mine = self.model_dump(exclude_unset=True)
-        return default.model_copy(update=mine)
+        return default.model_copy(update={f: getattr(self, f) for f in self.model_fields_set})
 
 
 class PodsSpec(APIModel):

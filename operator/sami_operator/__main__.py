@@ -1,0 +1,23 @@
+"""`python -m sami_operator`: run the SAMIRun operator (settings from the environment; see
+sami_operator.settings). One replica: Kopf has no leader election."""
+
+from __future__ import annotations
+
+import kopf
+
+from sami_operator import handlers  # noqa: F401  (registers the handlers)
+from sami_operator.settings import from_env
+
+
+def main() -> None:
+    settings = from_env()
+    kopf.run(
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Pure builders: a planned stage -> the Kubernetes objects that run it.
+
+Each stage becomes a ConfigMap holding its task JSON and one workload owned by the SAMIRun:
+a batch/v1 Job for principles, generation and evaluation; for training a Kubeflow PyTorchJob
+(default), a JobSet, or a single-node Job, as `spec.training.launcher` says. Names are
+deterministic (`<run>-it<N>-<stage>`, `-r<attempt>` for retries), valid DNS labels, and short
+enough for the pod names launchers derive from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from sami_operator.models import API_VERSION, GROUP, KIND, Launcher, PodSpec, SAMIRun
+from sami_operator.planner import Stage
+from sami_operator.settings import OperatorSettings
+from sami_worker.tasks import dump_task
+
+MANAGED_BY = "sami-operator"
+TASK_DIR = "/etc/sami/task"
+TASK_FILE = f"{TASK_DIR}/task.json"
+CACHE_DIR = "/var/cache/sami"
+TERMINATION_LOG = "/dev/termination-log"
+MASTER_PORT = 29500
+# Launchers append up to ~11 characters (e.g. "-worker-12", "-node-0-0-xxxxx") to a child's
+# name for its pods; pod names and the job-name label must stay within 63.
+MAX_NAME = 47
+KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+
+JOB_API = ("batch", "v1", "jobs")
+PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")
+JOBSET_API = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+
+
+def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
+    """`<run>-it<N>-<stage>[-r<attempt>]`, DNS-1123, at most MAX_NAME characters."""
+    stem = "principles" if stage.iteration is None else f"it{stage.iteration}-{stage.name}"
+    name = f"{run_name}-{stem}" + (f"-r{attempt}" if attempt > 1 else "")
+    name = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_NAME - 9].rstrip('-')}-{digest}"
+
+
+def workload_api(stage: Stage, run: SAMIRun) -> tuple[str, str, str]:
+    if stage.name != "train":
+        return JOB_API
+    return {
+        Launcher.pytorchjob: PYTORCHJOB_API,
+        Launcher.jobset: JOBSET_API,
+        Launcher.job: JOB_API,
+    }[run.spec.training.launcher]
+
+
+def labels(run: SAMIRun, stage: Stage) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/name": "sami",
+        f"{GROUP}/run": run.metadata.name,
+        f"{GROUP}/stage": stage.name,
+    }
+    if stage.iteration is not None:
+        out[f"{GROUP}/iteration"] = str(stage.iteration)
+    for key in KUEUE_LABELS:
+        if key in run.metadata.labels:
+            out[key] = run.metadata.labels[key]
+    if run.spec.queue_name:
+        out["kueue.x-k8s.io/queue-name"] = run.spec.queue_name
+    return out
+
+
+def owner_reference(run: SAMIRun, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": run.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(run: SAMIRun, stage: Stage, name: str, uid: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run.metadata.namespace,
+        "labels": labels(run, stage),
+        "ownerReferences": [owner_reference(run, uid)],
+    }
+
+
+def build_config_map(run: SAMIRun, stage: Stage, name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, stage, name, uid),
+        "data": {"task.json": dump_task(stage.task)},
+    }
+
+
+def _pod_settings(run: SAMIRun, stage: Stage) -> PodSpec:
+    pods = run.spec.pods
+    return getattr(pods, stage.name).merged_over(pods.default)
+
+
+def _env(run: SAMIRun, stage: Stage) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "SAMI_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "SAMI_SUMMARY_FILE", "value": TERMINATION_LOG},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    creds = run.spec.storage.credentials
+    if creds is not None:
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", creds.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key),
+        ):
+            ref = {"name": creds.secret_name, "key": key}
+            env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    if run.spec.storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": run.spec.storage.region})
+    secret = _api_key_secret(run, stage)
+    if secret is not None:
+        ref = {"name": secret.name, "key": secret.key}
+        env.append({"name": "SAMI_API_KEY", "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _api_key_secret(run: SAMIRun, stage: Stage):
+    if stage.name == "principles" and run.spec.principles.writer is not None:
+        endpoint = run.spec.principles.writer.endpoint
+        return endpoint.api_key_secret if endpoint else None
+    if stage.name == "evaluate" and run.spec.evaluation.judge is not None:
+        return run.spec.evaluation.judge.endpoint.api_key_secret
+    return None
+
+
+def build_pod_template(
+    run: SAMIRun,
+    stage: Stage,
+    settings: OperatorSettings,
+    config_map: str,
+    command: list[str],
+    extra_env: list[dict[str, Any]] = (),
+    container: str = "worker",
+) -> dict[str, Any]:
+    """The pod template every launcher wraps: one worker container, the task mounted from
+    its ConfigMap, a memory-backed /dev/shm, a writable cache, and the spec's pod knobs."""
+    pod = _pod_settings(run, stage)
+    shm = pod.shm_size or ("16Gi" if stage.name == "train" else "2Gi")
+    mounts = [
+        {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        *(pod.volume_mounts or []),
+    ]
+    worker: dict[str, Any] = {
+        "name": container,
+        "image": pod.image or settings.worker_image,
+        "command": command,
+        "env": [*_env(run, stage), *extra_env, *(pod.env or [])],
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if pod.resources is not None:
+        worker["resources"] = pod.resources.model_dump(exclude_defaults=True)
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [worker],
+        "volumes": [
+            {"name": "task", "configMap": {"name": config_map}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}},
+            {"name": "cache", "emptyDir": {}},
+            *(pod.volumes or []),
+        ],
+    }
+    optional = {
+        "nodeSelector": pod.node_selector,
+        "tolerations": pod.tolerations,
+        "affinity": pod.affinity,
+        "priorityClassName": pod.priority_class_name,
+        "serviceAccountName": pod.service_account_name or settings.worker_service_account,
+    }
+    spec.update({k: v for k, v in optional.items() if v})
+    if pod.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in pod.image_pull_secrets]
+    metadata: dict[str, Any] = {"labels": labels(run, stage)}
+    if pod.annotations:
+        metadata["annotations"] = dict(pod.annotations)
+    return {"metadata": metadata, "spec": spec}
+
+
+def _worker_command(settings: OperatorSettings, stage: Stage) -> list[str]:
+    return [settings.python, "-m", "sami_worker", stage.program, "--task", TASK_FILE]
+
+
+def _torchrun(settings: OperatorSettings, *args: str) -> list[str]:
+    # torchrun sits next to the Python the image runs; it reads PET_* for the rendezvous.
+    return ["torchrun", *args, "-m", "sami_worker", "train", "--task", TASK_FILE]
+
+
+def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    # Retries are the operator's (it tells retryable exit codes from bad input), so the
+    # Job itself never retries a pod.
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {"backoffLimit": 0, "template": template},
+    }
+
+
+def build_pytorchjob(
+    metadata: dict[str, Any],
+    run: SAMIRun,
+    stage: Stage,
+    settings: OperatorSettings,
+    config_map: str,
+) -> dict[str, Any]:
+    t = run.spec.training
+    template = build_pod_template(
+        run, stage, settings, config_map, _torchrun(settings), container="pytorch"
+    )
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
+    if t.nodes > 1:
+        replicas["Worker"] = {
+            "replicas": t.nodes - 1,
+            "restartPolicy": "Never",
+            "template": template,
+        }
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": metadata,
+        "spec": {
+            "nprocPerNode": str(t.procs_per_node),
+            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def build_jobset(
+    metadata: dict[str, Any],
+    run: SAMIRun,
+    stage: Stage,
+    settings: OperatorSettings,
+    config_map: str,
+) -> dict[str, Any]:
+    t = run.spec.training
+    name = metadata["name"]
+    env = [
+        {"name": "PET_NNODES", "value": str(t.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(t.procs_per_node)},
+        {
+            "name": "PET_NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['jobset.sigs.k8s.io/job-index']"}
+            },
+        },
+        # JobSet's headless service gives pod 0 of job 0 this stable DNS name.
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+    ]
+    template = build_pod_template(run, stage, settings, config_map, _torchrun(settings), env)
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
+        "spec": {
+            "failurePolicy": {"maxRestarts": 0},
+            "network": {"enableDNSHostnames": True},
+            "replicatedJobs": [{
+                "name": "node", "replicas": t.nodes,
+                "template": {"spec": {
+                    "parallelism": 1, "completions": 1, "backoffLimit": 0,
+                    "template": template,
+                }},
+            }],
+        },
+    }  # fmt: skip
+
+
+def build_children(
+    run: SAMIRun, stage: Stage, uid: str, settings: OperatorSettings, attempt: int = 1
+) -> list[dict[str, Any]]:
+    """[ConfigMap with the task, the workload], both owned by the SAMIRun."""
+    name = child_name(run.metadata.name, stage, attempt)
+    config_map = build_config_map(run, stage, name, uid)
+    metadata = _metadata(run, stage, name, uid)
+    api = workload_api(stage, run)
+    if api == PYTORCHJOB_API:
+        workload = build_pytorchjob(metadata, run, stage, settings, name)
+    elif api == JOBSET_API:
+        workload = build_jobset(metadata, run, stage, settings, name)
+    else:
+        if stage.name == "train":
+            n = run.spec.training.procs_per_node
+            command = _torchrun(settings, "--standalone", f"--nproc_per_node={n}")
+        else:
+            command = _worker_command(settings, stage)
+        workload = build_job(metadata, build_pod_template(run, stage, settings, name, command))
+    return [config_map, workload]
+
+
+def summary_from_message(message: str | None) -> dict[str, Any]:
+    """The stage summary a worker wrote to its termination message (JSON), if any."""
+    if not message:
+        return {}
+    try:
+        data = json.loads(message)
+    except json.JSONDecodeError:
+        return {}
+    return data.get("summary", {}) if isinstance(data, dict) else {}

@@ -1,0 +1,49 @@
+"""Operator settings, from the environment (this module is the operator's only reader).
+
+SAMI_WORKER_IMAGE        default image for stage pods (spec.pods.*.image overrides it)
+SAMI_WORKER_SERVICE_ACCOUNT  default service account for stage pods
+SAMI_NAMESPACES          comma-separated namespaces to watch; empty = all namespaces
+SAMI_RECONCILE_SECONDS   how often each run is reconciled from observed state (default 5)
+SAMI_LIVENESS_PORT       liveness endpoint port (default 8080)
+SAMI_METRICS_PORT        Prometheus metrics port (default 9090; 0 disables)
+SAMI_PREFIX              finalizer and annotation prefix (default sami.dev)
+SAMI_PYTHON              the Python command in stage pods (default python)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    worker_image: str = "ghcr.io/sami-project/sami-worker:0.1.0"
+    worker_service_account: str | None = None
+    namespaces: tuple[str, ...] = ()
+    reconcile_seconds: float = 5.0
+    liveness_port: int = 8080
+    metrics_port: int = 9090
+    prefix: str = "sami.dev"
+    python: str = "python"
+    launchers: frozenset[str] = field(default_factory=lambda: frozenset({"Job"}))
+
+    @property
+    def finalizer(self) -> str:
+        return f"{self.prefix}/finalizer"
+
+
+def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
+    env = dict(os.environ if env is None else env)
+    defaults = OperatorSettings()
+    namespaces = tuple(n.strip() for n in env.get("SAMI_NAMESPACES", "").split(",") if n.strip())
+    return OperatorSettings(
+        worker_image=env.get("SAMI_WORKER_IMAGE", defaults.worker_image),
+        worker_service_account=env.get("SAMI_WORKER_SERVICE_ACCOUNT") or None,
+        namespaces=namespaces,
+        reconcile_seconds=float(env.get("SAMI_RECONCILE_SECONDS", defaults.reconcile_seconds)),
+        liveness_port=int(env.get("SAMI_LIVENESS_PORT", defaults.liveness_port)),
+        metrics_port=int(env.get("SAMI_METRICS_PORT", defaults.metrics_port)),
+        prefix=env.get("SAMI_PREFIX", defaults.prefix),
+        python=env.get("SAMI_PYTHON", defaults.python),
+    )

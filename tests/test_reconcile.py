@@ -1,0 +1,170 @@
+"""Operator logic without a cluster: child manifests and reconcile decisions (pure)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from sami_operator.builders import MAX_NAME, build_children, child_name, summary_from_message
+from sami_operator.models import Launcher, StagePhase
+from sami_operator.planner import plan
+from sami_operator.reconcile import ChildState, decide, records_from_status
+from sami_operator.settings import OperatorSettings, from_env
+from sami_operator.status import derive_status
+from sami_operator.validate import parse_samirun
+
+SETTINGS = OperatorSettings(worker_image="registry.example/sami-worker:test")
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def run(samirun_doc):
+    samirun_doc["metadata"]["namespace"] = "team-a"
+    return parse_samirun(samirun_doc)
+
+
+def stages(run):
+    return {s.id: s for s in plan(run, "uid-1")}
+
+
+def test_child_names_are_deterministic_dns_labels(run):
+    s = stages(run)
+    assert child_name("mistral-hh", s["train-2"]) == "mistral-hh-it2-train"
+    assert child_name("mistral-hh", s["train-2"], attempt=3) == "mistral-hh-it2-train-r3"
+    long = child_name("a" * 80, s["evaluate-0"])
+    assert len(long) <= MAX_NAME and long == child_name("a" * 80, s["evaluate-0"])
+    assert long != child_name("a" * 79 + "b", s["evaluate-0"])
+
+
+def test_generation_job_carries_task_labels_and_pod_knobs(run):
+    config_map, job = build_children(run, stages(run)["generate-1"], "uid-1", SETTINGS)
+    assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
+    task = json.loads(config_map["data"]["task.json"])
+    assert task["kind"] == "generate" and task["output"].endswith("/iterations/1/generate")
+    labels = job["metadata"]["labels"]
+    assert labels["sami.dev/run"] == "mistral-hh" and labels["sami.dev/iteration"] == "1"
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a"  # copied from the SAMIRun
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("SAMIRun", "uid-1", True)
+    pod = job["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    assert worker["command"][-2:] == ["--task", "/etc/sami/task/task.json"]
+    assert worker["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert pod["serviceAccountName"] == "sami-worker"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    env = {e["name"]: e for e in worker["env"]}
+    # Credentials only as Secret references, never values.
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "sami-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert "value" not in env["AWS_ACCESS_KEY_ID"]
+
+
+def test_training_launchers(run):
+    _, pytorchjob = build_children(run, stages(run)["train-1"], "uid-1", SETTINGS)
+    assert pytorchjob["kind"] == "PyTorchJob" and pytorchjob["spec"]["nprocPerNode"] == "8"
+    master = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]
+    assert "Worker" not in pytorchjob["spec"]["pytorchReplicaSpecs"]  # nodes: 1
+    container = master["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch" and container["command"][0] == "torchrun"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    shm = next(v for v in master["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["sizeLimit"] == "32Gi"
+
+    run.spec.training.launcher = Launcher.jobset
+    run.spec.training.nodes = 3
+    _, jobset = build_children(run, stages(run)["train-1"], "uid-1", SETTINGS)
+    replicated = jobset["spec"]["replicatedJobs"][0]
+    assert replicated["replicas"] == 3
+    env = {
+        e["name"]: e
+        for e in replicated["template"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["PET_NNODES"]["value"] == "3"
+    assert env["PET_MASTER_ADDR"]["value"] == "mistral-hh-it1-train-node-0-0.mistral-hh-it1-train"
+
+    run.spec.training.launcher = Launcher.job
+    run.spec.training.nodes = 1
+    _, job = build_children(run, stages(run)["train-1"], "uid-1", SETTINGS)
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["torchrun", "--standalone", "--nproc_per_node=8"]
+
+
+def test_first_pass_creates_the_first_stage_once(run):
+    first = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0)
+    assert [o["kind"] for o in first.create] == ["ConfigMap", "Job"]
+    assert first.records["evaluate-0"].child == "mistral-hh-it0-evaluate"
+    # The next pass sees the child running: nothing new is created.
+    observed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.running)}
+    second = decide(run, "uid-1", first.records, observed, SETTINGS, T0, T0)
+    assert second.create == []
+    assert second.records["evaluate-0"].phase == StagePhase.running
+
+
+def _status_round_trip(run, records):
+    """What the operator writes to .status and reads back on its next pass."""
+    status = derive_status(run, "uid-1", records, "2026-01-01T00:00:00Z")
+    return records_from_status(run, "uid-1", status)
+
+
+def test_success_moves_on_and_keeps_metrics_through_status(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    line = json.dumps({"summary": {"metrics": {"miLowerBound": {"value": 0.3}}}})
+    observed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.succeeded, 0, line)}
+    decision = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    assert decision.records["evaluate-0"].phase == StagePhase.succeeded
+    assert decision.create[1]["metadata"]["name"] == "mistral-hh-it1-generate"
+    # After a restart, with the finished child deleted, nothing is redone.
+    restored = _status_round_trip(run, decision.records)
+    assert restored["evaluate-0"].meta["metrics"]["miLowerBound"]["value"] == 0.3
+    again = decide(run, "uid-1", restored, {}, SETTINGS, T0, T0)
+    created = [o["metadata"]["name"] for o in again.create]
+    assert "mistral-hh-it0-evaluate" not in created
+
+
+def test_retryable_failures_are_retried_within_budget(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    for attempt in range(2, run.spec.training.max_restarts + 2):
+        name = records["evaluate-0"].child
+        observed = {name: ChildState(StagePhase.failed, 75, '{"error": "S3 down"}')}
+        decision = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+        assert decision.records["evaluate-0"].child.endswith(f"-r{attempt}")
+        records = decision.records
+    observed = {records["evaluate-0"].child: ChildState(StagePhase.failed, 75, None)}
+    final = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    assert final.failure == "RetriesExhausted" and final.create == []
+
+
+def test_bad_input_fails_the_run_with_the_reason(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    line = json.dumps({"exit_code": 65, "error": "model.uri: 's3://models/x' is missing"})
+    observed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.failed, 65, line)}
+    decision = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    assert decision.failure == "StageFailed"
+    assert "model.uri: 's3://models/x' is missing" in decision.records["evaluate-0"].message
+    status = derive_status(run, "uid-1", decision.records, "t")
+    assert status.phase.value == "Failed" and "is missing" in status.message
+
+
+def test_suspend_and_deadlines(run):
+    run.spec.suspend = True
+    assert decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).create == []
+    run.spec.suspend = False
+    run.spec.deadlines.start_seconds = 600
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    observed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.pending)}
+    late = T0 + timedelta(seconds=601)
+    decision = decide(run, "uid-1", records, observed, SETTINGS, late, T0)
+    assert decision.failure == "StartDeadlineExceeded"
+
+
+def test_summary_parsing_and_settings():
+    assert summary_from_message('{"summary": {"kept": 3}}') == {"kept": 3}
+    assert summary_from_message("Traceback ...") == {}
+    settings = from_env({"SAMI_NAMESPACES": "a, b", "SAMI_WORKER_IMAGE": "img:1"})
+    assert settings.namespaces == ("a", "b") and settings.worker_image == "img:1"
