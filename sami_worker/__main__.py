@@ -8,7 +8,7 @@ Exit codes, so a launcher's failure policy can tell failures apart:
     0   done (or already done: a completed stage is not redone)
     1   unexpected error (a bug; the traceback is printed)
     65  bad task or input: invalid task file, missing dataset or model, bad credentials,
-        empty query set. Retrying cannot help (sysexits EX_DATAERR).
+        empty query set, out of memory. Retrying cannot help (sysexits EX_DATAERR).
     75  transient failure: storage unreachable after retries, a peer died. Retrying may help
         (sysexits EX_TEMPFAIL).
 """
@@ -65,6 +65,14 @@ def _dist_error() -> type[BaseException]:
     return DistError
 
 
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from torch import OutOfMemoryError
+    except ImportError:
+        return (MemoryError,)
+    return (MemoryError, OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sami_worker",
@@ -95,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, DatasetError, StorageError, FileNotFoundError) as err:
         log.error("%s", err)
         return _report(args.stage, EXIT_BAD_INPUT, error=str(err))
+    except _out_of_memory_errors() as err:
+        # The model or batch does not fit; a retry on the same resources fails the same way.
+        message = f"out of memory: {err}".strip()[:2000]
+        log.error("%s; use smaller micro-batches, activation checkpointing or more memory", message)
+        return _report(args.stage, EXIT_BAD_INPUT, error=message)
     return _report(args.stage, EXIT_OK, summary=summary)
 
 

@@ -44,7 +44,7 @@ from sami_worker.backends import (
 )
 from sami_worker.common import fetch_model, load_principles, load_task_queries, open_uri
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
-from sami_worker.generate import prompt_token_ids
+from sami_worker.generate import constitution_record, prompt_token_ids
 from sami_worker.logprobs import assemble_matrices, block_pairs
 from sami_worker.objective import mean_and_stderr, plugin_mi, sami_loss
 from sami_worker.prompts import cut_response, render_prompt
@@ -132,7 +132,7 @@ def evaluate_principles(
     records = [
         {
             "query": queries[n],
-            "constitutions": [[[name, kept] for name, kept in c.items] for c in constitutions],
+            "constitutions": [constitution_record(c) for c in constitutions],
             "responses": texts[n * k : (n + 1) * k],
             "response_tokens": lengths[n * k : (n + 1) * k],
             "mean_logprobs": mean_matrices[n].tolist(),

@@ -44,6 +44,12 @@ STATS_FILE = "stats.json"
 BATCH_PROMPTS = 256  # prompts per engine call: progress is logged after each
 
 
+def constitution_record(constitution) -> list[dict]:
+    """A constitution as stored in datasets: its principles in order, each kept or negated
+    (a list of records, so JSONL and Parquet hold the same shape)."""
+    return [{"principle": name, "kept": kept} for name, kept in constitution.items]
+
+
 def prompt_token_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     """Token ids of a rendered prompt. Chat templates already include BOS and the like, so
     they are tokenised without adding special tokens again."""
@@ -132,7 +138,7 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
             {
                 "query_id": query_id,
                 "query": query,
-                "constitutions": [[[name, kept] for name, kept in k.items] for k in constitutions],
+                "constitutions": [constitution_record(k) for k in constitutions],
                 "constitution_texts": texts,
                 "prompt_token_ids": ids,
                 "responses": responses,

@@ -75,8 +75,8 @@ def test_generate_with_transformers_backend(tiny_llama, tmp_path):
     for record in records:
         assert len(record["responses"]) == len(record["prompt_token_ids"]) == 2
         # Constitution 0 keeps every principle (pair mode); the other negates some.
-        assert all(kept for _, kept in record["constitutions"][0])
-        assert not all(kept for _, kept in record["constitutions"][1])
+        assert all(item["kept"] for item in record["constitutions"][0])
+        assert not all(item["kept"] for item in record["constitutions"][1])
         for text, ids, prompt_ids, constitution in zip(
             record["responses"],
             record["response_token_ids"],
@@ -247,3 +247,35 @@ def test_smollm2_generation_into_s3_survives_a_kill(
     assert len(ids) == len(set(ids)) == manifest.meta["kept"]
     assert manifest.meta["kept"] + sum(manifest.meta["dropped"].values()) == 16
     assert manifest.meta["tokens_per_second"] > 0
+
+
+@pytest.mark.s3
+def test_bad_credentials_fail_without_leaking_them(tiny_llama, s3_server, s3_bucket, tmp_path):
+    task = generate_task(
+        tiny_llama,
+        f"s3://{s3_bucket}/run/generate",
+        storage={
+            "uri": f"s3://{s3_bucket}",
+            "endpointUrl": s3_server.endpoint_url,
+            "forcePathStyle": True,
+        },
+    )
+    wrong = {"AWS_ACCESS_KEY_ID": "AKIAWRONGKEY0000", "AWS_SECRET_ACCESS_KEY": "not-the-secret-x"}
+    result = run_worker("generate", task, tmp_path, env=wrong)
+    assert result.returncode == 65
+    assert s3_bucket in result.stderr
+    assert "not-the-secret-x" not in result.stderr + result.stdout
+    assert "AKIAWRONGKEY0000" not in result.stderr + result.stdout
+
+
+def test_parquet_datasets_train(tiny_llama, tmp_path):
+    from sami_worker import generate
+    from sami_worker.generate import DATASET_PARQUET
+    from sami_worker.train import read_blocks
+
+    task = generate_task(tiny_llama, str(tmp_path / "out"), outputFormat="parquet")
+    stats = generate.run(task)
+    assert (tmp_path / "out" / DATASET_PARQUET).exists()
+    blocks = read_blocks(tmp_path / "out", eos_id=0)
+    assert len(blocks) == stats["kept"]
+    assert all(len(b.prompts) == len(b.responses) == 2 for b in blocks)

@@ -91,7 +91,7 @@ def run(file: Path, workdir: Path | None) -> None:
     logging.basicConfig(level=logging.WARNING)
     samirun = _load_one(file)
     workdir = workdir or default_workdir(samirun, run_uid(samirun))
-    runner = LocalRunner(samirun, workdir, echo=click.echo)
+    runner = LocalRunner(samirun, workdir)
     try:
         status = runner.execute()
     except KeyboardInterrupt:

@@ -56,15 +56,22 @@ def stage_command(stage: Stage, task_file: Path) -> list[str]:
 
 
 class LocalRunner:
-    def __init__(self, run: SAMIRun, workdir: Path, echo=print):
+    def __init__(self, run: SAMIRun, workdir: Path, echo=None):
         self.run = run
         self.uid = run_uid(run)
         self.prefix = run_prefix(run, self.uid)
         self.storage = open_uri(self.prefix, run.spec.storage)
         self.workdir = workdir
-        self.echo = echo
+        self.bar = None
+        self.echo = echo or self._write
         self.records: dict[str, StageRecord] = {}
         self.status: SAMIRunStatus | None = None
+
+    def _write(self, line: str) -> None:
+        # Lines go above the stage progress bar (tqdm, shown on terminals only).
+        from tqdm import tqdm
+
+        tqdm.write(line)
 
     def report_dir(self) -> Path:
         if self.prefix.startswith("s3://"):
@@ -79,13 +86,24 @@ class LocalRunner:
                 f"locally training uses {self.run.spec.training.procs_per_node} process(es)"
             )
         self.echo(f"run data: {self.prefix}")
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(stages), unit="stage", disable=not sys.stderr.isatty())
+        try:
+            return self._execute(stages)
+        finally:
+            self.bar.close()
+
+    def _execute(self, stages: list[Stage]) -> SAMIRunStatus:
         for number, stage in enumerate(stages, 1):
+            self.bar.set_description(stage.id)
             record = self.records.setdefault(stage.id, StageRecord())
             stage_store = open_uri(stage.prefix, self.run.spec.storage)
             if storage.is_complete(stage_store, ""):
                 record.phase = StagePhase.succeeded
                 record.meta = storage.read_manifest(stage_store, "").meta
                 self.echo(f"[{number}/{len(stages)}] {stage.id}: already done")
+                self.bar.update()
                 continue
             self.echo(f"[{number}/{len(stages)}] {stage.id}: running")
             started = time.monotonic()
@@ -107,6 +125,7 @@ class LocalRunner:
                 + _headline(stage, record.meta)
             )
             self._publish_status()
+            self.bar.update()
         self._publish_status()
         return self.status
 
