@@ -6,7 +6,10 @@ PY := .venv/bin/python
 venv:
 	@scripts/venv.sh
 
+# The operator tests run against a real kube-apiserver built once from Debian's sources
+# (cached in ~/.cache/sami/kube-1.20; a no-op afterwards).
 test: venv
+	scripts/kube-build.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 crds: venv

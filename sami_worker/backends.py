@@ -86,6 +86,12 @@ class VLLMBackend:
             enable_prefix_caching=not scoring,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # Per-request seeds make sampling independent of batching. vLLM's CPU build cannot
+        # rewind a seeded generator when it splits a prompt across steps (chunked prefill:
+        # "CPU Generator does not use offset"), so there the engine seed alone applies.
+        import torch
+
+        self.per_request_seeds = torch.cuda.is_available()
         log.info("vLLM engine ready in %.1f s", time.monotonic() - started)
 
     def generate(
@@ -100,7 +106,7 @@ class VLLMBackend:
                 temperature=settings.temperature,
                 top_p=settings.top_p,
                 stop=list(settings.stop),
-                seed=seed,
+                seed=seed if self.per_request_seeds else None,
             )
             for seed in seeds
         ]

@@ -4,7 +4,7 @@ import pytest
 
 from sami_operator.validate import load_manifests
 
-pytest_plugins = ["tests.s3server", "tests.tinymodel"]
+pytest_plugins = ["tests.s3server", "tests.tinymodel", "tests.k8s.plugin"]
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -10,6 +10,7 @@ it already created instead of duplicating it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -132,7 +133,7 @@ def decide(
             continue
         # Failed: retry what a retry can fix, within the budget.
         error = _error(state)
-        retryable = state.exit_code in (None, EXIT_RETRYABLE)
+        retryable = _exit_code(state) in (None, EXIT_RETRYABLE)
         if retryable and record.attempts <= run.spec.training.max_restarts:
             decision.events.append(("Warning", "StageRetrying", f"{stage.id}: {error}"))
             if run.spec.suspend:
@@ -164,14 +165,25 @@ def _fail(decision, record, stamp, reason, message) -> Decision:
     return decision
 
 
-def _error(state: ChildState) -> str:
-    import json
+def _result_line(state: ChildState) -> dict[str, Any]:
+    try:
+        line = json.loads(state.message or "")
+    except json.JSONDecodeError:
+        return {}
+    return line if isinstance(line, dict) else {}
 
+
+def _exit_code(state: ChildState) -> int | None:
+    """The worker's own exit code: launchers such as torchrun exit 1 whatever their child
+    returned, so the result line the worker left is the better witness."""
+    return _result_line(state).get("exit_code", state.exit_code)
+
+
+def _error(state: ChildState) -> str:
+    code = _exit_code(state)
+    line = _result_line(state)
+    if line.get("error"):
+        return f"exit code {code}: {line['error']}"
     if state.message:
-        try:
-            line = json.loads(state.message)
-            if isinstance(line, dict) and line.get("error"):
-                return f"exit code {state.exit_code}: {line['error']}"
-        except json.JSONDecodeError:
-            return f"exit code {state.exit_code}: {state.message.strip()[-300:]}"
-    return f"exit code {state.exit_code}" if state.exit_code is not None else "pod lost"
+        return f"exit code {code}: {state.message.strip()[-300:]}"
+    return f"exit code {code}" if code is not None else "pod lost"

@@ -1,0 +1,188 @@
+"""The operator against a real kube-apiserver and Job controller (tests/k8s), with pods run as
+local processes, SeaweedFS as S3, vLLM on CPU and the emulated Kubeflow PyTorchJob controller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sami_worker import storage
+from tests.conftest import EXAMPLES
+from tests.k8s.controlplane import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Operator:
+    """`python -m sami_operator` as a process, watching one namespace."""
+
+    def __init__(self, control_plane, namespace: str, log: Path):
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(control_plane.kubeconfig),
+            "SAMI_NAMESPACES": namespace,
+            "SAMI_RECONCILE_SECONDS": "1",
+            "SAMI_METRICS_PORT": str(free_port()),
+            "SAMI_LIVENESS_PORT": str(free_port()),
+        }
+        self.log = log
+        self.proc = None
+
+    def start(self) -> Operator:
+        sink = self.log.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sami_operator"],
+            env=self.env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def metrics(self) -> str:
+        import httpx
+
+        return httpx.get(f"http://127.0.0.1:{self.env['SAMI_METRICS_PORT']}/metrics").text
+
+
+@pytest.fixture
+def operator(control_plane, k8s_namespace, kubelet, pytorchjob_controller, tmp_path):
+    op = Operator(control_plane, k8s_namespace, tmp_path / "operator.log").start()
+    yield op
+    op.kill()
+
+
+def get_run(control_plane, namespace: str, name: str) -> dict:
+    return control_plane.kubectl_json("get", "samirun", name, "-n", namespace, "-o", "json")
+
+
+def wait_for_phase(control_plane, namespace, name, phases, timeout, operator) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = get_run(control_plane, namespace, name)
+        if run.get("status", {}).get("phase") in phases:
+            return run
+        time.sleep(1)
+    pytest.fail(
+        f"{name} never reached {phases}: {json.dumps(run.get('status'), indent=1)[-3000:]}\n"
+        f"operator log:\n{operator.log.read_text()[-4000:]}"
+    )
+
+
+def tiny_run(bucket: str, endpoint: str) -> dict:
+    doc = yaml.safe_load((EXAMPLES / "samirun-tiny.yaml").read_text())
+    text = json.dumps(doc).replace("s3://sami-test/", f"s3://{bucket}/")
+    doc = json.loads(text)
+    doc["spec"]["storage"]["endpointUrl"] = endpoint
+    return doc
+
+
+@pytest.fixture
+def s3_inputs(tiny_llama, s3_server, s3_bucket, s3_env, control_plane, k8s_namespace):
+    """The tiny model and the query files in the bucket; the credentials Secret."""
+    settings = storage.StorageSettings(endpoint_url=s3_server.endpoint_url, force_path_style=True)
+    bucket = storage.open_storage(f"s3://{s3_bucket}", settings)
+    storage.upload_stage(bucket, tiny_llama, "models/tiny-llama", stage="model")
+    for name in ("dialogue-train.jsonl", "dialogue-eval.jsonl"):
+        bucket.write_bytes(f"data/{name}", (EXAMPLES / "data" / name).read_bytes())
+    control_plane.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "sami-s3",
+        "-n",
+        k8s_namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
+    )
+    return s3_bucket
+
+
+@pytest.mark.vllm
+@pytest.mark.s3
+@pytest.mark.slow
+def test_samirun_tiny_reaches_succeeded_across_an_operator_restart(
+    control_plane, k8s_namespace, operator, s3_inputs, s3_server, tmp_path
+):
+    doc = tiny_run(s3_inputs, s3_server.endpoint_url)
+    control_plane.apply(doc, namespace=k8s_namespace)
+
+    # Kill the operator once the first child exists, start a new one: nothing duplicated.
+    control_plane.wait_for(
+        "the first child Job",
+        lambda: control_plane.kubectl_json("get", "jobs", "-n", k8s_namespace, "-o", "json")[
+            "items"
+        ],
+        timeout=60,
+    )
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+
+    run = wait_for_phase(
+        control_plane, k8s_namespace, "tiny", {"Succeeded", "Failed"}, 900, operator
+    )
+    status = run["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
+    assert [i["iteration"] for i in status["iterations"]] == [0, 1]
+    for entry in status["iterations"]:
+        assert entry["evaluate"]["attempts"] == 1
+        assert "miLowerBound" in entry["metrics"]
+    assert (
+        status["latestMiLowerBound"] == status["iterations"][1]["metrics"]["miLowerBound"]["value"]
+    )
+    assert status["iterations"][1]["train"]["child"] == "tiny-it1-train"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+
+    jobs = control_plane.kubectl_json("get", "jobs", "-n", k8s_namespace, "-o", "json")["items"]
+    names = sorted(j["metadata"]["name"] for j in jobs)
+    assert names == ["tiny-it0-evaluate", "tiny-it1-evaluate", "tiny-it1-generate"]
+    for job in jobs:
+        assert job["metadata"]["ownerReferences"][0]["kind"] == "SAMIRun"
+        assert job["metadata"]["labels"]["sami.dev/run"] == "tiny"
+    pytorchjobs = control_plane.kubectl_json(
+        "get", "pytorchjobs", "-n", k8s_namespace, "-o", "json"
+    )["items"]
+    assert [p["metadata"]["name"] for p in pytorchjobs] == ["tiny-it1-train"]
+
+    table = control_plane.kubectl("get", "samiruns", "-n", k8s_namespace).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "ITERATION", "STAGE", "PHASE", "MI"]
+    assert row.split()[0] == "tiny" and "Succeeded" in row
+
+    assert 'sami_runs{phase="Succeeded"} 1.0' in operator.metrics()
+
+
+def test_an_invalid_spec_fails_with_the_field_and_the_operator_keeps_running(
+    control_plane, k8s_namespace, operator
+):
+    doc = yaml.safe_load((EXAMPLES / "samirun.yaml").read_text())
+    doc["metadata"]["name"] = "both-principles"
+    # Valid for the 1.20 API server (no CEL there) but not for the models.
+    doc["spec"]["principles"]["writer"] = {"model": "s3://m/w", "instruction": "be good"}
+    control_plane.apply(doc, namespace=k8s_namespace)
+    run = wait_for_phase(control_plane, k8s_namespace, "both-principles", {"Failed"}, 60, operator)
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.principles: set exactly one of 'inline' and 'writer'" in failed["message"]
+    assert operator.proc.poll() is None
+
+    good = yaml.safe_load((EXAMPLES / "samirun.yaml").read_text())
+    good["spec"]["suspend"] = True  # nothing to run here; just proves reconciliation continues
+    control_plane.apply(good, namespace=k8s_namespace)
+    run = wait_for_phase(control_plane, k8s_namespace, "mistral-hh", {"Suspended"}, 60, operator)
+    assert run["status"]["message"] == "suspended before evaluate-0"
