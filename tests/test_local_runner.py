@@ -113,7 +113,8 @@ def test_a_broken_file_fails_before_any_work(tiny_llama, tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_llama, tmp_path):
     manifest = mini_manifest(tiny_llama, tmp_path / "runs")
-    manifest["spec"]["training"]["steps"] = 60  # long enough to interrupt mid-training
+    # Long enough to interrupt mid-training, with checkpoints to resume from.
+    manifest["spec"]["training"].update(steps=300, checkpointEvery=50)
     path = write(tmp_path, manifest)
     proc = subprocess.Popen(
         [SAMI, "run", str(path)],
@@ -126,7 +127,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_llama, tmp_path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         found = list(logs.glob("**/logs/train-1.log"))
-        if found and "step 1/60" in found[0].read_text():
+        if found and "step 60/300" in found[0].read_text():
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
@@ -144,6 +145,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_llama, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "generate-1: already done" in result.stdout
     assert "train-1: done" in result.stdout
+    train_log = next(logs.glob("**/logs/train-1.log")).read_text()
+    assert "resuming from" in train_log and "step 1/300" not in train_log
 
 
 @pytest.mark.vllm
