@@ -1,5 +1,5 @@
 # The README's commands. Every target sets up what it needs on a fresh machine.
-.PHONY: venv test crds lint quickstart
+.PHONY: venv test crds lint quickstart bench
 
 PY := .venv/bin/python
 
@@ -21,3 +21,7 @@ lint: venv
 
 quickstart: venv
 	.venv/bin/sami run examples/quickstart.yaml
+
+# Benchmarks: ratios against baselines measured side by side (benchmarks/README.md).
+bench: venv
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
