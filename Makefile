@@ -1,5 +1,5 @@
 # The README's commands. Every target sets up what it needs on a fresh machine.
-.PHONY: venv test crds lint quickstart bench
+.PHONY: venv test crds lint quickstart bench images
 
 PY := .venv/bin/python
 
@@ -25,3 +25,10 @@ quickstart: venv
 # Benchmarks: ratios against baselines measured side by side (benchmarks/README.md).
 bench: venv
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Container images (needs a Docker engine; see images/README.md).
+REGISTRY ?= ghcr.io/sami-project
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	docker build -f images/operator/Dockerfile -t $(REGISTRY)/sami-operator:$(TAG) .
+	docker build -f images/worker/Dockerfile $(WORKER_BUILD_ARGS) -t $(REGISTRY)/sami-worker:$(TAG) .

@@ -15,7 +15,9 @@ from sami_operator.settings import OperatorSettings, from_env
 from sami_operator.status import derive_status
 from sami_operator.validate import parse_samirun
 
-SETTINGS = OperatorSettings(worker_image="registry.example/sami-worker:test")
+SETTINGS = OperatorSettings(
+    worker_image="registry.example/sami-worker:test", worker_service_account="sami-operator-worker"
+)
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
@@ -52,7 +54,7 @@ def test_generation_job_carries_task_labels_and_pod_knobs(run):
     worker = pod["containers"][0]
     assert worker["command"][-2:] == ["--task", "/etc/sami/task/task.json"]
     assert worker["resources"] == {"limits": {"nvidia.com/gpu": 1}}
-    assert pod["serviceAccountName"] == "sami-worker"
+    assert pod["serviceAccountName"] == "sami-operator-worker"  # the operator's default
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}

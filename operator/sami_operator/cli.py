@@ -12,6 +12,13 @@ from sami_operator import __version__, crd
 from sami_operator.validate import SpecError, load_manifests, parse_samirun
 
 REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
+REPO_CHART_CRD = (
+    Path(__file__).resolve().parents[2]
+    / "charts"
+    / "sami-operator"
+    / "files"
+    / "sami.dev_samiruns.yaml"
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -146,6 +153,8 @@ def crd_command(out: Path, stdout: bool) -> None:
         click.echo(crd.render_crd_yaml(), nl=False)
         return
     click.echo(f"wrote {crd.write_crd(out)}")
+    if out == REPO_CRDS:
+        click.echo(f"wrote {crd.write_chart_crd(REPO_CHART_CRD)}")
 
 
 if __name__ == "__main__":

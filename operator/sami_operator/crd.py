@@ -196,3 +196,10 @@ def write_crd(directory: Path) -> Path:
     path = directory / CRD_FILE
     path.write_text(render_crd_yaml())
     return path
+
+
+def write_chart_crd(path: Path) -> Path:
+    """The Helm chart's copy of the CRD (byte-identical; checked by tests/test_chart.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_crd_yaml())
+    return path

@@ -1,0 +1,584 @@
+"""The Helm chart (charts/sami-operator), rendered and linted by the real Helm engine
+(helm-python-sdk: Helm's Go SDK as a C library, no helm CLI), then installed on the real
+control plane (tests/k8s): the operator runs with the chart's ServiceAccount token only, so a
+missing RBAC rule fails the reconcile test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLES
+from tests.k8s.controlplane import ControlPlane, free_port
+
+try:
+    import helm_python as helm
+except ImportError:  # the dev extra installs it; the CRD copy is checked without it
+    helm = None
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "sami-operator"
+CRD = ROOT / "crds" / "sami.dev_samiruns.yaml"
+CRD_COPY = CHART / "files" / "sami.dev_samiruns.yaml"
+RBAC_KINDS = {"Role", "ClusterRole"}
+NAMESPACED = {"operator": {"watchNamespaces": ["team-a", "team-b", "team-a"]}}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Any]:
+    if helm is None:
+        pytest.skip("helm-python-sdk is not installed (pip install -e .[dev])")
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(
+    chart, values: dict | None = None, name: str = "sami", namespace: str = "sami-system"
+) -> list[dict]:
+    """Every rendered object (NOTES.txt aside), in template order."""
+    out = chart.render(values, name=name, namespace=namespace)
+    docs = []
+    for template, text in sorted(out.items()):
+        if not template.endswith("NOTES.txt"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def notes(chart, values: dict | None = None) -> str:
+    out = chart.render(values, name="sami", namespace="sami-system")
+    return out["sami-operator/templates/NOTES.txt"]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]
+
+
+def container_env(deployment: dict) -> dict[str, str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+# --- files and lint -----------------------------------------------------------------------------
+
+
+def test_crd_copy_is_byte_identical_to_the_generated_crd():
+    assert CRD_COPY.read_bytes() == CRD.read_bytes(), (
+        f"{CRD_COPY.relative_to(ROOT)} differs from {CRD.relative_to(ROOT)}: "
+        f"cp {CRD.relative_to(ROOT)} {CRD_COPY.relative_to(ROOT)}"
+    )
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_lint_is_clean(chart, values):
+    report = helm.lint(CHART, values, strict=True, namespace="sami-system")
+    assert report["errors"] == []
+    # Severity 1 is informational (Helm suggests an icon); warnings and errors fail.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_every_value_is_commented_and_in_the_schema(chart):
+    """Every key of values.yaml has a comment line right above it (its help text), except
+    inside free-form Kubernetes objects (resources, securityContext, ...), and the schema
+    describes exactly the keys values.yaml has."""
+    schema = chart.schema
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    seen = set()
+    for i, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        stack = [(n, k) for n, k in stack if n < indent] + [(indent, key)]
+        path = [k for _, k in stack]
+        node = schema
+        for part in path:
+            node = (node or {}).get("properties", {}).get(part)
+        if node is None:
+            continue  # inside a free-form object
+        seen.add(".".join(path))
+        assert lines[i - 1].strip().startswith("#"), f"values.yaml:{i + 1} {'.'.join(path)}"
+
+    def schema_keys(node: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, sub in node.get("properties", {}).items():
+            keys.add(prefix + key)
+            keys |= schema_keys(sub, f"{prefix}{key}.")
+        return keys
+
+    assert schema_keys(schema) == seen
+
+
+# --- values.schema.json ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicas": 2}, "at '': additional properties 'replicas' not allowed"),
+        (
+            {"operator": {"watchNamespace": ["team-a"]}},
+            "at '/operator': additional properties 'watchNamespace' not allowed",
+        ),
+        (
+            {"operator": {"reconcileSeconds": "fast"}},
+            "at '/operator/reconcileSeconds': got string, want number",
+        ),
+        ({"operator": {"watchNamespaces": "team-a"}}, "got string, want array"),
+        ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
+        (
+            {"image": {"pullPolicy": "Sometimes"}},
+            "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+        ),
+        ({"metrics": {"port": 0}}, "at '/metrics/port': minimum: got 0, want 1"),
+        ({"crds": {"keep": "yes"}}, "at '/crds/keep': got string, want boolean"),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_error(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema(values)
+    assert message in str(err.value)
+    with pytest.raises(helm.HelmValuesError) as err:  # an install checks the same way
+        chart.render(values, name="sami", namespace="sami-system")
+    assert message in str(err.value)
+
+
+def test_schema_accepts_the_defaults_and_documented_settings(chart):
+    chart.validate_schema(None)
+    chart.validate_schema(
+        {
+            "image": {"digest": "sha256:" + "a" * 64},
+            "operator": {"watchNamespaces": ["team-a"], "extraEnv": [{"name": "X", "value": "1"}]},
+            "workerServiceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
+            "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s"}},
+        }
+    )
+
+
+# --- what a default install creates -----------------------------------------------------------
+
+
+def test_default_install(chart):
+    docs = render(chart)
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert kinds == [
+        ("ClusterRole", "sami-sami-operator"),
+        ("ClusterRole", "sami-sami-operator-edit"),
+        ("ClusterRole", "sami-sami-operator-view"),
+        ("ClusterRoleBinding", "sami-sami-operator"),
+        ("CustomResourceDefinition", "samiruns.sami.dev"),
+        ("Deployment", "sami-sami-operator"),
+        ("Service", "sami-sami-operator-metrics"),
+        ("ServiceAccount", "sami-sami-operator"),
+        ("ServiceAccount", "sami-sami-operator-worker"),
+    ]
+    deployment = one(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "sami-sami-operator"
+    container = pod["containers"][0]
+    assert container["image"] == "ghcr.io/sami-project/sami-operator:0.1.0"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"healthz": 8080, "metrics": 9090}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container_env(deployment) == {
+        "SAMI_WORKER_IMAGE": "ghcr.io/sami-project/sami-worker:0.1.0",
+        "SAMI_WORKER_SERVICE_ACCOUNT": "sami-sami-operator-worker",
+        "SAMI_NAMESPACES": "",
+        "SAMI_RECONCILE_SECONDS": "5",
+        "SAMI_PREFIX": "sami.dev",
+        "SAMI_PYTHON": "python",
+        "SAMI_LIVENESS_PORT": "8080",
+        "SAMI_METRICS_PORT": "9090",
+    }
+    # The selector matches the pod, the Service selects it.
+    labels = pod and spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert one(docs, "Service")["spec"]["selector"].items() <= labels.items()
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "sami-sami-operator", "namespace": "sami-system"}
+    ]
+    worker = one(docs, "ServiceAccount", "sami-sami-operator-worker")
+    assert worker["automountServiceAccountToken"] is False
+    # The worker ServiceAccount holds no role.
+    bound = [s["name"] for d in docs if d["kind"].endswith("Binding") for s in d["subjects"]]
+    assert "sami-sami-operator-worker" not in bound
+    text = notes(chart)
+    assert "kubectl -n sami-system rollout status deployment/sami-sami-operator" in text
+    assert "kubectl -n sami-system get samiruns -w" in text
+
+
+def test_namespaced_install(chart):
+    docs = render(chart, NAMESPACED)
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    role_bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in role_bindings) == ["team-a", "team-b"]
+    for binding in role_bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == "sami-system"
+    # Cluster-wide only what is cluster-scoped: CRD and Namespace reads.
+    scan = one(docs, "ClusterRole", "sami-sami-operator-scan")
+    assert {(r["resources"][0], tuple(r["verbs"])) for r in scan["rules"]} == {
+        ("customresourcedefinitions", ("list", "watch")),
+        ("namespaces", ("list", "watch")),
+    }
+    with_runs = [d for d in docs if d["kind"] == "ClusterRole" and "samiruns" in json.dumps(d)]
+    assert sorted(d["metadata"]["name"] for d in with_runs) == [
+        "sami-sami-operator-edit",
+        "sami-sami-operator-view",
+    ]
+    workers = [
+        d["metadata"]["namespace"]
+        for d in docs
+        if d["kind"] == "ServiceAccount" and d["metadata"]["name"].endswith("-worker")
+    ]
+    assert sorted(workers) == ["sami-system", "team-a", "team-b"]
+    assert container_env(one(docs, "Deployment"))["SAMI_NAMESPACES"] == "team-a,team-b"
+    assert "kubectl -n team-a get samiruns -w" in notes(chart, NAMESPACED)
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_no_wildcards_in_rbac(chart, values):
+    rules = [r for d in render(chart, values) if d["kind"] in RBAC_KINDS for r in d["rules"]]
+    assert rules
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            assert "*" not in rule.get(field, []), rule
+
+
+def test_every_rbac_rule_says_why():
+    """Each rule in the RBAC templates has a comment right above it."""
+    for path in (CHART / "templates").glob("*"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.strip().startswith("- apiGroups:"):
+                assert lines[i - 1].strip().startswith("#"), f"{path.name}:{i + 1}"
+
+
+def test_aggregated_user_roles(chart):
+    docs = render(chart)
+    view = one(docs, "ClusterRole", "sami-sami-operator-view")
+    edit = one(docs, "ClusterRole", "sami-sami-operator-edit")
+    agg = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k for k, v in view["metadata"]["labels"].items() if k.startswith(agg)} == {
+        agg + "view",
+        agg + "edit",
+        agg + "admin",
+    }
+    assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith(agg)} == {
+        agg + "edit",
+        agg + "admin",
+    }
+    assert view["rules"][0]["verbs"] == ["get", "list", "watch"]
+    assert "create" in edit["rules"][0]["verbs"]
+    assert all("samiruns/status" not in r["resources"] for r in edit["rules"])
+    assert not any(
+        d["metadata"]["name"].endswith(("-view", "-edit"))
+        for d in render(chart, {"rbac": {"aggregateToDefaultRoles": False}})
+    )
+
+
+def test_every_container_has_the_security_context(chart):
+    values = {"podSecurityContext": {}, "metrics": {"serviceMonitor": {"enabled": True}}}
+    for docs in (render(chart), render(chart, NAMESPACED)):
+        pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+        assert pods
+        for pod in pods:
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            containers = pod["containers"] + pod.get("initContainers", [])
+            for container in containers:
+                sc = container["securityContext"]
+                assert sc["runAsNonRoot"] is True
+                assert sc["readOnlyRootFilesystem"] is True
+                assert sc["allowPrivilegeEscalation"] is False
+                assert sc["capabilities"] == {"drop": ["ALL"]}
+                assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+                # A read-only root needs a writable /tmp.
+                assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    # The container keeps its own context even when the pod's is emptied.
+    pod = one(render(chart, values), "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_rendered_crd_is_the_generated_crd_with_helm_metadata(chart):
+    generated = yaml.safe_load(CRD.read_text())
+    crd = one(render(chart), "CustomResourceDefinition")
+    assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    assert crd["metadata"].pop("labels")["app.kubernetes.io/name"] == "sami-operator"
+    assert crd == generated
+    unkept = one(render(chart, {"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert "annotations" not in unkept["metadata"]
+    docs = render(chart, {"crds": {"install": False}})
+    assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert "kubectl apply --server-side -f crds/" in notes(chart, {"crds": {"install": False}})
+
+
+def test_metrics_and_service_monitor(chart):
+    docs = render(chart, {"metrics": {"enabled": False}})
+    assert not [d for d in docs if d["kind"] in ("Service", "ServiceMonitor")]
+    assert container_env(one(docs, "Deployment"))["SAMI_METRICS_PORT"] == "0"
+    assert not [d for d in render(chart) if d["kind"] == "ServiceMonitor"]
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+    monitor = one(render(chart, values), "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s"}
+    ]
+
+
+def test_image_pull_secrets_extra_env_and_digest(chart):
+    values = {
+        "image": {"digest": "sha256:" + "b" * 64},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+    }
+    deployment = one(render(chart, values), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["containers"][0]["image"] == "ghcr.io/sami-project/sami-operator@sha256:" + "b" * 64
+    assert container_env(deployment)["HTTPS_PROXY"] == "http://proxy:3128"
+
+
+def test_names_fit_in_63_characters(chart):
+    release = "a-very-long-release-name-for-a-platform-team-install"  # 52 of Helm's 53
+    for values in (None, NAMESPACED):
+        for doc in render(chart, values, name=release):
+            assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+            assert not doc["metadata"]["name"].endswith("-")
+
+
+# --- installed on a real API server, run with the chart's ServiceAccount ----------------------
+
+
+class OperatorProcess:
+    """`python -m sami_operator` authenticated only by a ServiceAccount token."""
+
+    def __init__(self, cp: ControlPlane, token: str, env: dict[str, str], workdir: Path):
+        self.kubeconfig = workdir / "kubeconfig"
+        self.kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "test",
+                            "cluster": {
+                                "server": cp.server,
+                                "certificate-authority": str(cp.ca_file),
+                            },
+                        }
+                    ],
+                    "users": [{"name": "operator", "user": {"token": token}}],
+                    "contexts": [
+                        {"name": "test", "context": {"cluster": "test", "user": "operator"}}
+                    ],
+                    "current-context": "test",
+                }
+            )
+        )
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "SAMI_"))}
+        self.env = {**base, **env, "KUBECONFIG": str(self.kubeconfig)}
+        self.log = workdir / "operator.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OperatorProcess:
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sami_operator"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def walk_stages(cp: ControlPlane, operator: OperatorProcess, ns: str, run: str) -> dict:
+    """Finishes the run's first three children one after another, as their controllers
+    would (a status patch: this control plane runs no kubelet), waiting each time for the
+    operator to create the next child. Returns the first child Job."""
+    jobs = f"/apis/batch/v1/namespaces/{ns}/jobs"
+    pytorchjobs = f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+    steps = [
+        (f"{jobs}/{run}-it0-evaluate", "Complete"),
+        (f"{jobs}/{run}-it1-generate", "Complete"),
+        (f"{pytorchjobs}/{run}-it1-train", "Succeeded"),
+        (f"{jobs}/{run}-it1-evaluate", None),
+    ]
+    first = None
+    # The first wait includes the operator's start (imports and first list/watch), which
+    # takes tens of seconds on a loaded 2-core machine.
+    timeouts = [120] + [60] * (len(steps) - 1)
+    with cp.client() as api:
+
+        def created(path: str) -> dict:
+            if operator.proc is None or operator.proc.poll() is not None:
+                raise AssertionError(f"the operator exited:\n{operator.output()[-4000:]}")
+            return api.get(path)
+
+        for (path, condition), timeout in zip(steps, timeouts, strict=True):
+            name = path.rsplit("/", 1)[-1]
+            child = cp.wait_for(name, lambda p=path: created(p), timeout=timeout)
+            first = first or child
+            if condition:
+                done = {"type": condition, "status": "True", "reason": "TestFinished"}
+                api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
+    return first
+
+
+# What the operator logs when RBAC refuses it something: the API server's denial ('User
+# "system:serviceaccount:..." cannot create resource ...', also inside Kopf's "Failed to post
+# an event" warnings) and Kopf's fallbacks ("Not enough permissions to watch ..."). Other 403s,
+# such as writes to a namespace being deleted by an earlier test, are not RBAC's.
+PERMISSION_TROUBLE = re.compile(
+    r'User \\?"system:serviceaccount:[^"\\]+\\?" cannot|not enough permissions', re.IGNORECASE
+)
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_operator_reconciles_with_only_the_charts_rbac(
+    chart, control_plane: ControlPlane, k8s_namespace: str, tmp_path: Path, mode: str
+):
+    cp, release_ns = control_plane, k8s_namespace
+    release = f"t{uuid.uuid4().hex[:6]}"
+    run_ns = release_ns
+    values: dict[str, Any] = {"operator": {"reconcileSeconds": 1}}
+    if mode == "namespaced":
+        run_ns = f"{release}-runs"
+        cp.kubectl("create", "namespace", run_ns)
+        values["operator"]["watchNamespaces"] = [run_ns]
+    docs = render(chart, values, name=release, namespace=release_ns)
+    operator = None
+    try:
+        # `helm install`: the CRD first (kubectl's client-side check does not know
+        # x-kubernetes-validations, which a 1.20 server drops), then the rest.
+        crd = one(docs, "CustomResourceDefinition")
+        cp.kubectl("apply", "--validate=false", "-f", "-", input=json.dumps(crd))
+        # Every namespaced object names its namespace (watched namespaces get Roles too).
+        rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+        cp.apply(rest)
+
+        deployment = one(docs, "Deployment")
+        sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        token = cp.token_for_service_account(release_ns, sa)
+        # Least privilege, as the API server sees it (that it is enough, the run below shows).
+        for args in [
+            ("get", "secrets", "-n", run_ns),
+            ("list", "secrets", "-n", run_ns),
+            ("create", "pods", "-n", run_ns),
+            ("delete", "jobs.batch", "-n", run_ns),
+            ("update", "samiruns.sami.dev", "-n", run_ns),
+            ("delete", "samiruns.sami.dev", "-n", run_ns),
+            ("create", "rolebindings.rbac.authorization.k8s.io", "-n", run_ns),
+            ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ]:
+            can = cp.kubectl("auth", "can-i", *args, token=token, check=False)
+            assert can.stdout.strip() == "no", (args, can.stdout, can.stderr)
+
+        # A namespace user, bound to the chart's aggregated edit and view roles (this control
+        # plane runs no aggregation controller), creates the run.
+        user = "alice"
+        cp.apply(
+            [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": user}}]
+            + [
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": f"{user}-{role}"},
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "ClusterRole",
+                        "name": f"{deployment['metadata']['name']}-{role}",
+                    },
+                    "subjects": [{"kind": "ServiceAccount", "name": user, "namespace": run_ns}],
+                }
+                for role in ("edit", "view")
+            ],
+            namespace=run_ns,
+        )
+        user_token = cp.token_for_service_account(run_ns, user)
+        run = yaml.safe_load((EXAMPLES / "samirun.yaml").read_text())
+        assert "serviceAccountName" not in run["spec"]["pods"]["default"]  # the chart's applies
+        cp.kubectl("apply", "-n", run_ns, "-f", "-", input=json.dumps(run), token=user_token)
+
+        env = container_env(deployment)
+        env.update(SAMI_METRICS_PORT="0", SAMI_LIVENESS_PORT=str(free_port()))
+        operator = OperatorProcess(cp, token, env, tmp_path).start()
+        name = run["metadata"]["name"]
+        try:
+            # evaluate-0 and generate-1 are Jobs, train-1 a PyTorchJob (the example's launcher).
+            # Marking each finished, as its controller would, makes the operator read its pods
+            # and create the next stage: every rule the operator needs is used.
+            first = walk_stages(cp, operator, run_ns, name)
+            status = cp.kubectl_json("get", "samirun", name, "-n", run_ns)["status"]
+            reasons = {
+                e["reason"]
+                for e in cp.kubectl_json("get", "events", "-n", run_ns)["items"]
+                if e["involvedObject"]["name"] == name
+            }
+        except TimeoutError as err:
+            raise AssertionError(f"{err}\noperator log:\n{operator.output()[-6000:]}") from None
+
+        assert first["metadata"]["ownerReferences"][0]["name"] == name
+        worker_sa = env["SAMI_WORKER_SERVICE_ACCOUNT"]
+        assert first["spec"]["template"]["spec"]["serviceAccountName"] == worker_sa
+        cp.kubectl("get", "serviceaccount", worker_sa, "-n", run_ns)  # exists where it runs
+        assert status["phase"] in ("Pending", "Running"), status
+        assert {"StageCreated", "StageSucceeded"} <= reasons
+        operator.stop()
+        lines = operator.output().splitlines()
+        trouble = [line for line in lines if PERMISSION_TROUBLE.search(line)]
+        assert trouble == [], "\n".join(trouble)
+    finally:
+        if operator is not None:
+            operator.stop()
+        cp.kubectl("delete", "samirun", "--all", "-n", run_ns, "--wait=false", check=False)
+        cp.kubectl(
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            f"app.kubernetes.io/instance={release}",
+            "--wait=false",
+            check=False,
+        )
+        if run_ns != release_ns:
+            cp.kubectl("delete", "namespace", run_ns, "--wait=false", check=False)
