@@ -68,6 +68,10 @@ def test_cel_rules_are_carried_over():
     principles = SCHEMA["properties"]["spec"]["properties"]["principles"]
     rules = [r["rule"] for r in principles["x-kubernetes-validations"]]
     assert "has(self.inline) != has(self.writer)" in rules
+    evaluation = SCHEMA["properties"]["spec"]["properties"]["evaluation"]
+    (rule,) = evaluation["x-kubernetes-validations"]
+    assert rule["rule"] == "!has(self.judge) || !has(self.includeBase) || self.includeBase"
+    assert "reference" not in evaluation["properties"]["judge"]["properties"]
 
 
 @pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)

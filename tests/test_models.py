@@ -128,6 +128,28 @@ def test_launcher_job_is_single_node(samirun_doc):
     ]
 
 
+def test_judge_needs_the_base_model_evaluated(samirun_doc):
+    judge = {"endpoint": {"url": "http://judge.svc:8000/v1", "model": "judge"}}
+    _set(samirun_doc, "spec.evaluation.judge", judge)
+    assert parse_samirun(samirun_doc).spec.evaluation.judge.items == 250  # includeBase default
+    _set(samirun_doc, "spec.evaluation.includeBase", False)
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert info.value.problems == [
+        "spec.evaluation.judge: needs evaluation.includeBase: true, got false; the judge "
+        "compares each iteration's responses with the base model's, which includeBase evaluates"
+    ]
+    del samirun_doc["spec"]["evaluation"]["judge"]
+    assert not parse_samirun(samirun_doc).spec.evaluation.include_base
+
+
+def test_judge_has_no_reference_model_field(samirun_doc):
+    judge = {"endpoint": {"url": "http://j/v1", "model": "j"}, "reference": "s3://m/instruct"}
+    _set(samirun_doc, "spec.evaluation.judge", judge)
+    with pytest.raises(SpecError, match=r"spec.evaluation.judge.reference: unknown field"):
+        parse_samirun(samirun_doc)
+
+
 def test_diverse_mode_limits(samirun_doc):
     _set(samirun_doc, "spec.constitutions.mode", "diverse")
     _set(samirun_doc, "spec.constitutions.principlesPerConstitution", 3)

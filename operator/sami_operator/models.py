@@ -474,25 +474,40 @@ class TrainingSpec(APIModel):
 
 
 class JudgeSpec(APIModel):
-    """An LLM judge for win rates (pairwise, iteration t vs the base model)."""
+    """An LLM judge for win rates: each iteration's responses against the base model's, for
+    the same query and constitution (needs evaluation.includeBase)."""
 
     endpoint: Endpoint = Field(description="The judge's OpenAI-compatible endpoint.")
     both_orders: bool = Field(
         default=False,
-        description="Judge A/B and B/A and combine (the paper randomises the order once).",
+        description="Judge every item as A/B and as B/A and average the two outcomes; "
+        "default one order per item, chosen by a seeded coin (as in the paper).",
     )
-    items: int = Field(default=250, ge=1, le=100_000, description="Items judged per iteration.")
+    items: int = Field(
+        default=250,
+        ge=1,
+        le=100_000,
+        description="Items (query, constitution) judged per iteration, for training and for "
+        "held-out principles each; a seeded sample, the same in every iteration.",
+    )
     max_concurrency: int = Field(
         default=8, ge=1, le=256, description="Judge requests in flight at once."
-    )
-    reference: str | None = Field(
-        default=None,
-        description="Optional second baseline model (e.g. an instruct model) to compare with.",
     )
 
 
 class EvaluationSpec(APIModel):
     """Per-iteration evaluation on held-out queries."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.judge) || !has(self.includeBase) || self.includeBase",
+                    "message": "evaluation.judge needs evaluation.includeBase: true",
+                }
+            ]
+        }
+    )
 
     constitutions: int = Field(
         default=4,
@@ -510,7 +525,19 @@ class EvaluationSpec(APIModel):
         default=True,
         description="Also evaluate the base model, reported as iteration 0.",
     )
-    judge: JudgeSpec | None = Field(default=None, description="Optional LLM judge.")
+    judge: JudgeSpec | None = Field(
+        default=None,
+        description="Optional LLM judge: win rates of each iteration against the base model.",
+    )
+
+    @model_validator(mode="after")
+    def _judge_needs_base(self) -> EvaluationSpec:
+        if self.judge is not None and not self.include_base:
+            raise ValueError(
+                "judge: needs evaluation.includeBase: true, got false; the judge compares each "
+                "iteration's responses with the base model's, which includeBase evaluates"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,6 +812,17 @@ class WinRate(APIModel):
         default=None, ge=0, le=1, description="95% interval of the corrected rate, upper end."
     )
     items: int = Field(ge=0, description="Items judged.")
+    ties: int = Field(
+        default=0,
+        ge=0,
+        description="Judgments that were ties (each counts 0.5); one judgment per item, two "
+        "with bothOrders.",
+    )
+    unparsable: int = Field(
+        default=0,
+        ge=0,
+        description="Judgments whose verdict did not parse (each counts 0.5).",
+    )
 
 
 class Metrics(APIModel):
