@@ -11,18 +11,31 @@ prompt), giving per query a K x K matrix of mean and of summed response log-prob
 - the mean response length in tokens;
 
 each as a mean over queries with its standard error. Held-out principles (never trained on)
-get the same metrics, reported apart. Win rates from an LLM judge have their place in the
-metrics (`winRates`) and are filled by the judge stage.
+get the same metrics, reported apart.
+
+With `evaluation.judge` set, iteration t >= 1 is also compared with the base model: an LLM
+judge sees both models' responses to the same query under the same constitution (the base
+model's come from iteration 0's responses.jsonl, `baseline_responses_uri`) and the win rate
+vs "base", raw and length-corrected with 95% intervals, goes into the metrics' `winRates`,
+for training and held-out principles apart (sami_worker.judge, sami_worker.winrate). Every
+constitution counts, negated ones too: the question is always which response follows the
+constitution it was written under. judgments.jsonl keeps every prompt's answer and verdict;
+the win rates count ties and unparsable verdicts. Two files outside the manifest let a
+failed attempt (judge unreachable: exit 75) be retried cheaply: judge-inputs.json, the
+metrics and responses saved before judging, which a rerun of the same task reuses instead
+of generating again, and judge-cache.jsonl, the judge's answers so far.
 
     python -m sami_worker evaluate --task task.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +46,7 @@ from sami_operator.models import (
     Metrics,
     Principle,
     PromptFormat,
+    WinRate,
 )
 from sami_worker import storage
 from sami_worker.backends import (
@@ -45,15 +59,22 @@ from sami_worker.backends import (
 from sami_worker.common import fetch_model, load_principles, load_task_queries, open_uri
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
 from sami_worker.generate import constitution_record, prompt_token_ids
+from sami_worker.judge import JudgeCache, JudgeClient, JudgeItem, judge_items, sample_items
 from sami_worker.logprobs import assemble_matrices, block_pairs
 from sami_worker.objective import mean_and_stderr, plugin_mi, sami_loss
 from sami_worker.prompts import cut_response, render_prompt
 from sami_worker.tasks import EvaluateTask, TaskError
+from sami_worker.winrate import compute_win_rate
 
 log = logging.getLogger(__name__)
 
 RESPONSES_FILE = "responses.jsonl"
 METRICS_FILE = "metrics.json"
+JUDGMENTS_FILE = "judgments.jsonl"
+# Kept beside the stage's outputs but outside its manifest: they must outlive a failed attempt.
+JUDGE_CACHE_FILE = "judge-cache.jsonl"  # the judge's answers (sami_worker.judge.JudgeCache)
+JUDGE_INPUTS_FILE = "judge-inputs.json"  # metrics and responses, saved before judging
+BASELINE = "base"
 
 
 def constitutions_for(task: EvaluateTask, principles: list[Principle], query_id: int):
@@ -143,12 +164,186 @@ def evaluate_principles(
     return metrics, records
 
 
-def run(task: EvaluateTask) -> dict:
-    out = open_uri(task.output, task.storage)
-    if storage.is_complete(out, ""):
-        log.info("evaluation at %s is already complete", out.uri())
-        return storage.read_manifest(out, "").meta
-    principles = load_principles(task.principles, task.storage)
+def build_judge_items(
+    records: list[dict], baseline_records: list[dict], principles: list[Principle]
+) -> list[JudgeItem]:
+    """Pair each response with the baseline's response to the same query under the same
+    constitution (same principles, same order: the same prompt)."""
+    baseline = {
+        (r["query"], json.dumps(c)): (text, tokens)
+        for r in baseline_records
+        for c, text, tokens in zip(
+            r["constitutions"], r["responses"], r["response_tokens"], strict=True
+        )
+    }
+    by_name = {p.name: p for p in principles}
+    items = []
+    for r in records:
+        for c, text, tokens in zip(
+            r["constitutions"], r["responses"], r["response_tokens"], strict=True
+        ):
+            match = baseline.get((r["query"], json.dumps(c)))
+            if match is not None:
+                constitution = Constitution(tuple((i["principle"], i["kept"]) for i in c))
+                items.append(
+                    JudgeItem(
+                        r["query"], constitution.render(by_name), text, match[0], tokens, match[1]
+                    )
+                )
+    return items
+
+
+def judge_against_baseline(
+    task: EvaluateTask, client: JudgeClient, items: list[JudgeItem], set_name: str
+) -> tuple[WinRate, dict, list[dict]]:
+    """Win rate vs the baseline over a seeded sample of `evaluation.judge.items` items, the
+    judgment counts, and one record per judgment."""
+    spec = task.evaluation.judge
+    seed = task.constitutions.seed
+    sampled = sample_items(items, spec.items, seed)
+    result = judge_items(
+        sampled, client.complete_many, task=task.task.value, seed=seed, both_orders=spec.both_orders
+    )
+    estimate = compute_win_rate(
+        result.outcomes, [i.test_length for i in sampled], [i.baseline_length for i in sampled]
+    )
+    raw, corrected = estimate.raw, estimate.length_corrected
+    counts = result.counts()
+    win_rate = WinRate(
+        baseline=BASELINE,
+        rate=raw.value,
+        low=raw.low,
+        high=raw.high,
+        length_corrected=corrected.value if corrected else None,
+        length_corrected_low=corrected.low if corrected else None,
+        length_corrected_high=corrected.high if corrected else None,
+        items=estimate.items,
+        ties=counts["ties"],
+        unparsable=counts["unparsable"],
+    )
+    log.info(
+        "iteration %d vs %s (%s principles): win rate %.3f [%.3f, %.3f], length-corrected %s; "
+        "%d ties, %d unparsable of %d judgments",
+        task.iteration,
+        BASELINE,
+        set_name,
+        raw.value,
+        raw.low,
+        raw.high,
+        f"{corrected.value:.3f} [{corrected.low:.3f}, {corrected.high:.3f}]" if corrected else "-",
+        counts["ties"],
+        counts["unparsable"],
+        counts["judgments"],
+    )
+    lines = [
+        {
+            "set": set_name,
+            "baseline": BASELINE,
+            **j.record(),
+            "query": sampled[j.item].query,
+            "constitution": sampled[j.item].constitution,
+            "test": sampled[j.item].test,
+            "baseline_response": sampled[j.item].baseline,
+            "test_tokens": sampled[j.item].test_length,
+            "baseline_tokens": sampled[j.item].baseline_length,
+        }
+        for j in result.judgments
+    ]
+    return win_rate, counts, lines
+
+
+@dataclass
+class Baseline:
+    """The base model's evaluation responses (iteration 0), read before anything else runs."""
+
+    uri: str
+    records: list[dict]
+
+
+def open_judge(task: EvaluateTask, out: storage.Storage) -> tuple[JudgeClient, Baseline]:
+    """The judge client (cache at JUDGE_CACHE_FILE in the stage) and the baseline's
+    responses; fails before any generation when either is missing."""
+    if task.baseline_responses_uri is None:
+        raise TaskError(
+            "evaluation.judge needs the base model's responses (evaluation.includeBase: true); "
+            "baseline_responses_uri is not set"
+        )
+    stage = open_uri(task.baseline_responses_uri, task.storage)
+    text = storage.read_stage_file(stage, "", RESPONSES_FILE)
+    baseline = Baseline(
+        stage.uri(RESPONSES_FILE), [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
+    spec = task.evaluation.judge
+    client = JudgeClient(spec.endpoint, spec.max_concurrency, JudgeCache(out, JUDGE_CACHE_FILE))
+    return client, baseline
+
+
+def add_win_rates(
+    task: EvaluateTask,
+    client: JudgeClient,
+    baseline: Baseline,
+    principles: list[Principle],
+    sets: dict[str, tuple[Metrics, list[dict]]],
+) -> tuple[dict[str, Metrics], dict, list[dict]]:
+    """Judge each set of records ("training", "heldOut") against the baseline's responses;
+    return the metrics with their win rates, the judge's stage meta and judgments.jsonl."""
+    updated, meta, lines = {}, {"model": task.evaluation.judge.endpoint.model}, []
+    for set_name, (metrics, records) in sets.items():
+        set_principles = principles if set_name == "training" else task.held_out
+        base = [r for r in baseline.records if r.get("set", "training") == set_name]
+        items = build_judge_items(records, base, set_principles)
+        if not items:
+            raise TaskError(
+                f"evaluation.judge: none of the {set_name} responses has a base-model response "
+                f"to the same query and constitution in {baseline.uri} (was that stage run "
+                "with other queries or principles?)"
+            )
+        win_rate, counts, set_lines = judge_against_baseline(task, client, items, set_name)
+        updated[set_name] = metrics.model_copy(update={"win_rates": [*metrics.win_rates, win_rate]})
+        meta[set_name] = counts
+        lines += set_lines
+    meta.update(requests=client.requests, cache_hits=client.cache_hits)
+    return updated, meta, lines
+
+
+Evaluated = tuple[Metrics, list[dict], Metrics | None, list[dict]]
+
+
+def _task_digest(task: EvaluateTask) -> str:
+    return hashlib.sha256(task.model_dump_json().encode()).hexdigest()
+
+
+def load_judge_inputs(out: storage.Storage, task: EvaluateTask) -> Evaluated | None:
+    """What an earlier attempt of this very task generated and scored, if it got that far."""
+    if not out.exists(JUDGE_INPUTS_FILE):
+        return None
+    saved = json.loads(out.read_bytes(JUDGE_INPUTS_FILE))
+    if saved.get("task") != _task_digest(task):
+        log.warning("ignoring %s: written for another task", out.uri(JUDGE_INPUTS_FILE))
+        return None
+    log.info("reusing the responses of an earlier attempt: %s", out.uri(JUDGE_INPUTS_FILE))
+    held_out = saved["heldOutMetrics"]
+    return (
+        Metrics.model_validate(saved["metrics"]),
+        saved["records"],
+        Metrics.model_validate(held_out) if held_out else None,
+        saved["heldOutRecords"],
+    )
+
+
+def save_judge_inputs(out: storage.Storage, task: EvaluateTask, evaluated: Evaluated) -> None:
+    metrics, records, held_out, held_records = evaluated
+    saved = {
+        "task": _task_digest(task),
+        "metrics": metrics.to_api(),
+        "records": records,
+        "heldOutMetrics": held_out.to_api() if held_out else None,
+        "heldOutRecords": held_records,
+    }
+    out.write_bytes(JUDGE_INPUTS_FILE, json.dumps(saved).encode())
+
+
+def generate_and_score(task: EvaluateTask, principles: list[Principle]) -> Evaluated:
     queries = load_task_queries(task.queries, 0, task.storage)
     if not queries:
         raise TaskError("queries: the evaluation source yields no queries")
@@ -170,11 +365,42 @@ def run(task: EvaluateTask) -> dict:
             held_out, held_records = evaluate_principles(task, backend, queries, task.held_out)
     finally:
         backend.close()
+    return metrics, records, held_out, held_records
+
+
+def run(task: EvaluateTask) -> dict:
+    out = open_uri(task.output, task.storage)
+    if storage.is_complete(out, ""):
+        log.info("evaluation at %s is already complete", out.uri())
+        return storage.read_manifest(out, "").meta
+    principles = load_principles(task.principles, task.storage)
+    judging = task.evaluation.judge is not None and task.iteration >= 1
+    judge = open_judge(task, out) if judging else None
+    evaluated = load_judge_inputs(out, task) if judging else None
+    if evaluated is None:
+        evaluated = generate_and_score(task, principles)
+        if judging:
+            # Before judging: a rerun after a judge failure judges these same responses, so
+            # its prompts hit the judge cache (and nothing is generated twice).
+            save_judge_inputs(out, task, evaluated)
+    metrics, records, held_out, held_records = evaluated
+    judge_meta, judgment_lines = None, []
+    if judge is not None:
+        client, baseline = judge
+        sets = {"training": (metrics, records)}
+        if held_out is not None:
+            sets["heldOut"] = (held_out, held_records)
+        updated, judge_meta, judgment_lines = add_win_rates(
+            task, client, baseline, principles, sets
+        )
+        metrics, held_out = updated["training"], updated.get("heldOut")
     meta = {
         "iteration": task.iteration,
         "metrics": metrics.to_api(),
         "heldOutMetrics": held_out.to_api() if held_out else None,
     }
+    if judge_meta is not None:
+        meta["judge"] = judge_meta
     log.info(
         "iteration %d: MI lower bound %.4f (plug-in MI %.3f), %.1f response tokens",
         task.iteration,
@@ -187,5 +413,8 @@ def run(task: EvaluateTask) -> dict:
         lines += [json.dumps({"set": "heldOut", **r}) for r in held_records]
         (Path(tmp) / RESPONSES_FILE).write_text("\n".join(lines) + "\n")
         (Path(tmp) / METRICS_FILE).write_text(json.dumps(meta, indent=2))
+        if judgment_lines:
+            text = "\n".join(json.dumps(line) for line in judgment_lines) + "\n"
+            (Path(tmp) / JUDGMENTS_FILE).write_text(text)
         storage.upload_stage(out, Path(tmp), "", stage="evaluate", meta=meta)
     return meta

@@ -125,6 +125,12 @@ class EvaluateTask(APIModel):
     queries: QuerySource
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    baseline_responses_uri: str | None = Field(
+        default=None,
+        description="Stage prefix of the base model's evaluation (iteration 0), whose "
+        "responses.jsonl the judge compares this model's responses with; set when "
+        "evaluation.judge is configured and iteration >= 1.",
+    )
 
 
 AnyTask = Annotated[

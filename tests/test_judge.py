@@ -1,0 +1,653 @@
+"""The LLM judge: verdict parsing, seeded A/B orders, both-order combination, the HTTP client
+(retries, concurrency, cache) against a scripted endpoint, win rates in the evaluation stage,
+and a real judge endpoint served by vLLM's OpenAI-compatible server on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sami_operator.models import Endpoint, Metrics
+from sami_worker import evaluate, storage
+from sami_worker.judge import (
+    JudgeCache,
+    JudgeClient,
+    JudgeItem,
+    JudgeUnavailable,
+    build_judge_prompt,
+    judge_items,
+    orders_for,
+    outcome,
+    parse_verdict,
+    sample_items,
+)
+from sami_worker.tasks import EvaluateTask, TaskError
+from tests.conftest import EXAMPLES
+from tests.test_generate import PRINCIPLES, VLLM_CPU
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts
+
+
+@pytest.mark.parametrize(
+    "answer, verdict",
+    [
+        ("A", "A"),
+        ("b", "B"),
+        ("Response A", "A"),
+        ("**Response B**", "B"),
+        ("tie", "tie"),
+        ("Tie.", "tie"),
+        ("Both are weak, but A is more direct.\nFinal answer: B", "B"),
+        ("Final Answer: **A**", "A"),
+        ("final answer - (B)", "B"),
+        ("Answer: A\n...on reflection...\nFinal answer: B", "B"),  # the last keyed line wins
+        ("Verdict: a tie", "tie"),
+        ("The better response is Response A.", "A"),
+        ('{"winner": "A"}', "A"),
+        ('```json\n{"reason": "shorter", "verdict": "Response B"}\n```', "B"),
+        ("[[A]]", "A"),
+        ("[[C]]", "tie"),  # MT-Bench's tie
+        ("Response B is clearly better: it answers.", "B"),
+        ("**candidate B**", "B"),
+        ("Response: A", "A"),
+        ("**Final answer**: B", "B"),
+        ("Final answer: a tie", "tie"),
+        # The final answer wins over prose that merely contains "answer".
+        ("Final answer: A. B's answer is the same length.", "A"),
+        ("Final answer: B\n\nNote: the answer is the same either way.", "B"),
+    ],
+)
+def test_parses_verdicts(answer, verdict):
+    assert parse_verdict(answer) == verdict
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        None,
+        "I like both of them.",
+        "Response A is better at tone, Response B is better at facts.",  # two praised
+        "fromks fromks fromraough",  # a random model's noise
+        "Response A is a clear answer both in tone and content.",  # no verdict, not a tie
+        "B is shorter than A.",
+    ],
+)
+def test_unparsable_answers_are_none(answer):
+    assert parse_verdict(answer) is None
+
+
+def test_outcome_is_from_the_tested_responses_side():
+    assert [outcome("A", "A"), outcome("B", "A"), outcome("A", "B"), outcome("B", "B")] == [
+        1.0,
+        0.0,
+        0.0,
+        1.0,
+    ]
+    assert outcome("tie", "A") == outcome(None, "B") == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Items, orders, combination
+
+
+def make_items(n: int, test: str = "long answer here", baseline: str = "short") -> list[JudgeItem]:
+    return [
+        JudgeItem(f"query {i}", "1. Be helpful.", f"{test} {i}", f"{baseline} {i}", 10 + i, 5)
+        for i in range(n)
+    ]
+
+
+def test_orders_are_seeded_per_item_and_balanced():
+    items = make_items(200)
+    first = [orders_for(item, seed=0, both_orders=False) for item in items]
+    assert first == [orders_for(item, seed=0, both_orders=False) for item in items]
+    assert first != [orders_for(item, seed=1, both_orders=False) for item in items]
+    assert 70 < sum(p == ("A",) for p in first) < 130
+    # An item's order depends on the item, not on which others are judged with it.
+    subset = sample_items(items, 20, seed=0)
+    assert [orders_for(i, 0, False) for i in subset] == [first[items.index(i)] for i in subset]
+    assert orders_for(items[0], seed=0, both_orders=True) == ("A", "B")
+
+
+def test_sampling_is_seeded_and_independent_of_input_order():
+    items = make_items(30)
+    sample = sample_items(items, 10, seed=3)
+    assert len(sample) == 10 and len(set(sample)) == 10
+    assert sample == sample_items(list(reversed(items)), 10, seed=3)
+    assert sample != sample_items(items, 10, seed=4)
+    assert len(sample_items(items, 100, seed=3)) == 30
+
+
+def always(answer: str) -> Callable[[list[str]], list[str]]:
+    return lambda prompts: [answer] * len(prompts)
+
+
+def test_both_orders_cancel_a_position_biased_judge():
+    """A judge that always says "A": with one random order per item it hands the tested model
+    about half the wins at random; with both orders every item scores 1 and 0 -> 0.5."""
+    items = make_items(8)
+    result = judge_items(
+        items, always("Final answer: A"), task="dialogue", seed=0, both_orders=True
+    )
+    assert result.outcomes == [0.5] * 8
+    assert [j.test_position for j in result.judgments] == ["A", "B"] * 8
+    assert result.counts() == {
+        "items": 8,
+        "judgments": 16,
+        "wins": 8,
+        "losses": 8,
+        "ties": 0,
+        "unparsable": 0,
+    }
+
+
+def test_one_order_per_item_follows_the_seeded_position():
+    items = make_items(8)
+    result = judge_items(items, always("A"), task="dialogue", seed=0, both_orders=False)
+    expected = [1.0 if orders_for(i, 0, False) == ("A",) else 0.0 for i in items]
+    assert result.outcomes == expected
+
+
+def test_prompts_show_the_tested_response_at_its_position():
+    items = make_items(4)
+    seen: list[str] = []
+
+    def judge(prompts: list[str]) -> list[str]:
+        seen.extend(prompts)
+        return ["tie", "nonsense"] * (len(prompts) // 2)
+
+    result = judge_items(items, judge, task="dialogue", seed=0, both_orders=True)
+    for prompt, judgment in zip(seen, result.judgments, strict=True):
+        item = items[judgment.item]
+        a = prompt.index("Response A:\n")
+        b = prompt.index("Response B:\n")
+        first, second = (
+            (item.test, item.baseline)
+            if judgment.test_position == "A"
+            else (
+                item.baseline,
+                item.test,
+            )
+        )
+        assert prompt[a:].startswith(f"Response A:\n{first}")
+        assert prompt[b:].startswith(f"Response B:\n{second}")
+        assert "1. Be helpful." in prompt and item.query in prompt
+    # Ties and parse failures both score 0.5 but are counted apart.
+    counts = result.counts()
+    assert (counts["ties"], counts["unparsable"], counts["wins"]) == (4, 4, 0)
+    assert result.outcomes == [0.5] * 4
+
+
+def test_summarisation_prompt_names_the_post():
+    prompt = build_judge_prompt("summarization", "1. Be brief.", "A long post.", "x", "y")
+    assert "Post:\nA long post." in prompt and "Final answer: A" in prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP client against a scripted endpoint
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint whose answer to each request comes from `respond(body,
+    n)` -> (status, content); it records requests and the most requests in flight at once."""
+
+    respond: Callable[[dict, int], tuple[int, str]] = staticmethod(lambda body, n: (200, "A"))
+    delay = 0.0
+    requests: list[dict] = []
+    lock = threading.Lock()
+    in_flight = 0
+    max_in_flight = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        cls = type(self)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with cls.lock:
+            cls.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+            n = len(cls.requests)
+            cls.in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            time.sleep(cls.delay)
+            status, content = cls.respond(body, n)
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+        payload = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        data = json.dumps(payload if status == 200 else {"error": content}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 429:
+            self.send_header("Retry-After", "0")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted():
+    _Scripted.respond = staticmethod(lambda body, n: (200, "Final answer: A"))
+    _Scripted.delay = 0.0
+    _Scripted.requests = []
+    _Scripted.in_flight = _Scripted.max_in_flight = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", _Scripted
+    server.shutdown()
+
+
+def client_for(url: str, cache: JudgeCache | None = None, **kwargs) -> JudgeClient:
+    kwargs.setdefault("backoff_s", 0.01)
+    return JudgeClient(Endpoint(url=url, model="judge"), 4, cache, **kwargs)
+
+
+def test_concurrency_is_bounded_and_answers_keep_their_order(scripted):
+    url, server = scripted
+    server.delay = 0.05
+    server.respond = staticmethod(lambda body, n: (200, body["messages"][0]["content"].upper()))
+    prompts = [f"prompt {i}" for i in range(20)]
+    client = client_for(url)
+    assert client.complete_many(prompts) == [p.upper() for p in prompts]
+    assert 1 < server.max_in_flight <= 4
+    assert client.requests == 20
+    body = server.requests[0]["body"]
+    assert body["model"] == "judge" and body["temperature"] == 0.0 and body["max_tokens"] > 0
+
+
+def test_transient_failures_are_retried_with_backoff(scripted):
+    url, server = scripted
+    server.respond = staticmethod(
+        lambda body, n: (429, "slow down") if n == 1 else (503, "busy") if n == 2 else (200, "B")
+    )
+    client = client_for(url)
+    assert client.complete_many(["p"]) == ["B"]
+    assert client.requests == 3
+
+
+def test_persistent_failures_are_retryable_errors_and_client_errors_are_not(scripted):
+    url, server = scripted
+    server.respond = staticmethod(lambda body, n: (502, "bad gateway"))
+    with pytest.raises(JudgeUnavailable, match="after 3 attempts.*HTTP 502"):
+        client_for(url, attempts=3).complete_many(["p"])
+    server.respond = staticmethod(lambda body, n: (400, "prompt too long"))
+    with pytest.raises(TaskError, match="answered 400.*prompt too long"):
+        client_for(url).complete_many(["p"])
+
+
+def test_unreachable_endpoint_is_retried_then_reported():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = client_for(f"http://127.0.0.1:{port}/v1", attempts=2)
+    with pytest.raises(JudgeUnavailable, match="ConnectError"):
+        client.complete_many(["p"])
+    assert client.requests == 2
+
+
+def test_api_key_is_sent_when_the_endpoint_names_a_secret(scripted, monkeypatch):
+    url, server = scripted
+    endpoint = Endpoint(url=url, model="judge", apiKeySecret={"name": "s", "key": "k"})
+    monkeypatch.delenv("SAMI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(TaskError, match="SAMI_API_KEY"):
+        JudgeClient(endpoint, 2)
+    monkeypatch.setenv("SAMI_API_KEY", "sk-test")
+    JudgeClient(endpoint, 2).complete_many(["p"])
+    assert server.requests[-1]["auth"] == "Bearer sk-test"
+    client_for(url).complete_many(["q"])  # no secret named: no key sent
+    assert server.requests[-1]["auth"] is None
+
+
+def test_cache_survives_a_failure_and_a_rerun_pays_nothing(scripted, tmp_path):
+    """The endpoint dies after 5 answers: those are cached in storage; the next run asks only
+    for the rest, and a third run sends no request at all."""
+    url, server = scripted
+    server.respond = staticmethod(
+        lambda body, n: (
+            (200, f"answer {body['messages'][0]['content']}") if n <= 5 else (500, "down")
+        )
+    )
+    store = storage.open_storage(str(tmp_path / "stage"))
+    prompts = [f"p{i}" for i in range(8)]
+    first = client_for(url, JudgeCache(store), attempts=1)
+    first.max_concurrency = 1  # deterministic: exactly the first five succeed
+    with pytest.raises(JudgeUnavailable):
+        first.complete_many(prompts)
+    assert len(JudgeCache(store).answers) == 5
+
+    server.respond = staticmethod(lambda body, n: (200, f"answer {body['messages'][0]['content']}"))
+    second = client_for(url, JudgeCache(store))
+    assert second.complete_many(prompts) == [f"answer {p}" for p in prompts]
+    assert (second.requests, second.cache_hits) == (3, 5)
+
+    before = len(server.requests)
+    third = client_for(url, JudgeCache(store))
+    assert third.complete_many(prompts) == [f"answer {p}" for p in prompts]
+    assert (third.requests, third.cache_hits, len(server.requests)) == (0, 8, before)
+    # Another judge model does not reuse these answers.
+    other = JudgeClient(Endpoint(url=url, model="other"), 2, JudgeCache(store))
+    other.complete_many(prompts[:1])
+    assert other.requests == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Win rates in the evaluation stage
+
+
+def evaluate_task(
+    model: Path, output: Path, iteration: int, judge_url: str, **extra
+) -> EvaluateTask:
+    doc = {
+        "output": str(output),
+        "model": {"uri": str(model), "dtype": "float32"},
+        "iteration": iteration,
+        "principles": PRINCIPLES.model_dump(),
+        "heldOut": [{"name": "brief", "definition": "Be brief.", "antithesis": "Ramble."}],
+        "queries": {"uri": str(EXAMPLES / "data" / "dialogue-eval.jsonl"), "count": 3},
+        "evaluation": {
+            "constitutions": 2,
+            "judge": {"endpoint": {"url": judge_url, "model": "judge"}, "items": 5},
+        },
+        # Sampling (not greedy) so that iteration 1's responses differ from the base model's.
+        "generation": {
+            "backend": "transformers",
+            "maxNewTokens": 12,
+            "temperature": 1.0,
+            "engine": VLLM_CPU,
+        },
+    }
+    doc.update(extra)
+    return EvaluateTask.model_validate(doc)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_two_iterations(model: Path, tmp_path: Path, judge_url: str) -> tuple[dict, Path]:
+    base = tmp_path / "iterations" / "0" / "evaluate"
+    meta0 = evaluate.run(evaluate_task(model, base, 0, judge_url))
+    assert "judge" not in meta0 and not (base / evaluate.JUDGMENTS_FILE).exists()
+    out = tmp_path / "iterations" / "1" / "evaluate"
+    task = evaluate_task(model, out, 1, judge_url, baselineResponsesUri=str(base))
+    return evaluate.run(task), out
+
+
+def check_win_rates(meta: dict, out: Path) -> list[dict]:
+    """Both principle sets judged, metrics and counts consistent with judgments.jsonl."""
+    judgments = read_jsonl(out / evaluate.JUDGMENTS_FILE)
+    for key, set_name in (("metrics", "training"), ("heldOutMetrics", "heldOut")):
+        (win_rate,) = Metrics.model_validate(meta[key]).win_rates
+        counts = meta["judge"][set_name]
+        lines = [j for j in judgments if j["set"] == set_name]
+        assert win_rate.baseline == "base"
+        assert win_rate.items == counts["items"] == counts["judgments"] == len(lines) == 5
+        assert (
+            counts["wins"] + counts["losses"] + counts["ties"] + counts["unparsable"]
+            == counts["judgments"]
+        )
+        assert counts["unparsable"] == sum(j["verdict"] is None for j in lines)
+        assert counts["ties"] == sum(j["verdict"] == "tie" for j in lines)
+        assert (win_rate.ties, win_rate.unparsable) == (counts["ties"], counts["unparsable"])
+        assert win_rate.rate == pytest.approx(sum(j["outcome"] for j in lines) / 5)
+        assert win_rate.low <= win_rate.rate <= win_rate.high
+        for line in lines:
+            assert line["test_position"] in ("A", "B")
+            assert line["verdict"] == parse_verdict(line["answer"])
+    return judgments
+
+
+def test_evaluation_reports_win_rates_against_the_base_model(tiny_llama, tmp_path, scripted):
+    url, server = scripted
+    server.respond = staticmethod(lambda body, n: (200, "Final answer: A" if n % 3 else "tie"))
+    meta, out = run_two_iterations(tiny_llama, tmp_path, url)
+    judgments = check_win_rates(meta, out)
+    assert meta["judge"]["requests"] == len(server.requests) == 10
+    assert {j["verdict"] for j in judgments} <= {"A", "tie"}
+    # The held-out set is judged under the held-out principle, the training set under the
+    # training ones.
+    held = [j for j in judgments if j["set"] == "heldOut"]
+    assert all("Be brief." in j["constitution"] or "Ramble." in j["constitution"] for j in held)
+    assert (out / evaluate.JUDGE_CACHE_FILE).exists()
+
+
+def test_judge_without_baseline_responses_fails_clearly(tiny_llama, tmp_path, scripted):
+    url, _ = scripted
+    task = evaluate_task(tiny_llama, tmp_path / "e1", 1, url)
+    with pytest.raises(TaskError, match="includeBase"):
+        evaluate.run(task)
+
+
+def test_judge_outage_exits_75_and_the_retry_pays_only_for_the_rest(
+    tiny_llama, tmp_path, scripted, monkeypatch, capsys
+):
+    """The judge goes down after 4 answers: the worker exits 75 (retryable) with the responses
+    and those answers kept in the stage; the retried worker generates nothing, judges the same
+    responses, and requests only the 6 answers it lacks."""
+    from sami_worker import judge
+    from sami_worker.__main__ import EXIT_OK, EXIT_RETRYABLE, main
+
+    monkeypatch.setattr(judge, "ATTEMPTS", 2)
+    monkeypatch.setattr(judge, "BACKOFF_S", 0.01)
+    url, server = scripted
+    base = tmp_path / "iterations" / "0" / "evaluate"
+    evaluate.run(evaluate_task(tiny_llama, base, 0, url))
+    out = tmp_path / "iterations" / "1" / "evaluate"
+    task = evaluate_task(tiny_llama, out, 1, url, baselineResponsesUri=str(base))
+    task.evaluation.judge.max_concurrency = 1  # exactly the first 4 requests are answered
+    task_file = tmp_path / "task.json"
+    task_file.write_text(task.model_dump_json(by_alias=True))
+
+    server.respond = staticmethod(lambda body, n: (200, "Final answer: B") if n <= 4 else (503, ""))
+    assert main(["evaluate", "--task", str(task_file)]) == EXIT_RETRYABLE
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["exit_code"] == 75 and "still failing after 2 attempts" in result["error"]
+    assert not storage.is_complete(storage.open_storage(str(out)), "")
+    assert len(JudgeCache(storage.open_storage(str(out)), evaluate.JUDGE_CACHE_FILE).answers) == 4
+    saved = json.loads((out / evaluate.JUDGE_INPUTS_FILE).read_text())
+
+    def no_generation(*args):
+        raise AssertionError("the retry generated responses again")
+
+    monkeypatch.setattr(evaluate, "generate_and_score", no_generation)
+    server.respond = staticmethod(lambda body, n: (200, "Final answer: B"))
+    before = len(server.requests)
+    assert main(["evaluate", "--task", str(task_file)]) == EXIT_OK
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+    assert (meta["judge"]["requests"], meta["judge"]["cache_hits"]) == (6, 4)
+    assert len(server.requests) - before == 6
+    check_win_rates(meta, out)
+    responses = read_jsonl(out / evaluate.RESPONSES_FILE)
+    assert [r["responses"] for r in responses if r["set"] == "training"] == [
+        r["responses"] for r in saved["records"]
+    ]
+
+
+def test_baseline_from_other_queries_is_a_clear_error(tiny_llama, tmp_path, scripted):
+    url, _ = scripted
+    base = storage.open_storage(str(tmp_path / "base"))
+    other = {"set": "training", "query": "another query", "constitutions": [], "responses": []}
+    other["response_tokens"] = []
+    files = {evaluate.RESPONSES_FILE: (json.dumps(other) + "\n").encode()}
+    storage.write_stage_files(base, "", files, stage="evaluate")
+    task = evaluate_task(tiny_llama, tmp_path / "e1", 1, url, baselineResponsesUri=base.uri())
+    with pytest.raises(TaskError, match="none of the training responses has a base-model"):
+        evaluate.run(task)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real judge: vLLM's OpenAI-compatible server on CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def vllm_judge(tiny_llama, tmp_path):
+    """vLLM's OpenAI-compatible server on the tiny random Llama, stopped at the end. Its
+    verdicts are noise; the test is of the mechanics."""
+    port = free_port()
+    log_path = tmp_path / "vllm-server.log"
+    command = [
+        sys.executable,
+        "-m",
+        # Not `vllm serve`: its CLI looks up the "vllm" distribution, which the CPU build
+        # (vllm-cpu) does not provide.
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_llama),
+        "--served-model-name",
+        "judge",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--seed",
+        "0",
+    ]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            start_new_session=True,  # its engine process is stopped with it
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if server.poll() is not None:
+                pytest.fail(
+                    f"vLLM server exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not up in 240 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        # The whole process group: the API server and the engine process it started.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def served_requests(url: str) -> float:
+    """Completed requests by the server's own Prometheus counter."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=5).text
+    return sum(
+        float(m[1]) for m in re.finditer(r"^vllm:request_success_total\{[^}]*\} (\S+)$", text, re.M)
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_judge_endpoint_end_to_end(tiny_llama, tmp_path, vllm_judge):
+    meta, out = run_two_iterations(tiny_llama, tmp_path, vllm_judge)
+    check_win_rates(meta, out)
+    assert meta["judge"]["requests"] == 10 and meta["judge"]["cache_hits"] == 0
+    assert served_requests(vllm_judge) == 10
+
+    # Run the stage again from scratch (manifest withdrawn): every answer comes from the cache.
+    storage.unpublish(storage.open_storage(str(out)), "")
+    task = evaluate_task(
+        tiny_llama, out, 1, vllm_judge, baselineResponsesUri=str(out.parents[1] / "0" / "evaluate")
+    )
+    again = evaluate.run(task)
+    assert again["judge"]["requests"] == 0 and again["judge"]["cache_hits"] == 10
+    assert served_requests(vllm_judge) == 10
+    assert again["metrics"]["winRates"] == meta["metrics"]["winRates"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: Figure 2b and the win-rate columns
+
+
+def test_report_plots_win_rates_and_adds_their_columns(tmp_path):
+    from sami_operator.report import WIN_RATE_PLOT, build_report
+
+    run = storage.open_storage(str(tmp_path / "run"))
+    estimate = {"value": 1.0, "stderr": 0.1}
+    for t, rate in ((0, None), (1, 0.62), (2, 0.7)):
+        metrics = {"miLowerBound": estimate, "plugInMi": estimate, "meanResponseTokens": estimate}
+        held_out = dict(metrics)
+        if rate is not None:
+            metrics["winRates"] = [
+                {
+                    "baseline": "base",
+                    "rate": rate,
+                    "low": rate - 0.05,
+                    "high": rate + 0.05,
+                    "lengthCorrected": rate - 0.1,
+                    "lengthCorrectedLow": rate - 0.2,
+                    "lengthCorrectedHigh": rate,
+                    "items": 250,
+                    "ties": t,
+                    "unparsable": 1,
+                }
+            ]
+            held_out["winRates"] = [
+                {"baseline": "base", "rate": 0.55, "low": 0.5, "high": 0.6, "items": 250}
+            ]
+        meta = {"iteration": t, "metrics": metrics, "heldOutMetrics": held_out}
+        storage.write_stage_files(run, f"iterations/{t}/evaluate", {}, stage="evaluate", meta=meta)
+    markdown = build_report(run, tmp_path / "report")
+    assert (tmp_path / "report" / WIN_RATE_PLOT).stat().st_size > 0
+    assert f"![win_rate]({WIN_RATE_PLOT})" in markdown
+    header, _, base_row, first_row, _ = markdown.split("\n\n")[2].split("\n", 4)
+    assert "| win rate vs base | length-corrected | held-out win rate |" in header
+    assert base_row.endswith("| - | - | - | - |")
+    assert "| 0.62 [0.57, 0.67] | 0.52 [0.42, 0.62] | 0.55 [0.50, 0.60] | - |" in first_row
+    assert (
+        "- iteration 2, training principles: 250 items judged; 2 ties and 1 unparsable "
+        "verdicts (each counts 0.5)\n- iteration 2, held-out principles: 250 items judged; "
+        "0 ties and 0 unparsable verdicts"
+    ) in markdown
+
+
+def test_report_without_a_judge_has_no_win_rate_columns(tmp_path):
+    from sami_operator.report import build_report
+
+    run = storage.open_storage(str(tmp_path / "run"))
+    meta = {"iteration": 0, "metrics": {"miLowerBound": {"value": 1.0}}}
+    storage.write_stage_files(run, "iterations/0/evaluate", {}, stage="evaluate", meta=meta)
+    markdown = build_report(run, tmp_path / "report")
+    assert "win rate" not in markdown.lower()
+    assert not (tmp_path / "report" / "win_rate.png").exists()
