@@ -56,6 +56,27 @@ def test_a_principle_writer_comes_first_and_feeds_every_stage(samirun_doc):
     assert stages[1].task.principles.uri == stages[0].prefix
 
 
+def test_a_judge_compares_every_iteration_with_evaluate_0(samirun_doc):
+    samirun_doc["spec"]["evaluation"]["judge"] = {
+        "endpoint": {"url": "http://judge.svc:8000/v1", "model": "judge"}
+    }
+    run = parse_samirun(samirun_doc)
+    stages = {s.id: s for s in plan(run, "u1")}
+    base = stages["evaluate-0"].prefix
+    assert base == f"{run_prefix(run, 'u1')}/iterations/0/evaluate"
+    assert stages["evaluate-0"].task.baseline_responses_uri is None
+    for t in (1, 2, 3):
+        assert stages[f"evaluate-{t}"].task.baseline_responses_uri == base
+    # The task file the worker reads carries it.
+    assert stages["evaluate-2"].task.model_dump(by_alias=True)["baselineResponsesUri"] == base
+
+
+def test_without_a_judge_no_baseline_is_planned(run):
+    assert all(
+        s.task.baseline_responses_uri is None for s in plan(run, "u1") if s.name == "evaluate"
+    )
+
+
 def test_next_stage_skips_what_is_done(run):
     assert next_stage(run, "u1", set()).id == "evaluate-0"
     assert next_stage(run, "u1", {"evaluate-0", "generate-1"}).id == "train-1"

@@ -4,6 +4,7 @@ the stages in order, each with the typed task its worker program consumes.
     principles (when a writer is configured)
     evaluate-0 (the base model, when evaluation.includeBase)
     for t = 1..T: generate-t -> train-t -> evaluate-t
+                  (with evaluation.judge, evaluate-t also judges against evaluate-0's responses)
 
 generate-t samples from the model of iteration t-1 (the base model for t = 1); train-t starts
 from the base model (the paper) or from iteration t-1's checkpoint, and trains
@@ -86,6 +87,11 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
 
     def evaluate(iteration: int, model_uri: str) -> Stage:
         uri = stage_uri("evaluate", iteration)
+        # The judge compares with the base model's responses, from evaluate-0 (the spec
+        # requires evaluation.includeBase with a judge).
+        baseline = None
+        if spec.evaluation.judge is not None and iteration >= 1:
+            baseline = stage_uri("evaluate", 0)
         return Stage(
             "evaluate",
             iteration,
@@ -102,6 +108,7 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
                 queries=spec.data.eval,
                 evaluation=spec.evaluation,
                 generation=spec.generation,
+                baseline_responses_uri=baseline,
             ),
         )
 
