@@ -1,8 +1,8 @@
 """Worker programs: `python -m sami_worker <stage> --task TASK.json`.
 
 Stages: write-principles, generate, train (under torchrun for several processes), evaluate,
-and score. The same programs run in Kubernetes pods and as local processes under `sami run`;
-they do not know which started them.
+and score; delete-prefix empties a deleted run's storage prefix. The same programs run in
+Kubernetes pods and as local processes under `sami run`; they do not know which started them.
 
 Exit codes, so a launcher's failure policy can tell failures apart:
     0   done (or already done: a completed stage is not redone)
@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ["write-principles", "generate", "train", "evaluate", "score"]
+STAGES = ["write-principles", "generate", "train", "evaluate", "score", "delete-prefix"]
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 65
@@ -51,6 +51,14 @@ def _run_stage(stage: str, task_path: Path) -> dict:
         from sami_worker import train
 
         return train.run(task)
+    if stage == "delete-prefix":
+        from sami_worker.common import open_uri
+
+        prefix = open_uri(task.prefix, task.storage)
+        objects = len(prefix.list())
+        prefix.delete_prefix("")
+        log.info("deleted %d objects under %s", objects, task.prefix)
+        return {"deleted": objects}
     from sami_worker import principle_writer
 
     return principle_writer.run(task)
@@ -79,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "stage", choices=["generate", "score", "write-principles", "train", "evaluate"]
-    )
+    parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--task", required=True, type=Path, help="Task JSON file.")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)

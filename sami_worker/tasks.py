@@ -133,8 +133,16 @@ class EvaluateTask(APIModel):
     )
 
 
+class DeletePrefixTask(APIModel):
+    """Delete everything under a run's storage prefix (cleanup.storageOnDelete: delete)."""
+
+    kind: Literal["delete-prefix"] = "delete-prefix"
+    prefix: str = Field(description="The run's storage prefix (s3:// or local).")
+    storage: StorageSpec | None = None
+
+
 AnyTask = Annotated[
-    GenerateTask | ScoreTask | WritePrinciplesTask | TrainTask | EvaluateTask,
+    GenerateTask | ScoreTask | WritePrinciplesTask | TrainTask | EvaluateTask | DeletePrefixTask,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[AnyTask] = TypeAdapter(AnyTask)

@@ -149,6 +149,10 @@ def test_every_value_is_commented_and_in_the_schema(chart):
         ),
         ({"metrics": {"port": 0}}, "at '/metrics/port': minimum: got 0, want 1"),
         ({"crds": {"keep": "yes"}}, "at '/crds/keep': got string, want boolean"),
+        (
+            {"operator": {"defaultStorage": {"url": "s3://b/runs"}}},
+            "at '/operator/defaultStorage': additional properties 'url' not allowed",
+        ),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_error(chart, values, message):
@@ -361,6 +365,19 @@ def test_image_pull_secrets_extra_env_and_digest(chart):
     assert container_env(deployment)["HTTPS_PROXY"] == "http://proxy:3128"
 
 
+def test_default_storage_reaches_the_operator_settings(chart):
+    from sami_operator.settings import from_env
+
+    storage = {"uri": "s3://runs/sami", "credentialsSecret": "sami-s3", "region": "eu-west-1"}
+    env = container_env(one(render(chart, {"operator": {"defaultStorage": storage}}), "Deployment"))
+    settings = from_env(env)
+    assert settings.default_storage.uri == "s3://runs/sami"
+    assert settings.default_storage.credentials.secret_name == "sami-s3"
+    assert settings.default_storage.region == "eu-west-1"
+    assert settings.default_storage.endpoint_url is None
+    assert "SAMI_DEFAULT_STORAGE" not in container_env(one(render(chart), "Deployment"))
+
+
 def test_names_fit_in_63_characters(chart):
     release = "a-very-long-release-name-for-a-platform-team-install"  # 52 of Helm's 53
     for values in (None, NAMESPACED):
@@ -505,7 +522,7 @@ def test_operator_reconciles_with_only_the_charts_rbac(
             ("get", "secrets", "-n", run_ns),
             ("list", "secrets", "-n", run_ns),
             ("create", "pods", "-n", run_ns),
-            ("delete", "jobs.batch", "-n", run_ns),
+            ("delete", "pods", "-n", run_ns),
             ("update", "samiruns.sami.dev", "-n", run_ns),
             ("delete", "samiruns.sami.dev", "-n", run_ns),
             ("create", "rolebindings.rbac.authorization.k8s.io", "-n", run_ns),
@@ -538,6 +555,7 @@ def test_operator_reconciles_with_only_the_charts_rbac(
         user_token = cp.token_for_service_account(run_ns, user)
         run = yaml.safe_load((EXAMPLES / "samirun.yaml").read_text())
         assert "serviceAccountName" not in run["spec"]["pods"]["default"]  # the chart's applies
+        run["spec"]["cleanup"] = {"children": "delete"}  # uses the delete rules too
         cp.kubectl("apply", "-n", run_ns, "-f", "-", input=json.dumps(run), token=user_token)
 
         env = container_env(deployment)
@@ -549,6 +567,18 @@ def test_operator_reconciles_with_only_the_charts_rbac(
             # Marking each finished, as its controller would, makes the operator read its pods
             # and create the next stage: every rule the operator needs is used.
             first = walk_stages(cp, operator, run_ns, name)
+            # cleanup.children: delete: each finished child and its ConfigMap go.
+            for kind in ("job", "configmap"):
+                cp.wait_for(
+                    f"{kind} {name}-it0-evaluate to be deleted",
+                    lambda k=kind: (
+                        cp.kubectl(
+                            "get", k, f"{name}-it0-evaluate", "-n", run_ns, check=False
+                        ).returncode
+                        != 0
+                    ),
+                    timeout=60,
+                )
             status = cp.kubectl_json("get", "samirun", name, "-n", run_ns)["status"]
             reasons = {
                 e["reason"]

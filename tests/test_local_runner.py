@@ -158,3 +158,14 @@ def test_mini_run_on_vllm(tiny_llama, tmp_path):
     status = json.loads((run_dir(tmp_path / "runs") / "status.json").read_text())
     assert status["phase"] == "Succeeded"
     assert status["iterations"][1]["metrics"]["meanResponseTokens"]["value"] > 0
+
+
+def test_without_storage_a_local_run_writes_under_its_workdir(tiny_llama, tmp_path):
+    from sami_operator.local import LocalRunner
+    from sami_operator.validate import parse_samirun
+
+    manifest = mini_manifest(tiny_llama, tmp_path / "unused")
+    del manifest["spec"]["storage"]
+    runner = LocalRunner(parse_samirun(manifest), tmp_path / ".sami")
+    assert runner.run.spec.storage.uri == str(tmp_path / ".sami" / "storage")
+    assert runner.prefix.startswith(f"{tmp_path}/.sami/storage/default/mini/")

@@ -159,11 +159,11 @@ def test_diverse_mode_limits(samirun_doc):
 
 def test_missing_and_wrong_kind(samirun_doc):
     doc = copy.deepcopy(samirun_doc)
-    del doc["spec"]["storage"]
+    del doc["spec"]["data"]
     doc["kind"] = "Job"
     with pytest.raises(SpecError) as info:
         parse_samirun(doc)
-    assert "spec.storage: required field is missing" in info.value.problems
+    assert "spec.data: required field is missing" in info.value.problems
     assert "kind: Input should be 'SAMIRun' (got 'Job')" in info.value.problems
     with pytest.raises(SpecError, match="expected a mapping"):
         parse_samirun(["not", "a", "mapping"])

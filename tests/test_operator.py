@@ -91,25 +91,39 @@ def tiny_run(bucket: str, endpoint: str) -> dict:
     return doc
 
 
-@pytest.fixture
-def s3_inputs(tiny_llama, s3_server, s3_bucket, s3_env, control_plane, k8s_namespace):
-    """The tiny model and the query files in the bucket; the credentials Secret."""
+def open_bucket(s3_server, bucket: str) -> storage.Storage:
     settings = storage.StorageSettings(endpoint_url=s3_server.endpoint_url, force_path_style=True)
-    bucket = storage.open_storage(f"s3://{s3_bucket}", settings)
-    storage.upload_stage(bucket, tiny_llama, "models/tiny-llama", stage="model")
-    for name in ("dialogue-train.jsonl", "dialogue-eval.jsonl"):
-        bucket.write_bytes(f"data/{name}", (EXAMPLES / "data" / name).read_bytes())
+    return storage.open_storage(f"s3://{bucket}", settings)
+
+
+def create_s3_secret(control_plane, namespace: str, s3_server) -> None:
     control_plane.kubectl(
         "create",
         "secret",
         "generic",
         "sami-s3",
         "-n",
-        k8s_namespace,
+        namespace,
         f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
     )
+
+
+@pytest.fixture
+def s3_data(tiny_llama, s3_server, s3_bucket, s3_env):
+    """The tiny model and the query files in the bucket."""
+    bucket = open_bucket(s3_server, s3_bucket)
+    storage.upload_stage(bucket, tiny_llama, "models/tiny-llama", stage="model")
+    for name in ("dialogue-train.jsonl", "dialogue-eval.jsonl"):
+        bucket.write_bytes(f"data/{name}", (EXAMPLES / "data" / name).read_bytes())
     return s3_bucket
+
+
+@pytest.fixture
+def s3_inputs(s3_data, s3_server, control_plane, k8s_namespace):
+    """The bucket's inputs and the credentials Secret."""
+    create_s3_secret(control_plane, k8s_namespace, s3_server)
+    return s3_data
 
 
 @pytest.mark.vllm
@@ -186,3 +200,136 @@ def test_an_invalid_spec_fails_with_the_field_and_the_operator_keeps_running(
     control_plane.apply(good, namespace=k8s_namespace)
     run = wait_for_phase(control_plane, k8s_namespace, "mistral-hh", {"Suspended"}, 60, operator)
     assert run["status"]["message"] == "suspended before evaluate-0"
+
+
+def pods_of(control_plane, namespace: str, selector: str) -> list[dict]:
+    return control_plane.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+
+
+def running_process(kubelet, namespace: str, pod: str):
+    """The local process of a pod the kubelet runs, once it runs."""
+    run = kubelet.run_for(namespace, pod)
+    return run.proc if run and run.proc and run.proc.poll() is None else None
+
+
+@pytest.mark.vllm
+@pytest.mark.s3
+@pytest.mark.slow
+def test_samirun_tiny_rides_out_a_missing_secret_s3_down_and_a_lost_training_pod(
+    control_plane, k8s_namespace, operator, kubelet, s3_data, s3_server, tmp_path
+):
+    """One run through four faults, each ending in its documented state: the Secret is
+    missing (the status says so, the run waits), S3 goes down during generation (the worker's
+    storage retries ride it out), the operator dies mid-training, and the training master pod
+    is killed (exit 137, as a preempted node's: retried as a new PyTorchJob). The run then
+    succeeds with every other stage run exactly once."""
+    ns, cp = k8s_namespace, control_plane
+    cp.apply(tiny_run(s3_data, s3_server.endpoint_url), namespace=ns)
+
+    # 1. No Secret yet: the first stage's pod cannot start, and the status says why.
+    def stuck():
+        status = get_run(cp, ns, "tiny").get("status", {})
+        return "CreateContainerConfigError" in status.get("message", "") and status
+
+    status = cp.wait_for("the missing Secret in the status", stuck, timeout=90)
+    assert 'secret "sami-s3" not found' in status["message"], status["message"]
+    assert status["iterations"][0]["evaluate"]["attempts"] == 1
+    create_s3_secret(cp, ns, s3_server)
+
+    # 2. S3 down for 10 s while the generation pod starts (it reads the model first).
+    selector = "job-name=tiny-it1-generate"
+
+    def generate_pod():
+        pods = pods_of(cp, ns, selector)
+        return pods and running_process(kubelet, ns, pods[0]["metadata"]["name"]) and pods[0]
+
+    pod = cp.wait_for("the generation pod", generate_pod, timeout=600)
+    s3_server.stop()
+    time.sleep(10)
+    s3_server.start()
+
+    # 3. The operator dies mid-training; 4. meanwhile the training master pod is killed.
+    master = cp.wait_for(
+        "the training master",
+        lambda: running_process(kubelet, ns, "tiny-it1-train-master-0"),
+        timeout=600,
+    )
+    operator.kill()
+    os.killpg(master.pid, signal.SIGKILL)
+    cp.wait_for(
+        "the first PyTorchJob to fail",
+        lambda: any(
+            c["type"] == "Failed" and c["status"] == "True"
+            for c in cp.kubectl_json("get", "pytorchjob", "tiny-it1-train", "-n", ns)
+            .get("status", {})
+            .get("conditions", [])
+        ),
+        timeout=60,
+    )
+    operator.start()
+
+    run = wait_for_phase(cp, ns, "tiny", {"Succeeded", "Failed"}, 900, operator)
+    status = run["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
+    attempts = {
+        (entry["iteration"], stage): entry[stage]["attempts"]
+        for entry in status["iterations"]
+        for stage in ("generate", "train", "evaluate")
+        if stage in entry
+    }
+    assert attempts == {(0, "evaluate"): 1, (1, "generate"): 1, (1, "train"): 2, (1, "evaluate"): 1}
+    assert status["iterations"][1]["train"]["child"] == "tiny-it1-train-r2"
+    assert "retry" in kubelet.logs(ns, pod["metadata"]["name"])  # the outage was noticed
+
+    jobs = cp.kubectl_json("get", "jobs", "-n", ns)["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == [
+        "tiny-it0-evaluate",
+        "tiny-it1-evaluate",
+        "tiny-it1-generate",
+    ]
+    pytorchjobs = cp.kubectl_json("get", "pytorchjobs", "-n", ns)["items"]
+    assert sorted(p["metadata"]["name"] for p in pytorchjobs) == [
+        "tiny-it1-train",
+        "tiny-it1-train-r2",
+    ]
+    # cleanPodPolicy Running: the first job's surviving worker pod was not left hanging.
+    assert pods_of(cp, ns, "training.kubeflow.org/job-name=tiny-it1-train") == [] or all(
+        p["status"]["phase"] in ("Succeeded", "Failed")
+        for p in pods_of(cp, ns, "training.kubeflow.org/job-name=tiny-it1-train")
+    )
+    events = cp.kubectl_json("get", "events", "-n", ns)["items"]
+    retries = [e["message"] for e in events if e["reason"] == "StageRetrying"]
+    assert len(retries) == 1 and "train-1: exit code 137" in retries[0], retries
+
+    # Nothing duplicated in storage: the training metrics hold each optimizer step once.
+    bucket = open_bucket(s3_server, s3_data)
+    prefix = status["storageUri"].split(f"s3://{s3_data}/", 1)[1]
+    rows = bucket.read_bytes(f"{prefix}/iterations/1/train/metrics.jsonl").decode().splitlines()
+    steps = run["spec"]["training"]["steps"]
+    assert [json.loads(row)["step"] for row in rows] == list(range(1, steps + 1))
+
+    # Cleanup, switched on after the fact: children deleted, then the storage with the run.
+    patch = {"spec": {"cleanup": {"children": "deleteOnSuccess", "storageOnDelete": "delete"}}}
+    cp.kubectl("patch", "samirun", "tiny", "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+    def no_children():
+        kinds = "jobs,pytorchjobs,configmaps"
+        items = cp.kubectl_json("get", kinds, "-n", ns, "-l", "sami.dev/run=tiny")["items"]
+        return not items
+
+    cp.wait_for("the children to be deleted", no_children, timeout=60)
+    cp.wait_for(
+        "the storage finalizer",
+        lambda: get_run(cp, ns, "tiny")["metadata"].get("finalizers"),
+        timeout=30,
+    )
+    assert bucket.list(prefix)
+    cp.kubectl("delete", "samirun", "tiny", "-n", ns, "--wait=false")
+    cp.wait_for(
+        "the SAMIRun to go",
+        lambda: cp.kubectl("get", "samirun", "tiny", "-n", ns, check=False).returncode != 0,
+        timeout=300,
+    )
+    assert bucket.list(prefix) == []
+    reasons = {e["reason"] for e in cp.kubectl_json("get", "events", "-n", ns)["items"]}
+    assert "DeletingStorage" in reasons

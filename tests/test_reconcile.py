@@ -153,6 +153,38 @@ def test_bad_input_fails_the_run_with_the_reason(run):
     assert status.phase.value == "Failed" and "is missing" in status.message
 
 
+@pytest.mark.parametrize(
+    "state, retried",
+    [
+        (ChildState(StagePhase.failed, 137, None, "Error"), True),  # killed: preempted, evicted
+        (ChildState(StagePhase.failed, 143, None, "Error"), True),  # SIGTERM from a drain
+        (ChildState(StagePhase.failed, 137, None, "OOMKilled"), False),  # would die again
+        (ChildState(StagePhase.failed, 1, '{"exit_code": 75, "error": "peer"}'), True),
+        (ChildState(StagePhase.failed, 1, None, "Error"), False),  # a bug
+        (ChildState(StagePhase.failed), True),  # the pod is gone: nothing said otherwise
+    ],
+)
+def test_which_failures_are_retried(run, state, retried):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    decision = decide(run, "uid-1", records, {"mistral-hh-it0-evaluate": state}, SETTINGS, T0, T0)
+    assert (decision.records["evaluate-0"].child == "mistral-hh-it0-evaluate-r2") == retried
+    assert (decision.failure is None) == retried
+    if state.reason == "OOMKilled":
+        assert "OOMKilled" in decision.records["evaluate-0"].message
+
+
+def test_stuck_pods_show_in_the_status_until_they_start(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    stuck = 'pod mistral-hh-it0-evaluate-x: CreateContainerConfigError: secret "s3" not found'
+    observed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.pending, message=stuck)}
+    decision = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    status = derive_status(run, "uid-1", decision.records, "t")
+    assert status.message == f"running evaluate-0 ({stuck})"
+    observed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.running)}
+    decision = decide(run, "uid-1", _status_round_trip(run, records), observed, SETTINGS, T0, T0)
+    assert derive_status(run, "uid-1", decision.records, "t").message == "running evaluate-0"
+
+
 def test_suspend_and_deadlines(run):
     run.spec.suspend = True
     assert decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).create == []
@@ -170,3 +202,89 @@ def test_summary_parsing_and_settings():
     assert summary_from_message("Traceback ...") == {}
     settings = from_env({"SAMI_NAMESPACES": "a, b", "SAMI_WORKER_IMAGE": "img:1"})
     assert settings.namespaces == ("a", "b") and settings.worker_image == "img:1"
+
+
+def _succeed(run, records, name):
+    observed = {name: ChildState(StagePhase.succeeded, 0, "{}")}
+    return decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+
+
+def test_cleanup_children_delete_goes_stage_by_stage(run):
+    run.spec.cleanup.children = "delete"
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    failed = {"mistral-hh-it0-evaluate": ChildState(StagePhase.failed, 75, None)}
+    records = decide(run, "uid-1", records, failed, SETTINGS, T0, T0).records  # a retry, -r2
+    observed = {
+        "mistral-hh-it0-evaluate": ChildState(StagePhase.failed, 75, None),
+        "mistral-hh-it0-evaluate-r2": ChildState(StagePhase.succeeded, 0, "{}"),
+    }
+    decision = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    assert decision.delete == ["mistral-hh-it0-evaluate", "mistral-hh-it0-evaluate-r2"]
+    assert decision.create[1]["metadata"]["name"] == "mistral-hh-it1-generate"
+    # Deleted children are not observed any more: nothing is redone, nothing deleted again.
+    again = decide(run, "uid-1", decision.records, {}, SETTINGS, T0, T0)
+    assert again.delete == [] and again.records["evaluate-0"].phase == StagePhase.succeeded
+
+
+def test_cleanup_children_delete_on_success_waits_for_the_last_stage(run):
+    run.spec.cleanup.children = "deleteOnSuccess"
+    run.spec.training.iterations = 1
+    records: dict = {}
+    observed: dict = {}
+    for stage in ("it0-evaluate", "it1-generate", "it1-train", "it1-evaluate"):
+        decision = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+        records = decision.records
+        name = f"mistral-hh-{stage}"
+        observed[name] = ChildState(StagePhase.succeeded, 0, "{}")
+        assert decision.delete == []
+    final = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    assert final.delete == sorted(observed)
+    assert derive_status(run, "uid-1", final.records, "t").phase.value == "Succeeded"
+
+
+def test_keep_is_the_default(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    assert _succeed(run, records, "mistral-hh-it0-evaluate").delete == []
+
+
+def test_suspend_stop_stage_deletes_the_running_child_and_reruns_it_on_resume(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    running = {"mistral-hh-it0-evaluate": ChildState(StagePhase.running)}
+    run.spec.suspend = True
+    # finishStage (the default) leaves it running.
+    assert decide(run, "uid-1", records, running, SETTINGS, T0, T0).delete == []
+    run.spec.suspend_policy = "stopStage"
+    decision = decide(run, "uid-1", records, running, SETTINGS, T0, T0)
+    assert decision.delete == ["mistral-hh-it0-evaluate"] and decision.create == []
+    status = derive_status(run, "uid-1", decision.records, "t")
+    assert status.phase.value == "Suspended"
+    run.spec.suspend = False
+    resumed = decide(run, "uid-1", _status_round_trip(run, decision.records), {}, SETTINGS, T0, T0)
+    assert resumed.create[1]["metadata"]["name"] == "mistral-hh-it0-evaluate-r2"
+
+
+def test_default_storage_is_recorded_on_the_run_and_kept(samirun_doc, monkeypatch):
+    import kopf
+
+    from sami_operator import handlers
+    from sami_operator.validate import SpecError
+
+    del samirun_doc["spec"]["storage"]
+    samirun_doc["metadata"].update(namespace="team-a", uid="u", generation=1)
+    monkeypatch.setattr(handlers, "SETTINGS", OperatorSettings())
+    with pytest.raises(SpecError, match="spec.storage: required: this operator has no default"):
+        handlers._parse(samirun_doc, kopf.Patch())
+
+    default = '{"uri": "s3://defaults/runs", "credentials": {"secretName": "s3"}}'
+    monkeypatch.setattr(handlers, "SETTINGS", from_env({"SAMI_DEFAULT_STORAGE": default}))
+    patch = kopf.Patch()
+    run = handlers._parse(samirun_doc, patch)
+    assert run.spec.storage.uri == "s3://defaults/runs"
+    recorded = patch["metadata"]["annotations"]["sami.dev/default-storage"]
+    # Later passes use the recorded storage, even after the operator's default changed.
+    samirun_doc["metadata"]["annotations"] = {"sami.dev/default-storage": recorded}
+    other = from_env({"SAMI_DEFAULT_STORAGE": '{"uri": "s3://elsewhere"}'})
+    monkeypatch.setattr(handlers, "SETTINGS", other)
+    patch = kopf.Patch()
+    assert handlers._parse(samirun_doc, patch).spec.storage.uri == "s3://defaults/runs"
+    assert not patch

@@ -37,7 +37,7 @@ JOBSET_API = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 
 def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
     """`<run>-it<N>-<stage>[-r<attempt>]`, DNS-1123, at most MAX_NAME characters."""
-    stem = "principles" if stage.iteration is None else f"it{stage.iteration}-{stage.name}"
+    stem = stage.name if stage.iteration is None else f"it{stage.iteration}-{stage.name}"
     name = f"{run_name}-{stem}" + (f"-r{attempt}" if attempt > 1 else "")
     name = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
     if len(name) <= MAX_NAME:
@@ -104,6 +104,8 @@ def build_config_map(run: SAMIRun, stage: Stage, name: str, uid: str) -> dict[st
 
 def _pod_settings(run: SAMIRun, stage: Stage) -> PodSpec:
     pods = run.spec.pods
+    if stage.name == "cleanup":
+        return pods.default
     return getattr(pods, stage.name).merged_over(pods.default)
 
 
@@ -240,7 +242,10 @@ def build_pytorchjob(
         "metadata": metadata,
         "spec": {
             "nprocPerNode": str(t.procs_per_node),
-            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
+            # Running: once the job has finished (failed: a peer died), the surviving pods are
+            # deleted instead of waiting out their collective timeouts on the GPUs; the
+            # operator then recreates the stage as a whole, resuming from its checkpoint.
+            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "Running"},
             "pytorchReplicaSpecs": replicas,
         },
     }

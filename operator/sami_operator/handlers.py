@@ -8,6 +8,7 @@ children is not needed for correctness (a pass every `SAMI_RECONCILE_SECONDS` re
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from typing import Any
@@ -16,6 +17,7 @@ import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
 from sami_operator import kube as kube_module
+from sami_operator.builders import build_children, child_name
 from sami_operator.models import (
     GROUP,
     PLURAL,
@@ -23,9 +25,12 @@ from sami_operator.models import (
     Condition,
     Launcher,
     Phase,
+    SAMIRun,
     SAMIRunStatus,
+    StagePhase,
 )
-from sami_operator.reconcile import decide, records_from_status
+from sami_operator.planner import cleanup_stage
+from sami_operator.reconcile import decide, error_text, records_from_status
 from sami_operator.settings import from_env
 from sami_operator.status import derive_status
 from sami_operator.validate import SpecError, parse_samirun
@@ -102,23 +107,57 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: A
         raise
 
 
-def _reconcile(body, patch, logger) -> None:
+def _finished(body) -> bool:
+    """Nothing left to do: failed, or succeeded with no children to clean up, and the spec
+    unchanged since."""
+    meta, status = body["metadata"], body.get("status") or {}
+    if status.get("observedGeneration") != meta.get("generation"):
+        return False
+    keep = (body["spec"].get("cleanup") or {}).get("children", "keep") == "keep"
+    return status.get("phase") == Phase.failed.value or (
+        status.get("phase") == Phase.succeeded.value and keep
+    )
+
+
+def _parse(body, patch) -> SAMIRun:
+    """The run, its storage defaulted from the operator's settings when the spec names none.
+    The default is recorded in an annotation on first use, so the run keeps its storage
+    prefix even if the operator's default changes later."""
     meta = body["metadata"]
-    key = f"{meta['namespace']}/{meta['name']}"
-    status_doc = dict(body.get("status") or {})
-    if status_doc.get("phase") in (Phase.succeeded.value, Phase.failed.value) and status_doc.get(
-        "observedGeneration"
-    ) == meta.get("generation"):
-        _count(key, status_doc["phase"])
-        return
     manifest = {k: body[k] for k in ("apiVersion", "kind", "spec")}
     manifest["metadata"] = {
         k: meta[k]
         for k in ("name", "namespace", "labels", "annotations", "generation")
         if k in meta
     }
+    if manifest["spec"].get("storage") is None:
+        annotation = f"{SETTINGS.prefix}/default-storage"
+        recorded = (meta.get("annotations") or {}).get(annotation)
+        if recorded is None and SETTINGS.default_storage is not None:
+            recorded = json.dumps(SETTINGS.default_storage.to_api())
+            patch.metadata.setdefault("annotations", {})[annotation] = recorded
+        if recorded is None:
+            raise SpecError(
+                [
+                    "spec.storage: required: this operator has no default storage "
+                    "(SAMI_DEFAULT_STORAGE, the chart's operator.defaultStorage)"
+                ]
+            )
+        manifest["spec"] = {**manifest["spec"], "storage": json.loads(recorded)}
+    return parse_samirun(manifest, f"SAMIRun {meta['namespace']}/{meta['name']}")
+
+
+def _reconcile(body, patch, logger) -> None:
+    meta = body["metadata"]
+    key = f"{meta['namespace']}/{meta['name']}"
+    status_doc = dict(body.get("status") or {})
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: the delete handler owns it now
+    if _finished(body):
+        _count(key, status_doc["phase"])
+        return
     try:
-        run = parse_samirun(manifest, f"SAMIRun {key}")
+        run = _parse(body, patch)
     except SpecError as err:
         _invalid(body, patch, "; ".join(err.problems))
         _count(key, Phase.failed.value)
@@ -146,6 +185,8 @@ def _reconcile(body, patch, logger) -> None:
     for obj in decision.create:
         if not kube.create(obj):
             logger.info("%s %s already exists; adopting it", obj["kind"], obj["metadata"]["name"])
+    for name in decision.delete:
+        kube.delete_child(meta["namespace"], name)
     for kind, reason, message in decision.events:
         kopf.event(body, type=kind, reason=reason, message=message)
         if reason == "StageSucceeded":
@@ -174,3 +215,42 @@ def _count(key: str, phase: str) -> None:
 def forget(body: kopf.Body, **_: Any) -> None:
     """Children go with their owner (ownerReferences); only the metrics forget the run."""
     _phases.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+
+
+def _deletes_storage(spec: kopf.Spec, **_: Any) -> bool:
+    return (spec.get("cleanup") or {}).get("storageOnDelete") == "delete"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_storage)
+def delete_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """cleanup.storageOnDelete: delete. Kopf holds the SAMIRun (a finalizer) until this
+    returns: first the run's workloads are deleted (nothing may write under the prefix
+    meanwhile), then a Job empties the prefix with the run's own credentials (the operator
+    never touches the bucket), then the SAMIRun goes and its children with it."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        run = _parse(body, patch)
+    except SpecError:
+        return  # an invalid run never ran: nothing of it is in storage
+    kube: kube_module.Kube = _state["kube"]
+    stage = cleanup_stage(run, meta["uid"])
+    cleanup = child_name(name, stage)
+    observed = kube.observe_children(namespace, name)
+    workloads = sorted(n for n in observed if n != cleanup)
+    for child in workloads:
+        kube.delete_child(namespace, child)
+    if workloads:
+        raise kopf.TemporaryError(f"waiting for {len(workloads)} workloads to stop", delay=2)
+    state = observed.get(cleanup)
+    if state is None:
+        for obj in build_children(run, stage, meta["uid"], SETTINGS):
+            kube.create(obj)
+        kopf.event(body, type="Normal", reason="DeletingStorage", message=stage.prefix)
+        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+    if state.phase == StagePhase.failed:
+        kopf.event(body, type="Warning", reason="DeleteStorageFailed", message=error_text(state))
+        kube.delete_child(namespace, cleanup)  # and try again
+        raise kopf.TemporaryError(f"deleting {stage.prefix} failed: {error_text(state)}", delay=30)
+    if state.phase != StagePhase.succeeded:
+        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)

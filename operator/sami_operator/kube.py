@@ -22,6 +22,15 @@ _POD_SELECTORS = {
     ),
     JOBSET_API: "jobset.sigs.k8s.io/jobset-name={name}",
 }
+# Waiting reasons that do not go away by themselves: shown in the run's status.
+STUCK_REASONS = {
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+}
 
 
 class Kube:
@@ -71,6 +80,27 @@ class Kube:
             raise
         return True
 
+    def delete_child(self, namespace: str, name: str) -> None:
+        """Delete a stage's workload (its pods go with it, in the background) and its task
+        ConfigMap; whatever is already gone is skipped."""
+        background = client.V1DeleteOptions(propagation_policy="Background")
+        calls = [
+            lambda: self.batch.delete_namespaced_job(name, namespace, body=background),
+            lambda: self.core.delete_namespaced_config_map(name, namespace),
+        ]
+        for group, version, plural in (PYTORCHJOB_API, JOBSET_API):
+            calls.append(
+                lambda g=group, v=version, p=plural: self.custom.delete_namespaced_custom_object(
+                    g, v, namespace, p, name, body=background
+                )
+            )
+        for call in calls:
+            try:
+                call()
+            except ApiException as err:
+                if err.status != 404:  # 404: not of this kind, already gone, or not served
+                    raise
+
     def observe_children(self, namespace: str, run: str) -> dict[str, ChildState]:
         """Every workload of a run, by name, with its phase and rank-0 exit."""
         selector = f"{GROUP}/run={run},app.kubernetes.io/managed-by={MANAGED_BY}"
@@ -91,6 +121,22 @@ class Kube:
                 found[obj["metadata"]["name"]] = self._custom_state(namespace, api, obj)
         return found
 
+    def _waiting(self, namespace: str, api, name: str) -> str | None:
+        """Why a child's pods are stuck, if they are: a container waiting for a reason a
+        user must act on (a missing Secret, an image that cannot be pulled), or a pod the
+        scheduler cannot place. None while they are merely starting or running."""
+        selector = _POD_SELECTORS[api].format(name=name)
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        for pod in sorted(pods, key=lambda p: p.metadata.name):
+            for status in pod.status.container_statuses or []:
+                waiting = status.state.waiting if status.state else None
+                if waiting is not None and waiting.reason in STUCK_REASONS:
+                    return f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}"
+            for condition in pod.status.conditions or []:
+                if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
+                    return f"pod {pod.metadata.name}: Unschedulable: {condition.message or ''}"
+        return None
+
     def _job_state(self, namespace: str, job) -> ChildState:
         conditions = {c.type: c.status for c in (job.status.conditions or [])}
         if conditions.get("Complete") == "True":
@@ -99,7 +145,8 @@ class Kube:
             return self._terminal(namespace, JOB_API, job.metadata.name, StagePhase.failed)
         if job.spec.suspend:
             return ChildState(StagePhase.queued)
-        return ChildState(StagePhase.running if job.status.active else StagePhase.pending)
+        phase = StagePhase.running if job.status.active else StagePhase.pending
+        return ChildState(phase, message=self._waiting(namespace, JOB_API, job.metadata.name))
 
     def _custom_state(self, namespace: str, api, obj: dict[str, Any]) -> ChildState:
         conditions = {
@@ -112,8 +159,8 @@ class Kube:
             return self._terminal(namespace, api, name, StagePhase.failed)
         if conditions.get("Suspended") == "True":
             return ChildState(StagePhase.queued)
-        running = conditions.get("Running") == "True"
-        return ChildState(StagePhase.running if running else StagePhase.pending)
+        phase = StagePhase.running if conditions.get("Running") == "True" else StagePhase.pending
+        return ChildState(phase, message=self._waiting(namespace, api, name))
 
     def _terminal(self, namespace: str, api, name: str, phase: StagePhase) -> ChildState:
         selector = _POD_SELECTORS[api].format(name=name)
@@ -122,5 +169,7 @@ class Kube:
             for status in pod.status.container_statuses or []:
                 terminated = status.state.terminated if status.state else None
                 if terminated is not None:
-                    return ChildState(phase, terminated.exit_code, terminated.message)
+                    return ChildState(
+                        phase, terminated.exit_code, terminated.message, terminated.reason
+                    )
         return ChildState(phase)

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sami_operator.models import SAMIRun, SAMIRunStatus, StagePhase
+from sami_operator.models import SAMIRun, SAMIRunStatus, StagePhase, StorageSpec
 from sami_operator.planner import Stage, plan, run_prefix
 from sami_operator.report import build_report
 from sami_operator.status import StageRecord, derive_status
@@ -57,6 +57,9 @@ def stage_command(stage: Stage, task_file: Path) -> list[str]:
 
 class LocalRunner:
     def __init__(self, run: SAMIRun, workdir: Path, echo=None):
+        if run.spec.storage is None:  # default: beside the logs, under the work directory
+            storage = StorageSpec(uri=str((workdir / "storage").resolve()))
+            run = run.model_copy(update={"spec": run.spec.model_copy(update={"storage": storage})})
         self.run = run
         self.uid = run_uid(run)
         self.prefix = run_prefix(run, self.uid)

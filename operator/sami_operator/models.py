@@ -677,12 +677,16 @@ class CleanupSpec(APIModel):
 
     children: Literal["keep", "deleteOnSuccess", "delete"] = Field(
         default="keep",
-        description="Finished child workloads: keep, delete when the run succeeds, or delete "
-        "as soon as their stage completes.",
+        description="Finished child workloads (with their task ConfigMaps): keep, delete all "
+        "when the run succeeds, or delete a stage's as soon as it succeeds. Failed ones are "
+        "kept for their logs until the run is deleted.",
     )
     storage_on_delete: Literal["retain", "delete"] = Field(
         default="retain",
-        description="Whether deleting the SAMIRun deletes its storage prefix.",
+        description="Whether deleting the SAMIRun deletes its storage prefix: with delete, "
+        "the operator stops the run's workloads, runs a Job (worker image, the run's "
+        "credentials) that empties <storage uri>/<namespace>/<run>/<uid>/, and only then lets "
+        "the SAMIRun go.",
     )
 
 
@@ -700,14 +704,25 @@ class SAMIRunSpec(APIModel):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    storage: StorageSpec
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="Where the run's data goes. Default: the operator's default storage "
+        "(SAMI_DEFAULT_STORAGE, the chart's operator.defaultStorage); `sami run`: "
+        "<workdir>/storage.",
+    )
     pods: PodsSpec = Field(default_factory=PodsSpec)
     queue_name: str | None = Field(
         default=None,
         description="Kueue LocalQueue; copied onto every child as kueue.x-k8s.io/queue-name.",
     )
     suspend: bool = Field(
-        default=False, description="Pause between stages; set back to false to resume."
+        default=False, description="Pause the run (see suspendPolicy); false resumes it."
+    )
+    suspend_policy: Literal["finishStage", "stopStage"] = Field(
+        default="finishStage",
+        description="What suspend does to a running stage: finishStage lets it finish and "
+        "starts no new one; stopStage deletes its workload now and reruns the stage on "
+        "resume (training resumes from its last checkpoint; the rerun counts as an attempt).",
     )
     deadlines: DeadlinesSpec = Field(default_factory=DeadlinesSpec)
     cleanup: CleanupSpec = Field(default_factory=CleanupSpec)

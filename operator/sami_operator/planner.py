@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from sami_operator.models import SAMIRun
 from sami_worker.tasks import (
+    DeletePrefixTask,
     EvaluateTask,
     GenerateTask,
     PrinciplesRef,
@@ -31,10 +32,10 @@ from sami_worker.tasks import (
 class Stage:
     """One step of the pipeline: a worker program and its task."""
 
-    name: str  # "principles" | "generate" | "train" | "evaluate"
+    name: str  # "principles" | "generate" | "train" | "evaluate" | "cleanup"
     iteration: int | None
     prefix: str  # storage URI of the stage's outputs (complete when its manifest exists)
-    task: WritePrinciplesTask | GenerateTask | TrainTask | EvaluateTask
+    task: WritePrinciplesTask | GenerateTask | TrainTask | EvaluateTask | DeletePrefixTask
 
     @property
     def id(self) -> str:
@@ -43,13 +44,22 @@ class Stage:
     @property
     def program(self) -> str:
         """The `python -m sami_worker <program>` this stage runs."""
-        return "write-principles" if self.name == "principles" else self.name
+        return {"principles": "write-principles", "cleanup": "delete-prefix"}.get(
+            self.name, self.name
+        )
 
 
 def run_prefix(run: SAMIRun, uid: str) -> str:
     """<storage uri>/<namespace>/<name>/<uid>: everything a run produces lives here."""
     namespace = run.metadata.namespace or "default"
     return f"{run.spec.storage.uri.rstrip('/')}/{namespace}/{run.metadata.name}/{uid}"
+
+
+def cleanup_stage(run: SAMIRun, uid: str) -> Stage:
+    """Not part of the pipeline: deleting a run whose cleanup.storageOnDelete is `delete`
+    runs this to remove its storage prefix."""
+    prefix = run_prefix(run, uid)
+    return Stage("cleanup", None, prefix, DeletePrefixTask(prefix=prefix, storage=run.spec.storage))
 
 
 def checkpoint_uri(prefix: str, iteration: int) -> str:

@@ -31,13 +31,17 @@ class ChildState:
 
     phase: StagePhase  # pending, queued, running, succeeded or failed
     exit_code: int | None = None  # of the (rank 0) worker container, once terminated
-    message: str | None = None  # its termination message: the worker's JSON result line
+    # Terminated: the termination message (the worker's JSON result line). Not yet: why its
+    # pods are stuck (a missing Secret, an image pull error), if they are.
+    message: str | None = None
+    reason: str | None = None  # the container's termination reason (OOMKilled, Error, ...)
 
 
 @dataclass
 class Decision:
     records: dict[str, StageRecord]
     create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # children (workload and ConfigMap)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     failure: str | None = None  # condition reason when the run failed in this pass
 
@@ -83,6 +87,31 @@ def decide(
     now: datetime,
     created: datetime,
 ) -> Decision:
+    decision = _walk(run, uid, records, observed, settings, now, created)
+    decision.delete += _finished_children(run, uid, decision.records, observed)
+    return decision
+
+
+def _finished_children(run, uid, records, observed) -> list[str]:
+    """Children that spec.cleanup.children says to delete now: those of succeeded stages
+    (every attempt's) with `delete`, all of them once the run succeeded with
+    `deleteOnSuccess`. A stage's results live in storage and its record in .status, so a
+    deleted child is never needed again."""
+    policy = run.spec.cleanup.children
+    stages = plan(run, uid)
+    done = [s for s in stages if records.get(s.id, StageRecord()).phase == StagePhase.succeeded]
+    if policy == "keep" or (policy == "deleteOnSuccess" and len(done) < len(stages)):
+        return []
+    names = {
+        child_name(run.metadata.name, stage, attempt)
+        for stage in done
+        for attempt in range(1, records[stage.id].attempts + 1)
+    }
+    return sorted(names & observed.keys())
+
+
+def _walk(run, uid, records, observed, settings, now, created) -> Decision:
+    """The stages in order: the first unfinished one decides this pass."""
     decision = Decision(records=records)
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     deadlines = run.spec.deadlines
@@ -122,7 +151,14 @@ def decide(
             _create(decision, run, stage, uid, settings, record, stamp)
             return decision
         if state.phase in (StagePhase.pending, StagePhase.queued, StagePhase.running):
+            if run.spec.suspend and run.spec.suspend_policy == "stopStage":
+                # Stopped now, rerun on resume (training from its last checkpoint).
+                decision.delete.append(record.child)
+                decision.events.append(("Normal", "StageStopped", f"{stage.id}: suspended"))
+                record.child, record.phase, record.message = None, StagePhase.pending, None
+                return decision
             record.phase = state.phase
+            record.message = state.message
             return decision
         if state.phase == StagePhase.succeeded:
             record.phase = StagePhase.succeeded
@@ -132,8 +168,8 @@ def decide(
             decision.events.append(("Normal", "StageSucceeded", f"{stage.id} ({record.child})"))
             continue
         # Failed: retry what a retry can fix, within the budget.
-        error = _error(state)
-        retryable = _exit_code(state) in (None, EXIT_RETRYABLE)
+        error = error_text(state)
+        retryable = _retryable(state)
         if retryable and record.attempts <= run.spec.training.max_restarts:
             decision.events.append(("Warning", "StageRetrying", f"{stage.id}: {error}"))
             if run.spec.suspend:
@@ -179,11 +215,23 @@ def _exit_code(state: ChildState) -> int | None:
     return _result_line(state).get("exit_code", state.exit_code)
 
 
-def _error(state: ChildState) -> str:
+def _retryable(state: ChildState) -> bool:
+    """The worker said a retry can help (75), or it never got to say: its pod was lost, or
+    killed by a signal (exit 128+N: preemption, eviction, a node going away), except by the
+    kernel's OOM killer, which would kill it again on the same resources."""
+    code = _exit_code(state)
+    if code is None or code == EXIT_RETRYABLE:
+        return True
+    return code > 128 and state.reason != "OOMKilled"
+
+
+def error_text(state: ChildState) -> str:
     code = _exit_code(state)
     line = _result_line(state)
     if line.get("error"):
         return f"exit code {code}: {line['error']}"
     if state.message:
         return f"exit code {code}: {state.message.strip()[-300:]}"
+    if state.reason and state.reason not in ("Error", "Completed"):
+        return f"exit code {code} ({state.reason})"
     return f"exit code {code}" if code is not None else "pod lost"

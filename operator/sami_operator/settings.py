@@ -8,12 +8,20 @@ SAMI_LIVENESS_PORT       liveness endpoint port (default 8080)
 SAMI_METRICS_PORT        Prometheus metrics port (default 9090; 0 disables)
 SAMI_PREFIX              finalizer and annotation prefix (default sami.dev)
 SAMI_PYTHON              the Python command in stage pods (default python)
+SAMI_DEFAULT_STORAGE     storage for runs without spec.storage: a JSON object with the fields of
+                         spec.storage, e.g. {"uri": "s3://bucket/runs", "credentials":
+                         {"secretName": "sami-s3"}}; unset: spec.storage is required
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from sami_operator.models import StorageSpec
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class OperatorSettings:
     prefix: str = "sami.dev"
     python: str = "python"
     launchers: frozenset[str] = field(default_factory=lambda: frozenset({"Job"}))
+    default_storage: StorageSpec | None = None
 
     @property
     def finalizer(self) -> str:
@@ -46,4 +55,17 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         metrics_port=int(env.get("SAMI_METRICS_PORT", defaults.metrics_port)),
         prefix=env.get("SAMI_PREFIX", defaults.prefix),
         python=env.get("SAMI_PYTHON", defaults.python),
+        default_storage=_storage(env.get("SAMI_DEFAULT_STORAGE", "").strip()),
     )
+
+
+def _storage(text: str) -> StorageSpec | None:
+    if not text:
+        return None
+    try:
+        return StorageSpec.model_validate(json.loads(text))
+    except (json.JSONDecodeError, ValidationError) as err:
+        raise ValueError(
+            f"SAMI_DEFAULT_STORAGE: not a storage spec (a JSON object with the fields of "
+            f"spec.storage: uri, endpointUrl, region, forcePathStyle, credentials): {err}"
+        ) from None

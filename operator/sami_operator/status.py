@@ -73,6 +73,8 @@ def derive_status(
         phase, reason, message = Phase.running, "StageRunning", f"running {current.id}"
     else:
         phase, reason, message = Phase.pending, "Pending", "waiting for the first stage"
+    if phase in (Phase.running, Phase.pending) and get(current.id).message:
+        message += f" ({get(current.id).message})"  # e.g. why its pods are stuck
 
     iterations: dict[int, IterationStatus] = {}
     for stage in stages:
@@ -105,8 +107,18 @@ def derive_status(
         principles=principles,
         iterations=[iterations[t] for t in sorted(iterations)],
         start_time=min(started) if started else None,
-        completion_time=now if phase in (Phase.succeeded, Phase.failed) else None,
+        completion_time=_completion_time(phase, now, previous),
     )
+
+
+def _completion_time(phase: Phase, now: str, previous: SAMIRunStatus | None) -> str | None:
+    """When the run finished: kept from the status once set (finished runs are still
+    reconciled, e.g. to delete their children)."""
+    if phase not in (Phase.succeeded, Phase.failed):
+        return None
+    if previous is not None and previous.phase == phase and previous.completion_time:
+        return previous.completion_time
+    return now
 
 
 def _conditions(phase, reason, message, now, previous, run) -> list[Condition]:

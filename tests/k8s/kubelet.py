@@ -34,8 +34,9 @@ pods a test creates (directly or through the real Job controller):
    (e.g. /var/run/secrets/kubernetes.io/serviceaccount/token inside a client library) are NOT
    mapped: pass paths on the command line or in env.
    persistentVolumeClaim and other volume types fail the pod (reason ``UnsupportedVolume``).
-   A missing ConfigMap/Secret that is not optional keeps the pod Pending with a waiting
-   ``CreateContainerConfigError`` status, retried every second, as a kubelet does.
+   A missing ConfigMap/Secret (or key) that is not optional, for a volume or for env, keeps the
+   pod Pending with a waiting ``CreateContainerConfigError`` status, retried every second, as a
+   kubelet does.
 4. Patches pod status: Running (startTime, podIP/hostIP 127.0.0.1, Ready conditions,
    containerStatuses[0].state.running) when the container starts; Succeeded/Failed with
    ``state.terminated`` (exitCode, reason Completed/Error, message from the termination message
@@ -444,10 +445,12 @@ class LocalKubelet:
         pod = run.pod
         spec = pod["spec"]
         start_time = run.start_time = now()
-        # Volumes: retried while a referenced object is missing, as a kubelet does.
+        # Volumes and env: retried while a referenced object is missing, as a kubelet does.
         while True:
             try:
                 volumes = self._materialise_volumes(api, run)
+                for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
+                    self._container_env(api, run, c)
                 break
             except PodConfigError as e:
                 self._patch(
@@ -758,7 +761,7 @@ class LocalKubelet:
                 raise
             if optional:
                 return None
-            raise PodConfigError(f"{kind[:-1]} {name!r} not found") from None
+            raise PodConfigError(f'{kind[:-1]} "{name}" not found') from None  # kubelet's words
 
     @staticmethod
     def _object_data(obj: dict | None, kind: str) -> dict[str, bytes]:

@@ -114,29 +114,31 @@ why; there are no wildcards (tests/test_chart.py checks both).
   resources: ["samiruns/finalizers"]
   verbs: ["update"]
 # Stage workloads for the Job launcher (and every non-training stage): created once per stage,
-# listed by label on each pass to read their state.
+# listed by label on each pass to read their state, deleted by spec.cleanup.children and
+# spec.suspendPolicy stopStage, and when a run with cleanup.storageOnDelete is deleted.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "create"]
-# The task file of each stage, mounted into its pods.
+  verbs: ["list", "create", "delete"]
+# The task file of each stage, mounted into its pods; deleted with its workload.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create"]
-# Pods of finished workloads: the rank-0 exit code and termination message tell a retryable
-# failure from bad input.
+  verbs: ["create", "delete"]
+# Pods of the workloads: of finished ones, the rank-0 exit code and termination message tell a
+# retryable failure from bad input; of unfinished ones, a waiting reason (a missing Secret, an
+# image pull error) goes into the run's status.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
 # Training stages with spec.training.launcher PyTorchJob (Kubeflow training operator). Listed on
 # every pass even where the API is not served (the server answers 404, which the operator
-# expects; without the rule it would answer 403).
+# expects; without the rule it would answer 403). Deleted like Jobs.
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["list", "create"]
-# Training stages with spec.training.launcher JobSet; listed like PyTorchJobs.
+  verbs: ["list", "create", "delete"]
+# Training stages with spec.training.launcher JobSet; listed and deleted like PyTorchJobs.
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
-  verbs: ["list", "create"]
+  verbs: ["list", "create", "delete"]
 # Events on SAMIRuns (stage started, succeeded, failed; Kopf's handler errors). Kopf posts
 # core/v1 Events only, so events.k8s.io is not needed.
 - apiGroups: [""]
