@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -505,3 +506,259 @@ def test_torchrun_rendezvous_across_pytorchjob_pods(
     assert conds.get("Succeeded") == "True", logs
     assert "rank=0 world=2 sum=3.0" in logs["master"]
     assert "rank=1 world=2 sum=3.0" in logs["worker"]
+
+
+# --------------------------------------------------------------------------------- JobSet
+JS = "jobset.sigs.k8s.io"
+JOBSET_MARKS = (
+    "jobset-name",
+    "replicatedjob-name",
+    "replicatedjob-replicas",
+    "job-index",
+    "job-global-index",
+    "restart-attempt",
+)
+
+
+def from_field(name: str, path: str) -> dict:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def replicated_job(name: str, command: list[str], replicas: int = 1, env: list = ()) -> dict:
+    return {
+        "name": name,
+        "replicas": replicas,
+        "template": {
+            "spec": {
+                "parallelism": 1,
+                "completions": 1,
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "sami-worker:test",
+                                "command": command,
+                                "env": [
+                                    from_field("INDEX", f"metadata.annotations['{JS}/job-index']"),
+                                    from_field(
+                                        "ATTEMPT", f"metadata.labels['{JS}/restart-attempt']"
+                                    ),
+                                    *env,
+                                ],
+                            }
+                        ],
+                    }
+                },
+            }
+        },
+    }
+
+
+def jobset(name: str, *rjobs: dict, **spec) -> dict:
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": name},
+        "spec": {"replicatedJobs": list(rjobs), **spec},
+    }
+
+
+def wait_jobset(cp: ControlPlane, ns: str, name: str, ctypes: set[str], timeout=60) -> dict:
+    """The JobSet once one of these conditions is True."""
+
+    def done():
+        js = cp.kubectl_json("get", "jobset", name, "-n", ns)
+        conds = js.get("status", {}).get("conditions", [])
+        return js if any(c["type"] in ctypes and c["status"] == "True" for c in conds) else None
+
+    return cp.wait_for(f"JobSet {name}: {ctypes}", done, timeout=timeout, interval=0.5)
+
+
+def jobset_jobs(cp: ControlPlane, ns: str, name: str) -> dict[str, dict]:
+    items = cp.kubectl_json("get", "jobs", "-n", ns, "-l", f"{JS}/jobset-name={name}")["items"]
+    return {j["metadata"]["name"]: j for j in items}
+
+
+def test_jobset_emulation(control_plane, k8s_namespace, kubelet, jobset_controller):
+    """Child Jobs per replicatedJob with upstream's names, labels and annotations, the headless
+    Service, pods' DNS names and the master port made local, Completed with its status."""
+    cp, ns = control_plane, k8s_namespace
+    show = ["sh", "-c", 'echo "$INDEX $GLOBAL $ATTEMPT $PET_MASTER_ADDR $PET_MASTER_PORT $PEER"']
+    env = [
+        from_field("GLOBAL", f"metadata.labels['{JS}/job-global-index']"),
+        {"name": "PET_MASTER_ADDR", "value": "train-leader-0-0.train"},
+        {"name": "PET_MASTER_PORT", "value": "29500"},
+        {"name": "PEER", "value": f"http://train-workers-1-0.train.{ns}.svc:80/x"},
+    ]
+    cp.apply(
+        jobset(
+            "train",
+            replicated_job("leader", show, env=env),
+            replicated_job("workers", show, replicas=2, env=env),
+        ),
+        ns,
+    )
+    js = wait_jobset(cp, ns, "train", {"Completed", "Failed"})
+    status = js["status"]
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Completed"]["status"] == "True", status
+    assert conds["Completed"]["reason"] == "AllJobsCompleted"
+    assert "Failed" not in conds and "Suspended" not in conds
+    assert status["terminalState"] == "Completed" and status["restarts"] == 0
+    assert {r["name"]: (r["succeeded"], r["failed"]) for r in status["replicatedJobsStatus"]} == {
+        "leader": (1, 0),
+        "workers": (2, 0),
+    }
+    row = cp.kubectl("get", "jobset", "train", "-n", ns).stdout.splitlines()[1].split()
+    assert row[:4] == ["train", "Completed", "0", "True"]
+
+    jobs = jobset_jobs(cp, ns, "train")
+    assert sorted(jobs) == ["train-leader-0", "train-workers-0", "train-workers-1"]
+    expected = {
+        "train-leader-0": ("leader", "1", "0", "0"),
+        "train-workers-0": ("workers", "2", "0", "1"),
+        "train-workers-1": ("workers", "2", "1", "2"),
+    }
+    for name, job in jobs.items():
+        owner = job["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("JobSet", "train", True)
+        pod_template = job["spec"]["template"]
+        values = ("train", *expected[name], "0")
+        for obj in (job["metadata"], pod_template["metadata"]):
+            for key in ("labels", "annotations"):
+                assert tuple(obj[key][f"{JS}/{k}"] for k in JOBSET_MARKS) == values, (name, key)
+        assert pod_template["spec"]["subdomain"] == "train"
+        assert pod_template["spec"]["hostname"] == f"{name}-0"
+
+    service = cp.kubectl_json("get", "service", "train", "-n", ns)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {f"{JS}/jobset-name": "train"}
+    assert service["metadata"]["ownerReferences"][0]["kind"] == "JobSet"
+
+    pods = cp.kubectl_json("get", "pods", "-n", ns, "-l", f"{JS}/jobset-name=train")["items"]
+    logs = {
+        p["metadata"]["labels"]["job-name"]: kubelet.logs(ns, p["metadata"]["name"]) for p in pods
+    }
+    port = logs["train-leader-0"].split()[4]
+    assert port != "29500"
+    assert logs == {
+        "train-leader-0": f"0 0 0 127.0.0.1 {port} http://127.0.0.1:80/x\n",
+        "train-workers-0": f"0 1 0 127.0.0.1 {port} http://127.0.0.1:80/x\n",
+        "train-workers-1": f"1 2 0 127.0.0.1 {port} http://127.0.0.1:80/x\n",
+    }
+
+
+def test_jobset_failure_policy(control_plane, k8s_namespace, kubelet, jobset_controller):
+    """A failed Job restarts the whole set (restart-attempt + 1) while maxRestarts allows, then
+    the JobSet fails and its still active Jobs go; without a failurePolicy it fails at once."""
+    cp, ns = control_plane, k8s_namespace
+    # Job 1 fails on the first attempt only; job 0 is still running then.
+    flaky = ["sh", "-c", 'if [ "$INDEX$ATTEMPT" = 10 ]; then exit 3; fi; sleep 2']
+    # Job 1 always fails; job 0 would run for a minute.
+    broken = ["sh", "-c", 'if [ "$INDEX" = 1 ]; then sleep 1; exit 3; fi; sleep 60']
+    cp.apply(
+        [
+            jobset("flaky", replicated_job("node", flaky, 2), failurePolicy={"maxRestarts": 2}),
+            jobset("broken", replicated_job("node", broken, 2), failurePolicy={"maxRestarts": 1}),
+            jobset("strict", replicated_job("node", broken, 2)),
+        ],
+        ns,
+    )
+
+    js = wait_jobset(cp, ns, "flaky", {"Completed", "Failed"}, timeout=90)
+    assert js["status"]["terminalState"] == "Completed", js["status"]
+    assert (js["status"]["restarts"], js["status"]["restartsCountTowardsMax"]) == (1, 1)
+    jobs = jobset_jobs(cp, ns, "flaky")
+    assert sorted(jobs) == ["flaky-node-0", "flaky-node-1"]
+    for job in jobs.values():  # the first attempt's Jobs were replaced
+        assert job["metadata"]["labels"][f"{JS}/restart-attempt"] == "1"
+        assert job["spec"]["template"]["metadata"]["annotations"][f"{JS}/restart-attempt"] == "1"
+
+    js = wait_jobset(cp, ns, "broken", {"Completed", "Failed"}, timeout=90)
+    failed = next(c for c in js["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "ReachedMaxRestarts"
+    assert "broken-node-1" in failed["message"]
+    assert js["status"]["terminalState"] == "Failed"
+    assert (js["status"]["restarts"], js["status"]["restartsCountTowardsMax"]) == (1, 1)
+    # The running Job 0 is deleted with its pod (and process); the failed Job stays.
+    cp.wait_for(
+        "the active Job to go",
+        lambda: sorted(jobset_jobs(cp, ns, "broken")) == ["broken-node-1"],
+        timeout=30,
+    )
+
+    js = wait_jobset(cp, ns, "strict", {"Completed", "Failed"}, timeout=60)
+    failed = next(c for c in js["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "FailedJobs" and js["status"]["restarts"] == 0
+
+
+def test_jobset_suspend_and_resume(control_plane, k8s_namespace, kubelet, jobset_controller):
+    cp, ns = control_plane, k8s_namespace
+    cp.apply(jobset("later", replicated_job("node", ["sh", "-c", "true"]), suspend=True), ns)
+    js = wait_jobset(cp, ns, "later", {"Suspended"})
+    suspended = next(c for c in js["status"]["conditions"] if c["type"] == "Suspended")
+    assert suspended["reason"] == "SuspendedJobs"
+    time.sleep(2)
+    assert jobset_jobs(cp, ns, "later") == {}
+
+    cp.kubectl(
+        "patch", "jobset", "later", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    js = wait_jobset(cp, ns, "later", {"Completed", "Failed"})
+    conds = {c["type"]: c for c in js["status"]["conditions"]}
+    assert conds["Completed"]["status"] == "True"
+    assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == ("False", "ResumeJobs")
+
+
+@pytest.mark.slow
+def test_torchrun_rendezvous_across_jobset_pods(
+    control_plane, k8s_namespace, kubelet, jobset_controller
+):
+    """The operator's JobSet convention: torchrun reads PET_* env, the node rank from the
+    job-index annotation and the master as pod 0 of Job 0 behind the headless Service."""
+    pytest.importorskip("torch")
+    cp, ns = control_plane, k8s_namespace
+    cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "train-script"},
+            "data": {"allreduce.py": ALLREDUCE},
+        },
+        ns,
+    )
+    node = replicated_job(
+        "node",
+        ["torchrun", "/opt/train/allreduce.py"],
+        replicas=2,
+        env=[
+            {"name": "PET_NNODES", "value": "2"},
+            {"name": "PET_NPROC_PER_NODE", "value": "1"},
+            from_field("PET_NODE_RANK", f"metadata.annotations['{JS}/job-index']"),
+            {"name": "PET_MASTER_ADDR", "value": "allreduce-node-0-0.allreduce"},
+            {"name": "PET_MASTER_PORT", "value": "29500"},
+        ],
+    )
+    pod_spec = node["template"]["spec"]["template"]["spec"]
+    pod_spec["volumes"] = [{"name": "script", "configMap": {"name": "train-script"}}]
+    pod_spec["containers"][0]["volumeMounts"] = [{"name": "script", "mountPath": "/opt/train"}]
+    cp.apply(
+        jobset(
+            "allreduce",
+            node,
+            failurePolicy={"maxRestarts": 0},
+            network={"enableDNSHostnames": True},
+        ),
+        ns,
+    )
+    js = wait_jobset(cp, ns, "allreduce", {"Completed", "Failed"}, timeout=90)
+    pods = cp.kubectl_json("get", "pods", "-n", ns, "-l", f"{JS}/jobset-name=allreduce")["items"]
+    logs = {
+        p["metadata"]["labels"]["job-name"]: kubelet.logs(ns, p["metadata"]["name"]) for p in pods
+    }
+    assert js["status"]["terminalState"] == "Completed", logs
+    assert "rank=0 world=2 sum=3.0" in logs["allreduce-node-0"]
+    assert "rank=1 world=2 sum=3.0" in logs["allreduce-node-1"]

@@ -333,3 +333,127 @@ def test_samirun_tiny_rides_out_a_missing_secret_s3_down_and_a_lost_training_pod
     assert bucket.list(prefix) == []
     reasons = {e["reason"] for e in cp.kubectl_json("get", "events", "-n", ns)["items"]}
     assert "DeletingStorage" in reasons
+
+
+# ------------------------------------------------------------------------- JobSet launcher
+def _training_jobset(name: str, script: str) -> dict:
+    """A JobSet labelled as a SAMIRun's training child: 2 Jobs of one pod running `script`
+    with its Job's index in $INDEX."""
+    index = {"fieldRef": {"fieldPath": "metadata.annotations['jobset.sigs.k8s.io/job-index']"}}
+    container = {
+        "name": "worker",
+        "image": "sami-worker:test",
+        "command": ["sh", "-c", script],
+        "env": [{"name": "INDEX", "valueFrom": index}],
+    }
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            "name": name,
+            "labels": {"sami.dev/run": "r", "app.kubernetes.io/managed-by": "sami-operator"},
+        },
+        "spec": {
+            "failurePolicy": {"maxRestarts": 0},
+            "replicatedJobs": [
+                {
+                    "name": "node",
+                    "replicas": 2,
+                    "template": {
+                        "spec": {
+                            "backoffLimit": 0,
+                            "template": {
+                                "spec": {"restartPolicy": "Never", "containers": [container]}
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_the_operator_reads_jobset_state(control_plane, k8s_namespace, kubelet, jobset_controller):
+    """kube.Kube against the emulated JobSet controller: a JobSet has no Running condition, so
+    active child Jobs mean running; Completed is success with rank 0's termination message;
+    Failed carries the exit code and message of the pod that failed."""
+    from kubernetes import config
+
+    from sami_operator.kube import Kube
+    from sami_operator.models import StagePhase
+
+    cp, ns = control_plane, k8s_namespace
+    kube = Kube(config.new_client_from_config(config_file=str(cp.kubeconfig)))
+    done = "sleep 4; echo rank-$INDEX > /dev/termination-log"
+    bad = 'if [ "$INDEX" = 1 ]; then echo bad input > /dev/termination-log; exit 65; fi; sleep 60'
+    cp.apply([_training_jobset("r-it1-train", done), _training_jobset("r-it2-train", bad)], ns)
+
+    running = cp.wait_for(
+        "the JobSet to run",
+        lambda: kube.observe_children(ns, "r").get("r-it1-train"),
+        timeout=30,
+    )
+    while running.phase == StagePhase.pending:
+        time.sleep(0.3)
+        running = kube.observe_children(ns, "r")["r-it1-train"]
+    assert running.phase == StagePhase.running, running
+
+    def finished(name):
+        state = kube.observe_children(ns, "r").get(name)
+        return state if state and state.phase in (StagePhase.succeeded, StagePhase.failed) else None
+
+    state = cp.wait_for("the first JobSet to finish", lambda: finished("r-it1-train"), timeout=60)
+    assert (state.phase, state.exit_code, state.message.strip()) == (
+        StagePhase.succeeded,
+        0,
+        "rank-0",
+    )
+    state = cp.wait_for("the second JobSet to finish", lambda: finished("r-it2-train"), timeout=60)
+    assert (state.phase, state.exit_code, state.message.strip()) == (
+        StagePhase.failed,
+        65,
+        "bad input",
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.s3
+@pytest.mark.slow
+def test_samirun_tiny_trains_as_a_jobset(
+    control_plane, k8s_namespace, jobset_controller, operator, s3_inputs, s3_server
+):
+    """examples/samirun-tiny.yaml with training.launcher JobSet (2 nodes x 1 process) reaches
+    Succeeded: training runs as a JobSet (torchrun in its two Jobs' pods), no PyTorchJob.
+    The JobSet CRD is installed with the control plane, so the operator serves JobSet."""
+    cp, ns = control_plane, k8s_namespace
+    doc = tiny_run(s3_inputs, s3_server.endpoint_url)
+    doc["spec"]["training"]["launcher"] = "JobSet"
+    cp.apply(doc, namespace=ns)
+
+    def train_phase():
+        iterations = get_run(cp, ns, "tiny").get("status", {}).get("iterations", [])
+        phase = iterations[1].get("train", {}).get("phase") if len(iterations) > 1 else None
+        return phase if phase in ("Running", "Succeeded", "Failed") else None
+
+    # While it trains the stage shows Running, though a JobSet has no Running condition.
+    assert cp.wait_for("the training stage", train_phase, timeout=900, interval=0.5) == "Running"
+    run = wait_for_phase(cp, ns, "tiny", {"Succeeded", "Failed"}, 900, operator)
+    status = run["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
+    train = status["iterations"][1]["train"]
+    assert (train["child"], train["attempts"]) == ("tiny-it1-train", 1)
+    assert "miLowerBound" in status["iterations"][1]["metrics"]
+
+    jobsets = cp.kubectl_json("get", "jobsets", "-n", ns)["items"]
+    assert [j["metadata"]["name"] for j in jobsets] == ["tiny-it1-train"]
+    assert jobsets[0]["metadata"]["ownerReferences"][0]["kind"] == "SAMIRun"
+    assert jobsets[0]["status"]["terminalState"] == "Completed"
+    assert cp.kubectl_json("get", "pytorchjobs", "-n", ns)["items"] == []
+    jobs = cp.kubectl_json("get", "jobs", "-n", ns)["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == [
+        "tiny-it0-evaluate",
+        "tiny-it1-evaluate",
+        "tiny-it1-generate",
+        "tiny-it1-train-node-0",  # the JobSet's, one per node
+        "tiny-it1-train-node-1",
+    ]

@@ -159,7 +159,14 @@ class Kube:
             return self._terminal(namespace, api, name, StagePhase.failed)
         if conditions.get("Suspended") == "True":
             return ChildState(StagePhase.queued)
-        phase = StagePhase.running if conditions.get("Running") == "True" else StagePhase.pending
+        if api == JOBSET_API:
+            # JobSet has no Running condition: it runs while it has active child Jobs (as a
+            # Job runs while it has active pods).
+            status = obj.get("status", {}).get("replicatedJobsStatus") or []
+            running = any(r.get("active", 0) > 0 for r in status)
+        else:
+            running = conditions.get("Running") == "True"
+        phase = StagePhase.running if running else StagePhase.pending
         return ChildState(phase, message=self._waiting(namespace, api, name))
 
     def _terminal(self, namespace: str, api, name: str, phase: StagePhase) -> ChildState:

@@ -1,14 +1,16 @@
 """pytest fixtures for the real Kubernetes 1.20 control plane (see tests/k8s/__init__.py).
 
 - ``control_plane`` (session): a started ``ControlPlane`` with the CRDs of crds/ and the
-  PyTorchJob stand-in already installed (failures in ``control_plane.crd_errors``). Builds the
-  binaries with scripts/kube-build.sh when they are missing; skips only when they are missing
-  and cannot be built here (no apt-get, or neither root nor passwordless sudo).
+  PyTorchJob and JobSet stand-ins already installed (failures in ``control_plane.crd_errors``).
+  Builds the binaries with scripts/kube-build.sh when they are missing; skips only when they are
+  missing and cannot be built here (no apt-get, or neither root nor passwordless sudo).
 - ``k8s_namespace`` (function): a fresh namespace (its default ServiceAccount token ready, so pods
   can be created), deleted after the test without waiting.
 - ``kubelet`` (session): a ``LocalKubelet`` running pods of every non-system namespace.
 - ``pytorchjob_controller`` (session): the PyTorchJob CRD stand-in installed and an emulated
   Kubeflow PyTorchJob controller running (tests/k8s/training_operators.py).
+- ``jobset_controller`` (session): the JobSet CRD stand-in installed and an emulated JobSet
+  controller running (tests/k8s/training_operators.py).
 
 Tests using any of these get the ``k8s`` marker automatically.
 """
@@ -32,9 +34,20 @@ from tests.k8s.controlplane import (
     cache_dir,
 )
 from tests.k8s.kubelet import LocalKubelet
-from tests.k8s.training_operators import PYTORCHJOB_CRD, PyTorchJobController
+from tests.k8s.training_operators import (
+    JOBSET_CRD,
+    PYTORCHJOB_CRD,
+    JobSetController,
+    PyTorchJobController,
+)
 
-K8S_FIXTURES = {"control_plane", "k8s_namespace", "kubelet", "pytorchjob_controller"}
+K8S_FIXTURES = {
+    "control_plane",
+    "k8s_namespace",
+    "kubelet",
+    "pytorchjob_controller",
+    "jobset_controller",
+}
 
 
 def _can_build() -> str | None:
@@ -81,7 +94,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     ensure_binaries()
     # The project's CRDs and the training-operator stand-ins go in before the
     # controller-manager starts, so garbage collection of their children is immediate.
-    crds = sorted((ROOT / "crds").glob("*.yaml")) + [PYTORCHJOB_CRD]
+    crds = sorted((ROOT / "crds").glob("*.yaml")) + [PYTORCHJOB_CRD, JOBSET_CRD]
     cp = ControlPlane(crds=crds).start(tmp_path_factory.mktemp("k8s"))
     try:
         yield cp
@@ -103,6 +116,15 @@ def kubelet(
 @pytest.fixture(scope="session")
 def pytorchjob_controller(control_plane: ControlPlane) -> Iterator[PyTorchJobController]:
     controller = PyTorchJobController(control_plane).start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="session")
+def jobset_controller(control_plane: ControlPlane) -> Iterator[JobSetController]:
+    controller = JobSetController(control_plane).start()
     try:
         yield controller
     finally:

@@ -33,13 +33,68 @@ behaviour, so that the pods it creates are run by ``LocalKubelet``:
 Not emulated: elasticPolicy (rendezvous env), services, ttlSecondsAfterFinished,
 activeDeadlineSeconds, schedulingPolicy.
 
-JobSet (jobset.x-k8s.io/v1alpha2) is a later step and would live here too.
+``JobSetController`` plays the JobSet controller (jobset.x-k8s.io/v1alpha2; CRD stand-in in
+tests/k8s/crds/jobset.x-k8s.io_jobsets.yaml). It creates batch/v1 Jobs; the real Job controller
+of the test control plane creates their pods, which ``LocalKubelet`` runs:
+
+- Defaults, as upstream's webhook sets them: ``replicas`` 1, ``network.enableDNSHostnames`` true,
+  ``network.subdomain`` the JobSet's name, ``successPolicy`` {operator: All, all replicated
+  jobs}, pod ``restartPolicy`` OnFailure when the template leaves it out.
+- For each ``spec.replicatedJobs[]`` entry, ``replicas`` Jobs named
+  ``<jobset>-<replicatedJob>-<jobIndex>``, from its Job template, owned by the JobSet (controller
+  ownerReference). The Jobs and their pod templates carry the labels AND annotations
+  ``jobset.sigs.k8s.io/{jobset-name,replicatedjob-name,replicatedjob-replicas,global-replicas,
+  job-index,job-global-index,job-key,restart-attempt}`` (restart-attempt: ``status.restarts``
+  when the Job was made). With DNS hostnames on, the pod template gets
+  ``subdomain: <subdomain>`` and a headless Service of that name selecting
+  ``jobset-name=<jobset>`` is created, owned by the JobSet. A missing Job of an unfinished
+  JobSet is (re)created, once an older Job of that name is gone.
+- Failure: when a Job of the current attempt fails, with no ``failurePolicy`` the JobSet fails
+  (reason ``FailedJobs``); else, while ``status.restartsCountTowardsMax`` <
+  ``failurePolicy.maxRestarts``, ``restarts`` and ``restartsCountTowardsMax`` go up by one and every
+  Job of an older attempt is deleted (foreground propagation: its pods go first) and recreated
+  with the new restart-attempt; once the restarts are used up the JobSet fails (reason
+  ``ReachedMaxRestarts``). The message names the first Job that failed.
+- Success: once the succeeded Jobs of the ``successPolicy.targetReplicatedJobs`` (default: all)
+  reach every one of their replicas (``operator: All``) or one (``Any``): Completed, reason
+  ``AllJobsCompleted``. Once Completed or Failed, ``status.terminalState`` says which and the
+  still active Jobs are deleted; nothing else changes.
+- ``status``: ``conditions`` (metav1.Condition: type, status, reason, message,
+  lastTransitionTime; a new condition is added only when True, an existing one changes when its
+  status does), ``restarts``, ``restartsCountTowardsMax``, ``terminalState``,
+  ``replicatedJobsStatus`` [{name, ready, succeeded, failed, active, suspended}] over the Jobs of
+  the current attempt (ready: a Job whose Ready plus succeeded pods reach min(parallelism,
+  completions)). There is no Running condition upstream: a running JobSet has active Jobs.
+- ``spec.suspend``: Suspended condition True (reason ``SuspendedJobs``); False (``ResumeJobs``)
+  when resumed. JobSets with a ``spec.managedBy`` other than the built-in controller's are left
+  alone.
+Deviations for a 1.20 control plane on one machine:
+- 1.20 has neither Indexed Jobs nor Job ``suspend``. Jobs are NonIndexed (upstream defaults
+  ``completionMode: Indexed``); a Job of one pod (completions and parallelism 1) gets the pod
+  hostname ``<job>-0`` that Indexed mode would give its pod, larger Jobs none (no
+  JOB_COMPLETION_INDEX either). A suspended JobSet has its active Jobs deleted (upstream: kept
+  with ``suspend: true``, so their pods go) and its Jobs created again on resume.
+- All pods share 127.0.0.1 and there is no cluster DNS (LocalKubelet sets HOSTNAME to the pod
+  name). As ``PyTorchJobController`` does for the master address, the emulation rewrites the
+  Jobs' pod templates: in every container's ``env`` values, a DNS name of one of this JobSet's
+  pods (``<jobset>-<replicatedJob>-<jobIndex>-<podIndex>.<subdomain>``, optionally followed by
+  ``.<namespace>[.svc[.cluster.local]]``) becomes ``127.0.0.1``, and a literal ``MASTER_PORT`` /
+  ``PET_MASTER_PORT`` value becomes a free local port chosen per JobSet and restart attempt
+  (upstream every pod has its own IP, so a fixed port such as 29500 is fine there; here it would
+  collide with other jobs on the machine). Command and args are not rewritten: pass the
+  address through env (torchrun reads PET_MASTER_ADDR/PET_MASTER_PORT).
+Not emulated: failurePolicy.rules (every failure takes the default RestartJobSet action) and
+restartStrategy, startupPolicy, dependsOn, coordinator, ttlSecondsAfterFinished, exclusive
+placement, Events, the headless Service's endpoints (no endpoints controller runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,15 +110,34 @@ API = "/apis/kubeflow.org/v1"
 LABEL = "training.kubeflow.org"
 REPLICA_TYPES = ("Master", "Worker")
 
+JOBSET_CRD = CRD_DIR / "jobset.x-k8s.io_jobsets.yaml"
+JOBSET_API = "/apis/jobset.x-k8s.io/v1alpha2"
+JS = "jobset.sigs.k8s.io"
+JOBSET_CONTROLLER_NAME = f"{JS}/jobset-controller"
+PORT_VARS = ("MASTER_PORT", "PET_MASTER_PORT")
+
+
+def install_crd(cp: ControlPlane, path: Path, name: str) -> None:
+    cp.kubectl("apply", "--validate=false", "-f", str(path))
+    cp.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+
 
 def install_pytorchjob_crd(cp: ControlPlane) -> None:
-    cp.kubectl("apply", "--validate=false", "-f", str(PYTORCHJOB_CRD))
-    cp.kubectl(
-        "wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org", "--timeout=30s"
-    )
+    install_crd(cp, PYTORCHJOB_CRD, "pytorchjobs.kubeflow.org")
 
 
-class PyTorchJobController:
+def install_jobset_crd(cp: ControlPlane) -> None:
+    install_crd(cp, JOBSET_CRD, "jobsets.jobset.x-k8s.io")
+
+
+class _PollingController:
+    """A background thread that lists the objects of one custom resource (all namespaces or
+    the given ones) every ``poll_interval`` seconds and reconciles each; errors are logged
+    and kept in ``errors`` (the last 50)."""
+
+    api: str
+    plural: str
+
     def __init__(
         self,
         control_plane: ControlPlane,
@@ -75,14 +149,19 @@ class PyTorchJobController:
         self.namespaces = set(namespaces) if namespaces is not None else None
         self.poll_interval = poll_interval
         self.errors: list[str] = []
-        self._ports: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> PyTorchJobController:
-        install_pytorchjob_crd(self.cp)
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def reconcile(self, api: KubeClient, obj: dict) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self.install()
         self._thread = threading.Thread(
-            target=self._loop, name="pytorchjob-controller", daemon=True
+            target=self._loop, name=f"{type(self).__name__}", daemon=True
         )
         self._thread.start()
         return self
@@ -92,21 +171,20 @@ class PyTorchJobController:
         if self._thread:
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> PyTorchJobController:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ------------------------------------------------------------------------------ loop
     def _loop(self) -> None:
         with self.cp.client() as api:
             while not self._stop.is_set():
                 try:
-                    for job in self._list(api):
-                        self.reconcile(api, job)
+                    for obj in self._list(api):
+                        self.reconcile(api, obj)
                 except Exception as e:
-                    msg = f"PyTorchJobController error: {e!r}"
+                    msg = f"{type(self).__name__} error: {e!r}"
                     log.warning(msg)
                     self.errors.append(msg)
                     del self.errors[:-50]
@@ -114,11 +192,23 @@ class PyTorchJobController:
 
     def _list(self, api: KubeClient) -> list[dict]:
         if self.namespaces is None:
-            return api.get(f"{API}/pytorchjobs")["items"]
-        jobs = []
+            return api.get(f"{self.api}/{self.plural}")["items"]
+        items = []
         for ns in sorted(self.namespaces):
-            jobs += api.get(f"{API}/namespaces/{ns}/pytorchjobs")["items"]
-        return jobs
+            items += api.get(f"{self.api}/namespaces/{ns}/{self.plural}")["items"]
+        return items
+
+
+class PyTorchJobController(_PollingController):
+    api = API
+    plural = "pytorchjobs"
+
+    def __init__(self, control_plane: ControlPlane, **kwargs):
+        super().__init__(control_plane, **kwargs)
+        self._ports: dict[str, int] = {}
+
+    def install(self) -> None:
+        install_pytorchjob_crd(self.cp)
 
     # ------------------------------------------------------------------------- reconcile
     def reconcile(self, api: KubeClient, job: dict) -> None:
@@ -372,6 +462,340 @@ class PyTorchJobController:
             phase = (p.get("status") or {}).get("phase")
             if policy == "All" or (policy == "Running" and phase in ("Running", "Pending")):
                 self._delete_pod(api, p)
+
+
+class JobSetController(_PollingController):
+    api = JOBSET_API
+    plural = "jobsets"
+
+    def __init__(self, control_plane: ControlPlane, **kwargs):
+        super().__init__(control_plane, **kwargs)
+        self._ports: dict[tuple[str, int], int] = {}
+
+    def install(self) -> None:
+        install_jobset_crd(self.cp)
+
+    # ------------------------------------------------------------------------- reconcile
+    def reconcile(self, api: KubeClient, js: dict) -> None:
+        meta, spec = js["metadata"], js["spec"]
+        if meta.get("deletionTimestamp"):
+            return
+        if spec.get("managedBy", JOBSET_CONTROLLER_NAME) != JOBSET_CONTROLLER_NAME:
+            return
+        ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        old_status = js.get("status") or {}
+        status = copy.deepcopy(old_status)
+        status.setdefault("restarts", 0)
+        conditions = status.setdefault("conditions", [])
+        restarts = int(status["restarts"])
+
+        jobs = api.get(
+            f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"{JS}/jobset-name={name}"
+        )["items"]
+        jobs = [j for j in jobs if owned_by(j, uid)]
+        previous, active, succeeded, failed = [], [], [], []
+        for job in jobs:
+            attempt = int(job["metadata"].get("labels", {}).get(f"{JS}/restart-attempt", "0"))
+            if attempt < restarts:
+                previous.append(job)
+            elif job_condition(job, "Failed"):
+                failed.append(job)
+            elif job_condition(job, "Complete"):
+                succeeded.append(job)
+            else:
+                active.append(job)
+        status["replicatedJobsStatus"] = self._replicated_jobs_status(
+            api, js, active, succeeded, failed
+        )
+
+        if is_true(conditions, "Completed") or is_true(conditions, "Failed"):
+            self._delete_jobs(api, active)
+            self._write_status(api, js, old_status, status)
+            return
+        self._delete_jobs(api, previous)
+
+        if failed:
+            self._fail_or_restart(js, status, failed)
+        elif self._success_policy_met(js, succeeded):
+            self._finish(status, "Completed", "AllJobsCompleted", "jobset completed successfully")
+        else:
+            if network(js)["enableDNSHostnames"]:
+                self._ensure_headless_service(api, js)
+            if spec.get("suspend"):
+                self._delete_jobs(api, active)
+                set_jobset_condition(
+                    conditions, "Suspended", "True", "SuspendedJobs", "jobset is suspended"
+                )
+            else:
+                set_jobset_condition(
+                    conditions, "Suspended", "False", "ResumeJobs", "jobset is resumed"
+                )
+                present = {j["metadata"]["name"] for j in jobs}
+                for rjob in spec["replicatedJobs"]:
+                    for index in range(replicas(rjob)):
+                        if job_name(js, rjob, index) not in present:
+                            self._create_job(api, js, rjob, index, restarts)
+        self._write_status(api, js, old_status, status)
+
+    # -------------------------------------------------------------------------- helpers
+    def _fail_or_restart(self, js: dict, status: dict, failed: list[dict]) -> None:
+        first = min(failed, key=lambda j: (failed_at(j), j["metadata"]["name"]))["metadata"]
+        policy = js["spec"].get("failurePolicy")
+        if policy is None:
+            reason, message = "FailedJobs", "jobset failed due to one or more job failures"
+        elif int(status.get("restartsCountTowardsMax", 0)) >= int(policy.get("maxRestarts", 0)):
+            reason, message = "ReachedMaxRestarts", "jobset failed due to reaching max restarts"
+        else:
+            # The next pass deletes the Jobs of this attempt and creates the new ones.
+            status["restarts"] += 1
+            status["restartsCountTowardsMax"] = int(status.get("restartsCountTowardsMax", 0)) + 1
+            return
+        self._finish(status, "Failed", reason, f"{message} (first failed job: {first['name']})")
+
+    @staticmethod
+    def _finish(status: dict, ctype: str, reason: str, message: str) -> None:
+        set_jobset_condition(status["conditions"], ctype, "True", reason, message)
+        status["terminalState"] = ctype
+
+    @staticmethod
+    def _success_policy_met(js: dict, succeeded: list[dict]) -> bool:
+        policy = js["spec"].get("successPolicy") or {}
+        rjobs = js["spec"]["replicatedJobs"]
+        targets = set(policy.get("targetReplicatedJobs") or [r["name"] for r in rjobs])
+        key = f"{JS}/replicatedjob-name"
+        done = sum(1 for j in succeeded if j["metadata"]["labels"].get(key) in targets)
+        if policy.get("operator", "All") == "Any":
+            return done >= 1
+        expected = sum(replicas(r) for r in rjobs if r["name"] in targets)
+        return done >= expected > 0
+
+    def _replicated_jobs_status(self, api, js, active, succeeded, failed) -> list[dict]:
+        meta = js["metadata"]
+        pods = api.get(
+            f"/api/v1/namespaces/{meta['namespace']}/pods",
+            labelSelector=f"{JS}/jobset-name={meta['name']}",
+        )["items"]
+        ready_pods: dict[str, int] = {}
+        for p in pods:
+            if not p["metadata"].get("deletionTimestamp") and pod_ready(p):
+                job = p["metadata"].get("labels", {}).get("job-name", "")
+                ready_pods[job] = ready_pods.get(job, 0) + 1
+        out = []
+        for rjob in js["spec"]["replicatedJobs"]:
+            counts = {"ready": 0, "succeeded": 0, "failed": 0, "active": 0, "suspended": 0}
+
+            def of(jobs, rjob=rjob):
+                key = f"{JS}/replicatedjob-name"
+                return [j for j in jobs if j["metadata"]["labels"].get(key) == rjob["name"]]
+
+            for job in of(active):
+                jspec, jstatus = job["spec"], job.get("status") or {}
+                expected = min(jspec.get("parallelism", 1), jspec.get("completions", 1))
+                done = jstatus.get("succeeded", 0) + ready_pods.get(job["metadata"]["name"], 0)
+                counts["ready"] += done >= expected
+                counts["active"] += jstatus.get("active", 0) > 0
+            counts["succeeded"] = len(of(succeeded))
+            counts["failed"] = len(of(failed))
+            out.append({"name": rjob["name"], **counts})
+        return out
+
+    def _port(self, uid: str, attempt: int) -> int:
+        if (uid, attempt) not in self._ports:
+            self._ports[(uid, attempt)] = free_port()
+        return self._ports[(uid, attempt)]
+
+    def _create_job(self, api: KubeClient, js: dict, rjob: dict, index: int, attempt: int):
+        meta = js["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        template = copy.deepcopy(rjob["template"])
+        job_meta = template.get("metadata") or {}
+        job_spec = template.get("spec") or {}
+        pod = job_spec.setdefault("template", {})
+        pod_meta = pod.setdefault("metadata", {})
+        pod_spec = pod.setdefault("spec", {})
+        marks = self._marks(js, rjob, index, attempt)
+        for obj in (job_meta, pod_meta):
+            obj["labels"] = {**(obj.get("labels") or {}), **marks}
+            obj["annotations"] = {**(obj.get("annotations") or {}), **marks}
+        pod_spec.setdefault("restartPolicy", "OnFailure")
+        net = network(js)
+        if net["enableDNSHostnames"]:
+            pod_spec["subdomain"] = net["subdomain"]
+            if job_spec.get("completions", 1) == 1 and job_spec.get("parallelism", 1) == 1:
+                pod_spec.setdefault("hostname", f"{job_name(js, rjob, index)}-0")
+        # One machine: pods' DNS names -> 127.0.0.1, a per-attempt free master port.
+        pods_dns = re.compile(
+            r"(?<![\w.-])"
+            + "(?:"
+            + "|".join(re.escape(f"{name}-{r['name']}-") for r in js["spec"]["replicatedJobs"])
+            + r")\d+-\d+\."
+            + re.escape(net["subdomain"])
+            + rf"(?:\.{re.escape(ns)}(?:\.svc(?:\.cluster\.local)?)?)?(?![\w.-])"
+        )
+        port = str(self._port(meta["uid"], attempt))
+        for c in [*(pod_spec.get("initContainers") or []), *(pod_spec.get("containers") or [])]:
+            for var in c.get("env") or []:
+                if "value" not in var:
+                    continue
+                if var["name"] in PORT_VARS:
+                    var["value"] = port
+                else:
+                    var["value"] = pods_dns.sub("127.0.0.1", var["value"])
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                **job_meta,
+                "name": job_name(js, rjob, index),
+                "namespace": ns,
+                "ownerReferences": [controller_ref(js, "jobset.x-k8s.io/v1alpha2", "JobSet")],
+            },
+            "spec": job_spec,
+        }
+        try:
+            api.create(f"/apis/batch/v1/namespaces/{ns}/jobs", job)
+        except ApiError as e:
+            if e.status_code != 409:  # an old Job of that name still going: next sync
+                raise
+
+    @staticmethod
+    def _marks(js: dict, rjob: dict, index: int, attempt: int) -> dict[str, str]:
+        """The labels (and, same keys and values, annotations) of a child Job and its pods."""
+        meta, rjobs = js["metadata"], js["spec"]["replicatedJobs"]
+        before = 0
+        for r in rjobs:
+            if r["name"] == rjob["name"]:
+                break
+            before += replicas(r)
+        name = job_name(js, rjob, index)
+        return {
+            f"{JS}/jobset-name": meta["name"],
+            f"{JS}/replicatedjob-name": rjob["name"],
+            f"{JS}/replicatedjob-replicas": str(replicas(rjob)),
+            f"{JS}/global-replicas": str(sum(replicas(r) for r in rjobs)),
+            f"{JS}/job-index": str(index),
+            f"{JS}/job-global-index": str(before + index),
+            f"{JS}/job-key": hashlib.sha1(f"{meta['namespace']}/{name}".encode()).hexdigest(),
+            f"{JS}/restart-attempt": str(attempt),
+        }
+
+    @staticmethod
+    def _ensure_headless_service(api: KubeClient, js: dict) -> None:
+        meta = js["metadata"]
+        net = network(js)
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": net["subdomain"],
+                "namespace": meta["namespace"],
+                "ownerReferences": [controller_ref(js, "jobset.x-k8s.io/v1alpha2", "JobSet")],
+            },
+            "spec": {
+                "clusterIP": "None",
+                "selector": {f"{JS}/jobset-name": meta["name"]},
+                "publishNotReadyAddresses": net["publishNotReadyAddresses"],
+            },
+        }
+        path = f"/api/v1/namespaces/{meta['namespace']}/services"
+        try:
+            api.get(f"{path}/{net['subdomain']}")
+        except ApiError as e:
+            if e.status_code != 404:
+                raise
+            with contextlib.suppress(ApiError):  # 409: made meanwhile
+                api.create(path, service)
+
+    @staticmethod
+    def _delete_jobs(api: KubeClient, jobs: list[dict]) -> None:
+        for job in jobs:
+            m = job["metadata"]
+            if m.get("deletionTimestamp"):
+                continue
+            with contextlib.suppress(ApiError):
+                api.delete(
+                    f"/apis/batch/v1/namespaces/{m['namespace']}/jobs/{m['name']}",
+                    propagationPolicy="Foreground",
+                )
+
+    @staticmethod
+    def _write_status(api: KubeClient, js: dict, old_status: dict, status: dict) -> None:
+        if status == old_status:
+            return
+        meta = js["metadata"]
+        with contextlib.suppress(ApiError):
+            api.merge_patch(
+                f"{JOBSET_API}/namespaces/{meta['namespace']}/jobsets/{meta['name']}/status",
+                {"metadata": {"uid": meta["uid"]}, "status": status},
+            )
+
+
+def replicas(rjob: dict) -> int:
+    return int(rjob.get("replicas", 1))
+
+
+def job_name(js: dict, rjob: dict, index: int) -> str:
+    return f"{js['metadata']['name']}-{rjob['name']}-{index}"
+
+
+def network(js: dict) -> dict:
+    """spec.network with upstream's defaults."""
+    net = js["spec"].get("network") or {}
+    return {
+        "enableDNSHostnames": net.get("enableDNSHostnames", True),
+        "subdomain": net.get("subdomain") or js["metadata"]["name"],
+        "publishNotReadyAddresses": net.get("publishNotReadyAddresses", True),
+    }
+
+
+def controller_ref(obj: dict, api_version: str, kind: str) -> dict:
+    meta = obj["metadata"]
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def job_condition(job: dict, ctype: str) -> bool:
+    return is_true((job.get("status") or {}).get("conditions") or [], ctype)
+
+
+def failed_at(job: dict) -> str:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c["type"] == "Failed" and c["status"] == "True":
+            return c.get("lastTransitionTime") or ""
+    return ""
+
+
+def pod_ready(pod: dict) -> bool:
+    return is_true((pod.get("status") or {}).get("conditions") or [], "Ready")
+
+
+def set_jobset_condition(
+    conditions: list[dict], ctype: str, status: str, reason: str, message: str
+) -> None:
+    """JobSet's condition rules: a condition is added only when True; an existing one changes
+    only when its status does."""
+    current = next((c for c in conditions if c["type"] == ctype), None)
+    if current is None and status != "True":
+        return
+    if current is not None and current["status"] == status:
+        return
+    new = {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+    }
+    if current is None:
+        conditions.append(new)
+    else:
+        conditions[conditions.index(current)] = new
 
 
 def owned_by(obj: dict, uid: str) -> bool:
