@@ -7,8 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from sami_operator.models import Principle, QuerySource, StorageSpec
+from sami_operator.models import GenerationSpec, ModelSpec, Principle, QuerySource, StorageSpec
 from sami_worker import storage
+from sami_worker.backends import Backend, open_backend, resolve_model_dir
 from sami_worker.datasets import load_queries
 from sami_worker.settings import cache_dir
 from sami_worker.tasks import PrinciplesRef, TaskError
@@ -34,6 +35,21 @@ def read_uri(uri: str, spec: StorageSpec | None) -> bytes:
     """The bytes of one object or file, named by its full URI."""
     parent, _, name = uri.rstrip("/").rpartition("/")
     return open_uri(parent or ".", spec).read_bytes(name)
+
+
+def open_model_backend(
+    model: ModelSpec,
+    generation: GenerationSpec,
+    storage_spec: StorageSpec | None,
+    seed: int,
+    scoring: bool = False,
+) -> Backend:
+    """The generation backend (vLLM or transformers) on `model`, fetched first when it lives
+    in storage."""
+    model_dir = resolve_model_dir(model.uri, lambda uri: fetch_model(uri, storage_spec))
+    return open_backend(
+        generation.backend, model_dir, model, generation.engine, seed=seed, scoring=scoring
+    )
 
 
 def fetch_model(uri: str, spec: StorageSpec | None) -> Path:

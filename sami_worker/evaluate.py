@@ -52,11 +52,9 @@ from sami_worker import storage
 from sami_worker.backends import (
     Backend,
     SamplingSettings,
-    open_backend,
     request_seed,
-    resolve_model_dir,
 )
-from sami_worker.common import fetch_model, load_principles, load_task_queries, open_uri
+from sami_worker.common import load_principles, load_task_queries, open_model_backend, open_uri
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
 from sami_worker.generate import constitution_record, prompt_token_ids
 from sami_worker.judge import JudgeCache, JudgeClient, JudgeItem, judge_items, sample_items
@@ -347,17 +345,9 @@ def generate_and_score(task: EvaluateTask, principles: list[Principle]) -> Evalu
     queries = load_task_queries(task.queries, 0, task.storage)
     if not queries:
         raise TaskError("queries: the evaluation source yields no queries")
-    model_dir = resolve_model_dir(task.model.uri, lambda uri: fetch_model(uri, task.storage))
     # One engine for generating and scoring; scoring reads prompt log-probs, which vLLM does
     # not compute for prefix-cached positions, so this engine runs without the cache.
-    backend = open_backend(
-        task.generation.backend,
-        model_dir,
-        task.model,
-        task.generation.engine,
-        seed=0,
-        scoring=True,
-    )
+    backend = open_model_backend(task.model, task.generation, task.storage, 0, scoring=True)
     try:
         metrics, records = evaluate_principles(task, backend, queries, principles)
         held_out, held_records = None, []

@@ -27,11 +27,9 @@ from sami_worker import storage
 from sami_worker.backends import (
     Backend,
     SamplingSettings,
-    open_backend,
     request_seed,
-    resolve_model_dir,
 )
-from sami_worker.common import fetch_model, load_principles, load_task_queries, open_uri
+from sami_worker.common import load_principles, load_task_queries, open_model_backend, open_uri
 from sami_worker.constitutions import derive_rng, sample_constitutions
 from sami_worker.prompts import cut_response, filter_reason, render_prompt
 from sami_worker.tasks import GenerateTask, TaskError
@@ -192,13 +190,8 @@ def run(task: GenerateTask) -> dict:
     queries = load_task_queries(task.queries, task.query_offset, task.storage)
     if not queries:
         raise TaskError(f"queries: the source yields no queries ({task.queries.uri})")
-    model_dir = resolve_model_dir(task.model.uri, lambda uri: fetch_model(uri, task.storage))
-    backend = open_backend(
-        task.generation.backend,
-        model_dir,
-        task.model,
-        task.generation.engine,
-        seed=task.constitutions.seed,
+    backend = open_model_backend(
+        task.model, task.generation, task.storage, seed=task.constitutions.seed
     )
     try:
         records, stats = build_records(task, backend, queries, principles)

@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from sami_operator.models import Endpoint, ModelSpec, Principle
 from sami_worker import settings, storage
-from sami_worker.backends import SamplingSettings, open_backend, resolve_model_dir
-from sami_worker.common import PRINCIPLES_FILE, fetch_model, open_uri
+from sami_worker.backends import SamplingSettings
+from sami_worker.common import PRINCIPLES_FILE, open_model_backend, open_uri
 from sami_worker.tasks import TaskError, WritePrinciplesTask
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,7 @@ def ask_endpoint(endpoint: Endpoint, prompt: str, temperature: float, max_tokens
 class _LocalWriter:
     def __init__(self, task: WritePrinciplesTask):
         model = ModelSpec(uri=task.writer.model)
-        model_dir = resolve_model_dir(model.uri, lambda uri: fetch_model(uri, task.storage))
-        self.backend = open_backend(
-            task.generation.backend, model_dir, model, task.generation.engine, seed=task.seed
-        )
+        self.backend = open_model_backend(model, task.generation, task.storage, seed=task.seed)
         self.settings = SamplingSettings(task.writer.max_tokens, task.writer.temperature, 1.0, ())
 
     def __call__(self, prompt: str, attempt: int) -> str:

@@ -16,8 +16,7 @@ import tempfile
 from pathlib import Path
 
 from sami_worker import storage
-from sami_worker.backends import open_backend, resolve_model_dir
-from sami_worker.common import fetch_model, open_uri, read_uri
+from sami_worker.common import open_model_backend, open_uri, read_uri
 from sami_worker.tasks import ScorePair, ScoreTask, TaskError
 
 log = logging.getLogger(__name__)
@@ -46,15 +45,7 @@ def run(task: ScoreTask) -> dict:
         raise TaskError("score task: set 'pairs' or 'pairsUri'")
     if not pairs:
         raise TaskError("score task: no pairs to score")
-    model_dir = resolve_model_dir(task.model.uri, lambda uri: fetch_model(uri, task.storage))
-    backend = open_backend(
-        task.generation.backend,
-        model_dir,
-        task.model,
-        task.generation.engine,
-        seed=0,
-        scoring=True,
-    )
+    backend = open_model_backend(task.model, task.generation, task.storage, 0, scoring=True)
     try:
         rows = score_pairs(backend, pairs)
     finally:
