@@ -52,30 +52,19 @@ def records_from_status(run: SAMIRun, uid: str, status: SAMIRunStatus | None) ->
     if status is None:
         return records
     if status.principles is not None:
-        records["principles"] = _record(status.principles)
+        records["principles"] = StageRecord.from_status(status.principles)
     for entry in status.iterations:
         for name in ("generate", "train", "evaluate"):
             stage_status = getattr(entry, name)
             if stage_status is None:
                 continue
-            record = _record(stage_status)
+            record = StageRecord.from_status(stage_status)
             if name == "evaluate" and entry.metrics is not None:
                 record.meta = {"metrics": entry.metrics.to_api()}
                 if entry.held_out_metrics is not None:
                     record.meta["heldOutMetrics"] = entry.held_out_metrics.to_api()
             records[f"{name}-{entry.iteration}"] = record
     return records
-
-
-def _record(s) -> StageRecord:
-    return StageRecord(
-        phase=s.phase,
-        child=s.child,
-        attempts=s.attempts,
-        start_time=s.start_time,
-        completion_time=s.completion_time,
-        message=s.message,
-    )
 
 
 def decide(

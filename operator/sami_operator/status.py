@@ -37,6 +37,18 @@ class StageRecord:
     message: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the stage manifest's summary
 
+    @classmethod
+    def from_status(cls, s: StageStatus) -> StageRecord:
+        """The record a status entry was written from (metrics aside: they live elsewhere)."""
+        return cls(
+            phase=s.phase,
+            child=s.child,
+            attempts=s.attempts,
+            start_time=s.start_time,
+            completion_time=s.completion_time,
+            message=s.message,
+        )
+
     def as_status(self) -> StageStatus:
         return StageStatus(
             phase=self.phase,
