@@ -135,14 +135,16 @@ def test_samirun_tiny_reaches_succeeded_across_an_operator_restart(
     doc = tiny_run(s3_inputs, s3_server.endpoint_url)
     control_plane.apply(doc, namespace=k8s_namespace)
 
-    # Kill the operator once the first child exists, start a new one: nothing duplicated.
-    control_plane.wait_for(
-        "the first child Job",
-        lambda: control_plane.kubectl_json("get", "jobs", "-n", k8s_namespace, "-o", "json")[
-            "items"
-        ],
-        timeout=60,
-    )
+    # Kill the operator mid-generation, start a new one: nothing duplicated.
+    def generating() -> bool:
+        status = get_run(control_plane, k8s_namespace, "tiny").get("status", {})
+        if status.get("phase") == "Failed":
+            log = operator.log.read_text()[-3000:]
+            pytest.fail(f"the run failed: {status.get('message')}\noperator log:\n{log}")
+        entries = status.get("iterations", [])
+        return len(entries) > 1 and bool(entries[1].get("generate", {}).get("child"))
+
+    control_plane.wait_for("the generation stage", generating, timeout=600)
     operator.kill()
     time.sleep(2)
     operator.start()

@@ -172,6 +172,9 @@ class Kube:
     def _terminal(self, namespace: str, api, name: str, phase: StagePhase) -> ChildState:
         selector = _POD_SELECTORS[api].format(name=name)
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        # Pods being deleted (a launcher stopping the survivors of a failure) were killed:
+        # their exit code would hide the one that says why the workload failed.
+        pods = [p for p in pods if p.metadata.deletion_timestamp is None] or pods
         for pod in sorted(pods, key=lambda p: p.metadata.name):
             for status in pod.status.container_statuses or []:
                 terminated = status.state.terminated if status.state else None

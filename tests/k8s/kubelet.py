@@ -51,9 +51,9 @@ Output of each container goes to ``<workdir>/<namespace>/<pod>-<uid8>/<container
 (``LocalKubelet.logs()``); ``kubectl logs`` does not work (no kubelet server).
 
 Training operators live beside this module: ``tests/k8s/training_operators.py`` emulates the
-Kubeflow PyTorchJob controller (kubeflow.org/v1; CRD stand-in in ``tests/k8s/crds/``) and is the
-place for a JobSet (jobset.x-k8s.io/v1alpha2) emulation, a later step; they create Pods that this
-LocalKubelet then runs.
+Kubeflow PyTorchJob controller (kubeflow.org/v1) and the JobSet controller (jobset.x-k8s.io/
+v1alpha2), with CRD stand-ins in ``tests/k8s/crds/``; the Pods they (or the Jobs they create)
+make are run by this LocalKubelet.
 """
 
 from __future__ import annotations
