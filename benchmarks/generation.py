@@ -16,16 +16,18 @@ EOS included, over wall time.
 - TRANSFORMERS: `AutoModelForCausalLM.generate` on the same token prompts as one left-padded
   batch of 32, written here (not our `HFBackend`).
 
-The prefix cache is reset before every vLLM repetition, so each one prefills from scratch as
-the worker does. vLLM and transformers run in separate processes (an idle vLLM engine keeps
-worker processes alive); the transformers repetitions are split before and after the vLLM
-process so that both sides see the same stretch of a noisy machine.
+All three run in one child process, one of each per repetition, the order rotating from
+repetition to repetition so that a noisy machine's load hits all three alike. vLLM runs its
+engine in child processes and leaves this process's torch threads alone (checked: 2 before
+and after on the 2-core machine); between its calls the idle engine still polls, measured at
+about 0.08 of a core, which the transformers side shares (that entry has no target). The
+prefix cache is reset before every vLLM call, so each one prefills from scratch as a fresh
+worker does. A small warm-up precedes the repetitions.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -34,6 +36,7 @@ from benchmarks.common import EXAMPLES
 
 QUERIES = 16
 MAX_NEW_TOKENS = 64
+SIDES = ("raw", "ours", "transformers")
 
 
 def make_task(model_dir: str, dtype: str, device: str, max_new_tokens: int = MAX_NEW_TOKENS):
@@ -60,50 +63,26 @@ def make_task(model_dir: str, dtype: str, device: str, max_new_tokens: int = MAX
 class PromptRecorder:
     """A backend wrapper that records the token prompts `build_records` sends."""
 
-    def __init__(self, tokenizer, backend=None):
-        self.tokenizer, self.backend, self.prompts = tokenizer, backend, []
+    def __init__(self, backend):
+        self.tokenizer, self.backend, self.prompts = backend.tokenizer, backend, []
 
     def generate(self, prompts, settings, seeds):
-        from sami_worker.backends import Completion
-
         self.prompts += [list(p) for p in prompts]
-        if self.backend is not None:
-            return self.backend.generate(prompts, settings, seeds)
-        return [Completion("", (), "length", False) for _ in prompts]
+        return self.backend.generate(prompts, settings, seeds)
 
 
-def transformers_child(args) -> dict:
-    """Plain batched greedy `generate` with left padding, `args.reps` times."""
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad: int, eos: int) -> int:
+    """Plain batched greedy `generate` with left padding; returns the generated tokens (EOS
+    counted, the padding after it not)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sami_worker.common import load_principles, load_task_queries
-    from sami_worker.generate import build_records
-    from sami_worker.smollm2 import prepare_smollm2
-
-    model_dir = str(prepare_smollm2())
-    task = make_task(model_dir, args.dtype, args.device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    recorder = PromptRecorder(tokenizer)
-    queries = load_task_queries(task.queries, 0, None)
-    build_records(task, recorder, queries, load_principles(task.principles, None))
-    prompts = recorder.prompts
-
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
-    model = model.to(args.device).eval()
-    load_s = time.perf_counter() - started
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-
-    @torch.no_grad()
-    def generate(batch: list[list[int]], new_tokens: int) -> int:
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=args.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask.to(args.device),
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=new_tokens,
             do_sample=False,
             temperature=None,
@@ -111,24 +90,16 @@ def transformers_child(args) -> dict:
             top_k=None,
             pad_token_id=pad,
         )
-        rows = out[:, width:].tolist()
-        return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows)
-
-    generate(prompts[:2], 4)  # warm-up
-    tps, tokens = [], []
-    for _ in range(args.reps):
-        started = time.perf_counter()
-        n = generate(prompts, MAX_NEW_TOKENS)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        tps.append(n / (time.perf_counter() - started))
-        tokens.append(n)
-    return {"load_s": load_s, "tps": tps, "tokens": tokens, "prompts": prompts}
+    rows = out[:, width:].tolist()
+    return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows)
 
 
-def vllm_child(args) -> dict:
-    """One engine; per repetition, raw `LLM.generate` and our `build_records`, alternating."""
+def child(args) -> dict:
+    """Start the engine and load the transformers model (both timed), then `args.reps`
+    repetitions of raw vLLM, ours and transformers in rotating order."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -146,34 +117,45 @@ def vllm_child(args) -> dict:
         "vllm", model_dir, task.model, task.generation.engine, seed=task.constitutions.seed
     )
     start_s = time.perf_counter() - started
+    started = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    hf = hf.to(args.device).eval()
+    load_s = time.perf_counter() - started
 
-    # Warm-up through our path with a few tokens; it also captures the token prompts.
-    recorder = PromptRecorder(backend.tokenizer, backend)
+    # Warm-up of all three with a few tokens; our path also yields the token prompts.
+    recorder = PromptRecorder(backend)
     short = task.generation.model_copy(update={"max_new_tokens": 4})
-    warm = task.model_copy(update={"generation": short})
-    build_records(warm, recorder, queries, principles)
+    build_records(task.model_copy(update={"generation": short}), recorder, queries, principles)
     prompts = recorder.prompts
-    g = task.generation
+    g, tokenizer = task.generation, backend.tokenizer
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    hf_generate(hf, prompts[:2], 4, pad, eos)
     params = SamplingParams(
         max_tokens=g.max_new_tokens, temperature=0.0, top_p=1.0, stop=list(g.stop)
     )
-    result = {"start_s": start_s, "raw": [], "ours": [], "raw_tokens": [], "ours_tokens": []}
+    tokens_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    backend.llm.generate(tokens_prompts[:2], params, use_tqdm=False)
+
+    result = {side: [] for side in SIDES} | {f"{side}_tokens": [] for side in SIDES}
     for rep in range(args.reps):
-        for side in ("raw", "ours") if rep % 2 == 0 else ("ours", "raw"):
+        for side in SIDES[rep % 3 :] + SIDES[: rep % 3]:
             backend.llm.reset_prefix_cache()
             started = time.perf_counter()
             if side == "raw":
-                outs = backend.llm.generate(
-                    [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-                )
+                outs = backend.llm.generate(tokens_prompts, params, use_tqdm=False)
                 n = sum(len(o.outputs[0].token_ids) for o in outs)
+            elif side == "ours":
+                n = build_records(task, backend, queries, principles)[1]["generated_tokens"]
             else:
-                _, stats = build_records(task, backend, queries, principles)
-                n = stats["generated_tokens"]
+                n = hf_generate(hf, prompts, g.max_new_tokens, pad, eos)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
             result[side].append(n / (time.perf_counter() - started))
             result[f"{side}_tokens"].append(n)
+            print(f"  generation rep {rep + 1} {side}: {result[side][-1]:.0f} tokens/s", flush=True)
     backend.close()
-    return {**result, "prompts": prompts}
+    return {**result, "start_s": start_s, "load_s": load_s, "prompts": len(prompts)}
 
 
 def run(quick: bool, device: str) -> list[dict]:
@@ -181,50 +163,37 @@ def run(quick: bool, device: str) -> list[dict]:
 
     reps = 2 if quick else 3
     dtype = "float32" if device == "cpu" else "bfloat16"
-    common = ["--device", device, "--dtype", dtype]
-    before = math.ceil(reps / 2)
-    print(f"  generation: transformers, {before} rep(s)", file=sys.stderr)
-    hf = [run_child("generation", ["transformers", "--reps", str(before), *common])]
-    print(f"  generation: vLLM engine, {reps} rep(s) of raw and ours", file=sys.stderr)
-    vl = run_child("generation", ["vllm", "--reps", str(reps), *common])
-    if reps > before:
-        print(f"  generation: transformers, {reps - before} rep(s)", file=sys.stderr)
-        hf.append(run_child("generation", ["transformers", "--reps", str(reps - before), *common]))
-    hf_tps = [x for h in hf for x in h["tps"]]
-    tokens = {
-        "transformers": sorted({n for h in hf for n in h["tokens"]}),
-        "raw vLLM": sorted(set(vl["raw_tokens"])),
-        "ours": sorted(set(vl["ours_tokens"])),
-    }
-    same = "same" if hf[0]["prompts"] == vl["prompts"] else "DIFFERENT"
+    print(f"  generation: {reps} rep(s) of raw vLLM, ours, transformers", file=sys.stderr)
+    r = run_child("generation", ["--reps", str(reps), "--device", device, "--dtype", dtype])
+    tokens = {side: sorted(set(r[f"{side}_tokens"])) for side in SIDES}
     setup = (
-        f"SmolLM2-135M {dtype}, {len(vl['prompts'])} chat prompts ({same} token ids on both "
-        f"sides), {MAX_NEW_TOKENS} new tokens, greedy; generated tokens per rep {tokens}"
+        f"SmolLM2-135M {dtype}, {r['prompts']} chat prompts (the same token ids on every side), "
+        f"{MAX_NEW_TOKENS} new tokens, greedy; generated tokens per rep {tokens}"
     )
     return [
         entry(
             f"generation tokens/s: ours vs transformers generate ({device}, {dtype})",
-            hf_tps,
-            vl["ours"],
+            r["transformers"],
+            r["ours"],
             "tokens/s",
             None,
             setup + "; transformers: one left-padded batch",
         ),
         entry(
             f"generation overhead: ours vs raw vLLM LLM.generate ({device}, {dtype})",
-            vl["raw"],
-            vl["ours"],
+            r["raw"],
+            r["ours"],
             "tokens/s",
             ">= 0.9",
-            setup + "; one shared engine, prefix cache reset before each rep",
+            setup + "; one shared engine, prefix cache reset before each call",
         ),
         entry(
             f"generation startup: vLLM engine start vs transformers model load ({device})",
-            [h["load_s"] for h in hf],
-            [vl["start_s"]],
+            [r["load_s"]],
+            [r["start_s"]],
             "s",
             None,
-            "lower is better; excluded from the throughput entries",
+            "lower is better; once per run; excluded from the throughput entries",
         ),
     ]
 
@@ -243,11 +212,9 @@ if __name__ == "__main__":
     from benchmarks.common import write_json
 
     parser = argparse.ArgumentParser(description="One generation measurement (a child).")
-    parser.add_argument("side", choices=["transformers", "vllm"])
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True)
     arguments = parser.parse_args()
-    child = transformers_child if arguments.side == "transformers" else vllm_child
     write_json(arguments.out, child(arguments))

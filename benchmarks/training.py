@@ -12,16 +12,20 @@ the plain model, so the comparison isolates how log-probs are computed.
   every position, `.float().log_softmax(-1)`, gather the targets, mask prompt and padding, mean
   per sequence, reshape the flat batch into the (C, C) matrix, the same `sami_loss`, backward.
 
-Each (variant, repetition) runs in its own process, alternating which variant goes first:
-load the model, one small warm-up step (which also allocates the gradient buffers, kept with
-zero_grad(set_to_none=False) so they count in neither side's peak), then
-1. one timed step over the block: tokens/s = real (non-padding) tokens / seconds;
-2. the peak memory increase of that step (whole forward + backward);
-3. the logits path alone: final hidden states computed without grad, then hidden -> log-probs
-   -> matrix -> loss -> backward into hidden and the head weight, with its peak increase.
-Peak memory is measured by `benchmarks.common.PeakMemory` (see README.md). There is no
+Timing: one process loads the model once, warms both variants up, then per repetition trains
+one step of each variant on the same block (block r % 3 in repetition r), alternating which
+goes first; tokens/s = real (non-padding) tokens / seconds of forward + backward. There is no
 optimizer step: it is the same for both sides and would only dilute the comparison.
-On CUDA the child also reports model FLOPs/s for the MFU entry.
+
+Memory: one process per variant (a peak meter must not see the other variant's allocations),
+with the allocator settings of `benchmarks.common.CPU_MALLOC_ENV`. A small warm-up step
+allocates the gradient buffers, kept with zero_grad(set_to_none=False) so they count in
+neither side's peak; then per repetition (same blocks as the timing)
+1. the peak increase of one whole step (forward + backward);
+2. the logits path alone: final hidden states computed without grad, then hidden -> log-probs
+   -> matrix -> loss -> backward into hidden and the head weight, with its peak increase.
+Peak memory is measured by `benchmarks.common.PeakMemory` (see README.md).
+On CUDA the timing child also reports model FLOPs for the MFU entry.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 N_BLOCKS = 3  # repetition r trains on block r % N_BLOCKS, the same block for both variants
+VARIANTS = ("naive", "ours")
 PEAK_BF16_TFLOPS = {  # dense bf16 peaks from the vendors' data sheets, matched in this order
     "H100 PCIe": 756.0,
     "H100 NVL": 835.0,
@@ -87,83 +92,132 @@ def loss_ours(model, batch, c: int, hidden=None):
     return sami_loss(assemble_matrices(scored.mean, batch.pairs, c, blocks)).loss
 
 
-def child(args) -> dict:
-    """One variant, one repetition, in this process; see the module docstring."""
-    import dataclasses
+class Setup:
+    """Model, tokenizer and blocks in one process, and a step of either variant."""
 
-    import torch
+    def __init__(self, device: str):
+        import torch
 
-    from benchmarks.common import PeakMemory
-    from benchmarks.data import make_blocks
-    from sami_operator.models import ModelSpec
-    from sami_worker.hf import load_model, load_tokenizer
-    from sami_worker.smollm2 import prepare_smollm2
-    from sami_worker.train import Block, collate
+        from benchmarks.data import make_blocks
+        from sami_operator.models import ModelSpec
+        from sami_worker.hf import load_model, load_tokenizer
+        from sami_worker.smollm2 import prepare_smollm2
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    path = str(prepare_smollm2())
-    spec = ModelSpec(uri=path)
-    tokenizer = load_tokenizer(path, spec)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = load_model(path, spec, dtype=dtype).to(device)
-    model.config.use_cache = False
-    with tempfile.TemporaryDirectory() as tmp:
-        block = make_blocks(tokenizer, N_BLOCKS, Path(tmp))[args.block]
+        torch.manual_seed(0)
+        self.device = torch.device(device)
+        path = str(prepare_smollm2())
+        spec = ModelSpec(uri=path)
+        tokenizer = load_tokenizer(path, spec)
+        self.pad = tokenizer.pad_token_id
+        if self.pad is None:
+            self.pad = tokenizer.eos_token_id
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.model = load_model(path, spec, dtype=dtype).to(self.device)
+        self.model.config.use_cache = False
+        with tempfile.TemporaryDirectory() as tmp:
+            self.blocks = make_blocks(tokenizer, N_BLOCKS, Path(tmp))
 
-    def on_device(blocks):
-        batch, c = collate(blocks, pad)
-        moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    def batch(self, blocks):
+        """`collate` (the worker's) on this device."""
+        import dataclasses
+
+        from sami_worker.train import collate
+
+        batch, c = collate(blocks, self.pad)
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
         for name in ("input_ids", "attention_mask", "response_mask"):
-            moved[name] = moved[name].to(device)
-        return type(batch)(**moved), c
+            fields[name] = fields[name].to(self.device)
+        return type(batch)(**fields), c
 
-    def sync():
-        if device.type == "cuda":
+    def warm_up(self, variant: str) -> None:
+        """One step on a tiny block (CPU) or a real one (CUDA, where kernels autotune)."""
+        from sami_worker.train import Block
+
+        block = self.blocks[0]
+        tiny = Block(tuple(p[:16] for p in block.prompts), tuple(r[:8] for r in block.responses))
+        self.step(variant, [block] if self.device.type == "cuda" else [tiny])
+
+    def hidden_states(self, blocks):
+        """Final hidden states without grad, as a leaf that wants one (the logits path's input)."""
+        import torch
+
+        batch, _ = self.batch(blocks)
+        with torch.no_grad():
+            hidden = self.model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).last_hidden_state
+        return hidden.requires_grad_(True)
+
+    def step(self, variant: str, blocks, hidden=None) -> float:
+        """Forward + backward of one variant, or of its logits path from `hidden`; the loss."""
+        batch, c = self.batch(blocks)
+        loss_fn = loss_naive if variant == "naive" else loss_ours
+        loss = loss_fn(self.model, batch, c, hidden=hidden)
+        loss.backward()
+        self.model.zero_grad(set_to_none=False)
+        return float(loss.detach())
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    loss_fn = loss_naive if args.variant == "naive" else loss_ours
-    tiny = Block(tuple(p[:16] for p in block.prompts), tuple(r[:8] for r in block.responses))
-    warm, c = on_device([block] if device.type == "cuda" else [tiny])
-    loss_fn(model, warm, c).backward()
-    model.zero_grad(set_to_none=False)
 
-    batch, c = on_device([block])
-    meter = PeakMemory(device.type)
-    meter.start()
-    started = time.perf_counter()
-    loss = loss_fn(model, batch, c)
-    loss.backward()
-    sync()
-    seconds = time.perf_counter() - started
-    step_mib = meter.stop()
-    model.zero_grad(set_to_none=False)
+def timing_child(args) -> dict:
+    """Both variants in this process, alternating; tokens/s per repetition."""
+    s = Setup(args.device)
+    for variant in VARIANTS:
+        s.warm_up(variant)
+    config = s.model.config
+    n_params = sum(p.numel() for p in s.model.parameters())
+    out = {v: [] for v in VARIANTS} | {"flops": []}
+    out |= {"loss": {v: [] for v in VARIANTS}, "seconds": {v: [] for v in VARIANTS}}
+    for rep in range(args.reps):
+        block = s.blocks[rep % N_BLOCKS]
+        batch, _ = s.batch([block])
+        tokens = int(batch.attention_mask.sum())
+        # 6 N per token (forward + backward) plus attention scores (PaLM's MFU appendix).
+        width = batch.input_ids.shape[1]
+        out["flops"].append(
+            tokens * (6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * width)
+        )
+        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
+            s.sync()
+            started = time.perf_counter()
+            out["loss"][variant].append(s.step(variant, [block]))
+            s.sync()
+            seconds = time.perf_counter() - started
+            out["seconds"][variant].append(seconds)
+            out[variant].append(tokens / seconds)
+    out["tokens"] = tokens
+    out["gpu"] = None
+    if s.device.type == "cuda":
+        import torch
 
-    with torch.no_grad():
-        hidden = model.base_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
-    hidden.requires_grad_(True)
-    meter.start()
-    loss_fn(model, batch, c, hidden=hidden).backward()
-    head_mib = meter.stop()
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
-    tokens = int(batch.attention_mask.sum())
-    layers, width = model.config.num_hidden_layers, model.config.hidden_size
-    n_params = sum(p.numel() for p in model.parameters())
-    # 6 N per token (forward + backward) plus attention scores, as in the PaLM MFU appendix.
-    flops = tokens * (6 * n_params + 12 * layers * width * batch.input_ids.shape[1])
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "step_mib": step_mib,
-        "head_mib": head_mib,
-        "memory_method": meter.method,
-        "loss": float(loss.detach()),
-        "flops": flops,
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-    }
+
+def memory_child(args) -> dict:
+    """One variant's peak increases: whole step and logits path, per repetition."""
+    from benchmarks.common import PeakMemory
+
+    s = Setup(args.device)
+    s.warm_up(args.variant)
+    meter = PeakMemory(s.device.type)
+    out = {"step_mib": [], "head_mib": []}
+    for rep in range(args.reps):
+        blocks = [s.blocks[rep % N_BLOCKS]]
+        meter.start()
+        s.step(args.variant, blocks)
+        out["step_mib"].append(meter.stop())
+        hidden = s.hidden_states(blocks)
+        meter.start()
+        s.step(args.variant, blocks, hidden=hidden)
+        out["head_mib"].append(meter.stop())
+        del hidden
+    return out | {"method": meter.method}
 
 
 def peak_tflops(gpu: str | None) -> float | None:
@@ -175,60 +229,57 @@ def run(quick: bool, device: str) -> list[dict]:
 
     reps = 2 if quick else 3
     dtype = "fp32" if device == "cpu" else "bf16"
-    rows: dict[str, list[dict]] = {"naive": [], "ours": []}
-    for r in range(reps):
-        for variant in ("naive", "ours") if r % 2 == 0 else ("ours", "naive"):
-            args = ["--variant", variant, "--block", str(r % N_BLOCKS), "--device", device]
-            row = run_child("training", args, env=CPU_MALLOC_ENV if device == "cpu" else None)
-            rows[variant].append(row)
-            print(
-                f"  training rep {r + 1}/{reps} {variant}: {row['tokens'] / row['seconds']:.0f}"
-                f" tokens/s, step +{row['step_mib']:.0f} MiB, logits +{row['head_mib']:.0f} MiB",
-                file=sys.stderr,
-            )
-    naive, ours = rows["naive"], rows["ours"]
-    gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(naive, ours, strict=True))
+    common = ["--reps", str(reps), "--device", device]
+    print(f"  training: timing, {reps} rep(s) of both variants", file=sys.stderr)
+    t = run_child("training", ["timing", *common])
+    memory = {}
+    for variant in VARIANTS:
+        print(f"  training: peak memory of {variant}, {reps} rep(s)", file=sys.stderr)
+        env = CPU_MALLOC_ENV if device == "cpu" else None
+        memory[variant] = run_child("training", ["memory", "--variant", variant, *common], env=env)
+    gap = max(abs(a - b) for a, b in zip(*t["loss"].values(), strict=True))
     setup = (
-        f"SmolLM2-135M {dtype}, 1 block of C=2 (4 sequences, {ours[0]['tokens']} tokens in "
-        f"rep 1), forward+backward, no optimizer step; one process per variant and rep; "
-        f"losses of the two sides differ by at most {gap:.1e}"
+        f"SmolLM2-135M {dtype}, 1 block of C=2 (4 sequences, {t['tokens']} tokens in the last "
+        f"rep), forward+backward, no optimizer step, both variants alternating in one "
+        f"process; their losses differ by at most {gap:.1e}"
     )
-    method = f"peak increase over the level before, {ours[0]['memory_method']}"
+    method = f"peak increase over the level before, {memory['ours']['method']}"
     entries = [
         entry(
             f"training step tokens/s: ours vs naive full-vocab logits ({device}, {dtype})",
-            [x["tokens"] / x["seconds"] for x in naive],
-            [x["tokens"] / x["seconds"] for x in ours],
+            t["naive"],
+            t["ours"],
             "tokens/s",
             ">= 1.3",
             setup,
         ),
         entry(
             f"training logits-path peak memory: ours vs naive ({device}, {dtype})",
-            [x["head_mib"] for x in naive],
-            [x["head_mib"] for x in ours],
+            memory["naive"]["head_mib"],
+            memory["ours"]["head_mib"],
             "MiB",
             "<= 0.5",
             "hidden states -> log-probs -> matrix -> loss -> backward (lower is better); " + method,
         ),
         entry(
             f"training step peak memory (forward+backward): ours vs naive ({device}, {dtype})",
-            [x["step_mib"] for x in naive],
-            [x["step_mib"] for x in ours],
+            memory["naive"]["step_mib"],
+            memory["ours"]["step_mib"],
             "MiB",
             None,
             "includes the trunk's activations, the same on both sides (lower is better); " + method,
         ),
     ]
     if device == "cuda":
-        peak = peak_tflops(ours[0]["gpu"])
-        name = f"training MFU vs bf16 peak ({ours[0]['gpu']})"
+        peak = peak_tflops(t["gpu"])
+        name = f"training MFU vs bf16 peak ({t['gpu']})"
         if peak is None:
             from benchmarks.common import unmeasured
 
             entries.append(unmeasured(name, "skipped", "unknown bf16 peak for this GPU"))
         else:
-            achieved = [x["flops"] / x["seconds"] / 1e12 for x in ours]
+            pairs = zip(t["flops"], t["seconds"]["ours"], strict=True)
+            achieved = [flops / seconds / 1e12 for flops, seconds in pairs]
             note = "model FLOPs 6N + attention per token over the OURS step; no FSDP"
             entries.append(entry(name, [peak] * len(achieved), achieved, "TFLOP/s", None, note))
     return entries
@@ -249,9 +300,11 @@ if __name__ == "__main__":
     from benchmarks.common import write_json
 
     parser = argparse.ArgumentParser(description="One training-step measurement (a child).")
-    parser.add_argument("--variant", choices=["naive", "ours"], required=True)
-    parser.add_argument("--block", type=int, default=0)
+    parser.add_argument("mode", choices=["timing", "memory"])
+    parser.add_argument("--variant", choices=VARIANTS, help="memory mode: which variant")
+    parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True)
     arguments = parser.parse_args()
+    child = timing_child if arguments.mode == "timing" else memory_child
     write_json(arguments.out, child(arguments))
