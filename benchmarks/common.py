@@ -27,8 +27,12 @@ def entry(
     unit: str,
     target: str | None = None,
     notes: str = "",
+    absolute: bool = False,
 ) -> dict:
-    """A measured entry from the repetitions of both sides: medians, their ratio, the verdict."""
+    """A measured entry from the repetitions of both sides: medians, their ratio, the verdict.
+
+    `absolute`: the target bounds OUR figure in `unit` (e.g. "<= 60" seconds), not the ratio;
+    it is recorded as "ours <= 60"."""
     base, mine = statistics.median(baseline), statistics.median(ours)
     ratio = mine / base if base else None
     return {
@@ -38,8 +42,8 @@ def entry(
         "ours": round(mine, 4),
         "unit": unit,
         "ratio": None if ratio is None else round(ratio, 4),
-        "target": target,
-        "met": meets(ratio, target),
+        "target": f"ours {target}" if absolute and target else target,
+        "met": meets(mine if absolute else ratio, target),
         "reps": min(len(baseline), len(ours)),
         "samples": {"baseline": _rounded(baseline), "ours": _rounded(ours)},
         "notes": notes,
