@@ -19,11 +19,13 @@ model's come from iteration 0's responses.jsonl, `baseline_responses_uri`) and t
 vs "base", raw and length-corrected with 95% intervals, goes into the metrics' `winRates`,
 for training and held-out principles apart (sami_worker.judge, sami_worker.winrate). Every
 constitution counts, negated ones too: the question is always which response follows the
-constitution it was written under. judgments.jsonl keeps every prompt's answer and verdict;
-the win rates count ties and unparsable verdicts. Two files outside the manifest let a
-failed attempt (judge unreachable: exit 75) be retried cheaply: judge-inputs.json, the
-metrics and responses saved before judging, which a rerun of the same task reuses instead
-of generating again, and judge-cache.jsonl, the judge's answers so far.
+constitution it was written under. The judge is an OpenAI-compatible endpoint or a model
+this worker loads itself once its own engine is closed (evaluation.judge.model).
+judgments.jsonl keeps every prompt's answer and verdict; the win rates count ties and
+unparsable verdicts. Two files outside the manifest let a failed attempt (judge unreachable:
+exit 75) be retried cheaply: judge-inputs.json, the metrics and responses saved before
+judging, which a rerun of the same task reuses instead of generating again, and
+judge-cache.jsonl, the judge's answers so far.
 
     python -m sami_worker evaluate --task task.json
 """
@@ -44,6 +46,7 @@ from sami_operator.models import (
     ConstitutionMode,
     Estimate,
     Metrics,
+    ModelSpec,
     Principle,
     PromptFormat,
     WinRate,
@@ -57,7 +60,15 @@ from sami_worker.backends import (
 from sami_worker.common import load_principles, load_task_queries, open_model_backend, open_uri
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
 from sami_worker.generate import constitution_record, prompt_token_ids
-from sami_worker.judge import JudgeCache, JudgeClient, JudgeItem, judge_items, sample_items
+from sami_worker.judge import (
+    Judge,
+    JudgeCache,
+    JudgeClient,
+    JudgeItem,
+    LocalJudge,
+    judge_items,
+    sample_items,
+)
 from sami_worker.logprobs import assemble_matrices, block_pairs
 from sami_worker.objective import mean_and_stderr, plugin_mi, sami_loss
 from sami_worker.prompts import cut_response, render_prompt
@@ -192,7 +203,7 @@ def build_judge_items(
 
 
 def judge_against_baseline(
-    task: EvaluateTask, client: JudgeClient, items: list[JudgeItem], set_name: str
+    task: EvaluateTask, judge: Judge, items: list[JudgeItem], set_name: str
 ) -> tuple[WinRate, dict, list[dict]]:
     """Win rate vs the baseline over a seeded sample of `evaluation.judge.items` items, the
     judgment counts, and one record per judgment."""
@@ -200,7 +211,7 @@ def judge_against_baseline(
     seed = task.constitutions.seed
     sampled = sample_items(items, spec.items, seed)
     result = judge_items(
-        sampled, client.complete_many, task=task.task.value, seed=seed, both_orders=spec.both_orders
+        sampled, judge.complete_many, task=task.task.value, seed=seed, both_orders=spec.both_orders
     )
     estimate = compute_win_rate(
         result.outcomes, [i.test_length for i in sampled], [i.baseline_length for i in sampled]
@@ -258,9 +269,10 @@ class Baseline:
     records: list[dict]
 
 
-def open_judge(task: EvaluateTask, out: storage.Storage) -> tuple[JudgeClient, Baseline]:
-    """The judge client (cache at JUDGE_CACHE_FILE in the stage) and the baseline's
-    responses; fails before any generation when either is missing."""
+def open_judge(task: EvaluateTask, out: storage.Storage) -> tuple[Judge, Baseline]:
+    """The judge (cache at JUDGE_CACHE_FILE in the stage): a client of the endpoint, or a local
+    judge that loads evaluation.judge.model when it is first asked; and the baseline's
+    responses. Fails before any generation when either is missing."""
     if task.baseline_responses_uri is None:
         raise TaskError(
             "evaluation.judge needs the base model's responses (evaluation.includeBase: true); "
@@ -272,20 +284,27 @@ def open_judge(task: EvaluateTask, out: storage.Storage) -> tuple[JudgeClient, B
         stage.uri(RESPONSES_FILE), [json.loads(line) for line in text.splitlines() if line.strip()]
     )
     spec = task.evaluation.judge
-    client = JudgeClient(spec.endpoint, spec.max_concurrency, JudgeCache(out, JUDGE_CACHE_FILE))
-    return client, baseline
+    cache = JudgeCache(out, JUDGE_CACHE_FILE)
+    if spec.endpoint is not None:
+        return JudgeClient(spec.endpoint, spec.max_concurrency, cache), baseline
+
+    def open_judge_model(model: ModelSpec):
+        # The evaluated model's engine is closed by now (generate_and_score).
+        return open_model_backend(model, task.generation, task.storage, 0)
+
+    return LocalJudge(spec.model, open_judge_model, cache), baseline
 
 
 def add_win_rates(
     task: EvaluateTask,
-    client: JudgeClient,
+    judge: Judge,
     baseline: Baseline,
     principles: list[Principle],
     sets: dict[str, tuple[Metrics, list[dict]]],
 ) -> tuple[dict[str, Metrics], dict, list[dict]]:
     """Judge each set of records ("training", "heldOut") against the baseline's responses;
     return the metrics with their win rates, the judge's stage meta and judgments.jsonl."""
-    updated, meta, lines = {}, {"model": task.evaluation.judge.endpoint.model}, []
+    updated, meta, lines = {}, {"model": judge.model}, []
     for set_name, (metrics, records) in sets.items():
         set_principles = principles if set_name == "training" else task.held_out
         base = [r for r in baseline.records if r.get("set", "training") == set_name]
@@ -296,11 +315,11 @@ def add_win_rates(
                 f"to the same query and constitution in {baseline.uri} (was that stage run "
                 "with other queries or principles?)"
             )
-        win_rate, counts, set_lines = judge_against_baseline(task, client, items, set_name)
+        win_rate, counts, set_lines = judge_against_baseline(task, judge, items, set_name)
         updated[set_name] = metrics.model_copy(update={"win_rates": [*metrics.win_rates, win_rate]})
         meta[set_name] = counts
         lines += set_lines
-    meta.update(requests=client.requests, cache_hits=client.cache_hits)
+    meta.update(requests=judge.requests, cache_hits=judge.cache_hits)
     return updated, meta, lines
 
 
@@ -365,25 +384,29 @@ def run(task: EvaluateTask) -> dict:
         return storage.read_manifest(out, "").meta
     principles = load_principles(task.principles, task.storage)
     judging = task.evaluation.judge is not None and task.iteration >= 1
-    judge = open_judge(task, out) if judging else None
-    evaluated = load_judge_inputs(out, task) if judging else None
-    if evaluated is None:
-        evaluated = generate_and_score(task, principles)
-        if judging:
-            # Before judging: a rerun after a judge failure judges these same responses, so
-            # its prompts hit the judge cache (and nothing is generated twice).
-            save_judge_inputs(out, task, evaluated)
-    metrics, records, held_out, held_records = evaluated
-    judge_meta, judgment_lines = None, []
-    if judge is not None:
-        client, baseline = judge
-        sets = {"training": (metrics, records)}
-        if held_out is not None:
-            sets["heldOut"] = (held_out, held_records)
-        updated, judge_meta, judgment_lines = add_win_rates(
-            task, client, baseline, principles, sets
-        )
-        metrics, held_out = updated["training"], updated.get("heldOut")
+    # A judge model is only loaded when first asked, after generation.
+    judge, baseline = open_judge(task, out) if judging else (None, None)
+    try:
+        evaluated = load_judge_inputs(out, task) if judging else None
+        if evaluated is None:
+            evaluated = generate_and_score(task, principles)
+            if judging:
+                # Before judging: a rerun after a judge failure judges these same responses,
+                # so its prompts hit the judge cache (and nothing is generated twice).
+                save_judge_inputs(out, task, evaluated)
+        metrics, records, held_out, held_records = evaluated
+        judge_meta, judgment_lines = None, []
+        if judge is not None:
+            sets = {"training": (metrics, records)}
+            if held_out is not None:
+                sets["heldOut"] = (held_out, held_records)
+            updated, judge_meta, judgment_lines = add_win_rates(
+                task, judge, baseline, principles, sets
+            )
+            metrics, held_out = updated["training"], updated.get("heldOut")
+    finally:
+        if judge is not None:
+            judge.close()
     meta = {
         "iteration": task.iteration,
         "metrics": metrics.to_api(),

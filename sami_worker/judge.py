@@ -1,9 +1,11 @@
 """Pairwise LLM judging for win rates (SAMI.md, Metrics: Win rate).
 
 An item is one held-out query under one evaluation constitution, with the tested model's
-response and the baseline's (the base model, iteration 0). The judge, any OpenAI-compatible
-chat endpoint, sees the constitution, the query and both responses as "A" and "B", and names
-the one that follows the principles better.
+response and a baseline's (the base model, iteration 0, or the reference model). The judge
+sees the constitution, the query and both responses as "A" and "B", and names the one that
+follows the principles better. The judge is any OpenAI-compatible chat endpoint
+(JudgeClient) or a model the evaluation worker loads itself (LocalJudge); both are a `Judge`,
+so prompts, verdict parsing, orders and the cache are the same for either.
 
 - Order: which response is A is a coin flip per item, fixed by the seed and the item's
   content, so every iteration shows a given item in the same order (the paper randomises once
@@ -12,14 +14,16 @@ the one that follows the principles better.
 - Outcome of one verdict: 1 the tested response won, 0 it lost, 0.5 a tie or a verdict that
   does not parse. Ties and parse failures are counted apart so a judge that cannot follow the
   answer format shows up as such rather than as a 50% win rate.
-- Client: bounded concurrency (an asyncio semaphore over one httpx.AsyncClient), retries with
-  exponential backoff and jitter on 429, 5xx, timeouts and connection errors (Retry-After is
-  honoured), temperature 0, and a cache of answers keyed by sha256(judge model, prompt).
-  The cache is a JSONL object in storage that the evaluation stage keeps beside its outputs
-  (not in the manifest) and rewrites as answers arrive, so a stage that failed half way and
-  runs again does not pay for the answers it already has. The prompts must repeat exactly for
-  that, so the stage also keeps the responses it judges and reuses them on a rerun rather
-  than generating again (GPU decoding is not bitwise reproducible).
+- Endpoint client: bounded concurrency (an asyncio semaphore over one httpx.AsyncClient),
+  retries with exponential backoff and jitter on 429, 5xx, timeouts and connection errors
+  (Retry-After is honoured), temperature 0. Local judge: greedy decoding with the generation
+  backend, the prompt rendered with the judge model's chat template.
+- Cache: the answers, keyed by sha256(judge model, prompt), in a JSONL object in storage that
+  the evaluation stage keeps beside its outputs (not in the manifest) and rewrites as answers
+  arrive, so a stage that failed half way and runs again does not pay for (or generate) the
+  answers it already has. The prompts must repeat exactly for that, so the stage also keeps
+  the responses it judges and reuses them on a rerun rather than generating again (GPU
+  decoding is not bitwise reproducible).
 
 Try it against any OpenAI-compatible endpoint (e.g. `vllm serve MODEL`):
 
@@ -43,8 +47,9 @@ from typing import Literal
 
 import httpx
 
-from sami_operator.models import Endpoint
+from sami_operator.models import Endpoint, ModelSpec
 from sami_worker import settings, storage
+from sami_worker.backends import Backend, SamplingSettings, request_seed
 from sami_worker.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -349,12 +354,53 @@ class JudgeCache:
         self._dirty = 0
 
 
-class JudgeClient:
-    """Chat completions from an OpenAI-compatible endpoint, many at once, cached.
+class Judge:
+    """What the judging code needs of a judge: `complete_many(prompts)` -> answers, cached.
 
-    `requests` counts HTTP requests sent (retries included) and `cache_hits` the prompts
-    answered from the cache, so callers and tests can see what a run cost.
+    The cache lookups, deduplication and flushing are here; a judge only answers the prompts
+    the cache lacks (`_answer`), putting each answer in the cache as it arrives so a failure
+    half way keeps what was paid for. Two judges: JudgeClient (an OpenAI-compatible endpoint)
+    and LocalJudge (a model loaded in this process). `requests` counts what was asked of the
+    judge (HTTP requests with retries, or prompts generated), `cache_hits` the prompts answered
+    from the cache, so callers and tests can see what a run cost.
     """
+
+    def __init__(self, model: str, cache: JudgeCache | None = None):
+        self.model = model  # the judge's name in the cache key
+        self.cache = cache if cache is not None else JudgeCache()
+        self.requests = 0
+        self.cache_hits = 0
+
+    def complete_many(self, prompts: Sequence[str]) -> list[str]:
+        """The judge's answer to each prompt, in order; cached answers are not asked again."""
+        todo = [p for p in dict.fromkeys(prompts) if self.cache.get(self.model, p) is None]
+        missing = set(todo)
+        self.cache_hits += sum(p not in missing for p in prompts)
+        if todo:
+            log.info(
+                "judge %s: %d prompts, %d cached, %d to ask",
+                self.model,
+                len(prompts),
+                len(prompts) - len(todo),
+                len(todo),
+            )
+            try:
+                self._answer(todo)
+            finally:
+                self.cache.flush()
+        return [self.cache.get(self.model, p) or "" for p in prompts]
+
+    def _answer(self, prompts: list[str]) -> None:
+        """Answer every prompt into the cache (self.cache.put(self.model, prompt, answer))."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the judge holds (a loaded model); asking again reopens it."""
+
+
+class JudgeClient(Judge):
+    """Chat completions from an OpenAI-compatible endpoint, many at once (at most
+    `max_concurrency` requests in flight), retried with backoff, cached."""
 
     def __init__(
         self,
@@ -367,15 +413,13 @@ class JudgeClient:
     ):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1; got {max_concurrency}")
+        super().__init__(endpoint.model, cache)
         self.endpoint = endpoint
         self.url = endpoint.url.rstrip("/") + "/chat/completions"
         self.max_concurrency = max_concurrency
-        self.cache = cache if cache is not None else JudgeCache()
         # Module defaults read here, not at import, so a test can shorten them.
         self.attempts = ATTEMPTS if attempts is None else attempts
         self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
-        self.requests = 0
-        self.cache_hits = 0
         self.headers: dict[str, str] = {}
         if endpoint.api_key_secret is not None:
             key = settings.api_key()
@@ -386,26 +430,9 @@ class JudgeClient:
                 )
             self.headers["Authorization"] = f"Bearer {key}"
 
-    def complete_many(self, prompts: Sequence[str]) -> list[str]:
-        """The judge's answer to each prompt, in order; cached answers are not requested."""
-        model = self.endpoint.model
-        todo = [p for p in dict.fromkeys(prompts) if self.cache.get(model, p) is None]
-        missing = set(todo)
-        self.cache_hits += sum(p not in missing for p in prompts)
-        if todo:
-            log.info(
-                "judge %s: %d prompts, %d cached, %d to request (%d at once)",
-                model,
-                len(prompts),
-                len(prompts) - len(todo),
-                len(todo),
-                self.max_concurrency,
-            )
-            try:
-                asyncio.run(self._request_all(todo))
-            finally:
-                self.cache.flush()
-        return [self.cache.get(model, p) or "" for p in prompts]
+    def _answer(self, prompts: list[str]) -> None:
+        log.info("judge %s: requesting %d answers from %s", self.model, len(prompts), self.url)
+        asyncio.run(self._request_all(prompts))
 
     async def _request_all(self, prompts: list[str]) -> None:
         semaphore = asyncio.Semaphore(self.max_concurrency)
@@ -417,7 +444,7 @@ class JudgeClient:
             nonlocal done
             async with semaphore:
                 answer = await self._request(client, prompt)
-            self.cache.put(self.endpoint.model, prompt, answer)
+            self.cache.put(self.model, prompt, answer)
             done += 1
             if done % max(1, len(prompts) // 10) == 0 or done == len(prompts):
                 log.info("judge: %d/%d answers", done, len(prompts))
@@ -485,3 +512,63 @@ class JudgeClient:
             except ValueError:
                 pass
         return wait
+
+
+class LocalJudge(Judge):
+    """A judge model loaded in this process with the generation backend (vLLM or
+    transformers): no server. Each prompt is rendered with the model's chat template, as a
+    chat endpoint would, and answered greedily, JUDGE_MAX_TOKENS at most, in batches of
+    `batch` prompts (the cache is flushed after each). The model is loaded when the first
+    uncached prompt comes, so an evaluation whose judge answers are all cached never loads it,
+    and one that generates first has closed its own engine by then."""
+
+    def __init__(
+        self,
+        model: str,
+        open_backend: Callable[[ModelSpec], Backend],
+        cache: JudgeCache | None = None,
+        *,
+        batch: int = 64,
+    ):
+        super().__init__(model, cache)
+        self.open_backend = open_backend
+        self.batch = batch
+        self.backend: Backend | None = None
+
+    def _answer(self, prompts: list[str]) -> None:
+        if self.backend is None:
+            log.info("judge %s: loading the model", self.model)
+            self.backend = self.open_backend(ModelSpec(uri=self.model))
+        tok = self.backend.tokenizer
+        settings = SamplingSettings(JUDGE_MAX_TOKENS, 0.0, 1.0, ())
+        for start in range(0, len(prompts), self.batch):
+            chunk = prompts[start : start + self.batch]
+            try:
+                texts = [
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                    )
+                    for p in chunk
+                ]
+            except ValueError as err:  # transformers: no chat template
+                raise TaskError(
+                    f"evaluation.judge.model: {self.model} cannot be prompted as a chat model "
+                    f"({err}); use an instruct model"
+                ) from None
+            # The template already holds the special tokens (BOS and the like).
+            ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+            seeds = [request_seed("judge", self.model, p) for p in chunk]
+            try:
+                completions = self.backend.generate(ids, settings, seeds)
+            except ValueError as err:  # vLLM: a prompt longer than the context
+                raise TaskError(f"evaluation.judge.model: {self.model}: {err}") from None
+            self.requests += len(chunk)
+            for prompt, completion in zip(chunk, completions, strict=True):
+                self.cache.put(self.model, prompt, completion.text)
+            self.cache.flush()
+            log.info("judge: %d/%d answers", start + len(chunk), len(prompts))
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None

@@ -71,7 +71,11 @@ def test_cel_rules_are_carried_over():
     evaluation = SCHEMA["properties"]["spec"]["properties"]["evaluation"]
     (rule,) = evaluation["x-kubernetes-validations"]
     assert rule["rule"] == "!has(self.judge) || !has(self.includeBase) || self.includeBase"
-    assert "reference" not in evaluation["properties"]["judge"]["properties"]
+    judge = evaluation["properties"]["judge"]
+    assert "reference" not in judge["properties"]
+    (rule,) = judge["x-kubernetes-validations"]
+    assert rule["rule"] == "has(self.endpoint) != has(self.model)"
+    assert "required" not in judge  # endpoint or model
 
 
 @pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +22,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sami_operator.models import Endpoint, Metrics
+from sami_operator.models import Endpoint, GenerationSpec, Metrics
 from sami_worker import evaluate, storage
+from sami_worker.common import open_model_backend
 from sami_worker.judge import (
     JudgeCache,
     JudgeClient,
     JudgeItem,
     JudgeUnavailable,
+    LocalJudge,
     build_judge_prompt,
     judge_items,
     orders_for,
@@ -353,6 +356,13 @@ def test_cache_survives_a_failure_and_a_rerun_pays_nothing(scripted, tmp_path):
 # Win rates in the evaluation stage
 
 
+def judge_doc(judge: str) -> dict:
+    """evaluation.judge: an endpoint for an http(s) URL, else a model loaded in-process."""
+    if judge.startswith(("http://", "https://")):
+        return {"endpoint": {"url": judge, "model": "judge"}, "items": 5}
+    return {"model": judge, "items": 5}
+
+
 def evaluate_task(
     model: Path, output: Path, iteration: int, judge_url: str, **extra
 ) -> EvaluateTask:
@@ -363,10 +373,7 @@ def evaluate_task(
         "principles": PRINCIPLES.model_dump(),
         "heldOut": [{"name": "brief", "definition": "Be brief.", "antithesis": "Ramble."}],
         "queries": {"uri": str(EXAMPLES / "data" / "dialogue-eval.jsonl"), "count": 3},
-        "evaluation": {
-            "constitutions": 2,
-            "judge": {"endpoint": {"url": judge_url, "model": "judge"}, "items": 5},
-        },
+        "evaluation": {"constitutions": 2, "judge": judge_doc(judge_url)},
         # Sampling (not greedy) so that iteration 1's responses differ from the base model's.
         "generation": {
             "backend": "transformers",
@@ -383,13 +390,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def run_two_iterations(model: Path, tmp_path: Path, judge_url: str) -> tuple[dict, Path]:
+def run_two_iterations(
+    model: Path, tmp_path: Path, judge_url: str, **extra
+) -> tuple[dict, Path, EvaluateTask]:
+    """evaluate-0 (base), then evaluate-1 judged against it: evaluate-1's meta, prefix and
+    task. `extra` overrides task fields of both."""
     base = tmp_path / "iterations" / "0" / "evaluate"
-    meta0 = evaluate.run(evaluate_task(model, base, 0, judge_url))
+    meta0 = evaluate.run(evaluate_task(model, base, 0, judge_url, **extra))
     assert "judge" not in meta0 and not (base / evaluate.JUDGMENTS_FILE).exists()
     out = tmp_path / "iterations" / "1" / "evaluate"
-    task = evaluate_task(model, out, 1, judge_url, baselineResponsesUri=str(base))
-    return evaluate.run(task), out
+    task = evaluate_task(model, out, 1, judge_url, baselineResponsesUri=str(base), **extra)
+    return evaluate.run(task), out, task
 
 
 def check_win_rates(meta: dict, out: Path) -> list[dict]:
@@ -419,7 +430,7 @@ def check_win_rates(meta: dict, out: Path) -> list[dict]:
 def test_evaluation_reports_win_rates_against_the_base_model(tiny_llama, tmp_path, scripted):
     url, server = scripted
     server.respond = staticmethod(lambda body, n: (200, "Final answer: A" if n % 3 else "tie"))
-    meta, out = run_two_iterations(tiny_llama, tmp_path, url)
+    meta, out, _ = run_two_iterations(tiny_llama, tmp_path, url)
     judgments = check_win_rates(meta, out)
     assert meta["judge"]["requests"] == len(server.requests) == 10
     assert {j["verdict"] for j in judgments} <= {"A", "tie"}
@@ -428,6 +439,75 @@ def test_evaluation_reports_win_rates_against_the_base_model(tiny_llama, tmp_pat
     held = [j for j in judgments if j["set"] == "heldOut"]
     assert all("Be brief." in j["constitution"] or "Ramble." in j["constitution"] for j in held)
     assert (out / evaluate.JUDGE_CACHE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "backend", ["transformers", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])]
+)
+def test_a_judge_model_runs_in_the_worker_after_the_evaluated_model(
+    tiny_llama, tmp_path, monkeypatch, backend
+):
+    """evaluation.judge.model: no server; the worker closes the evaluated model's engine,
+    loads the judge model with the generation backend (with vLLM: a second engine in the same
+    process), and judges through the same code path (orders, verdict parsing, cache). A rerun
+    from the cache never loads the judge model."""
+    events: list[tuple[str, str, bool]] = []
+    real_open = evaluate.open_model_backend
+
+    def recording_open(model, generation, storage_spec, seed, scoring=False):
+        backend = real_open(model, generation, storage_spec, seed, scoring)
+        events.append(("open", model.uri, scoring))
+        real_close = backend.close
+
+        def close():
+            events.append(("close", model.uri, scoring))
+            real_close()
+
+        backend.close = close
+        return backend
+
+    monkeypatch.setattr(evaluate, "open_model_backend", recording_open)
+    judge = str(tiny_llama)  # a random model: a weak judge, but a real one
+    generation = {"backend": backend, "maxNewTokens": 12, "temperature": 1.0, "engine": VLLM_CPU}
+    meta, out, task = run_two_iterations(tiny_llama, tmp_path, judge, generation=generation)
+    judgments = check_win_rates(meta, out)
+    assert meta["judge"]["model"] == judge
+    assert (meta["judge"]["requests"], meta["judge"]["cache_hits"]) == (10, 0)
+    # evaluate-0 (no judge), then evaluate-1: its own engine closed before the judge's opened.
+    assert events == [
+        ("open", judge, True),
+        ("close", judge, True),
+        ("open", judge, True),
+        ("close", judge, True),
+        ("open", judge, False),
+        ("close", judge, False),
+    ]
+    assert all(isinstance(j["answer"], str) and j["answer"] for j in judgments)
+    cache = JudgeCache(storage.open_storage(str(out)), evaluate.JUDGE_CACHE_FILE)
+    assert len(cache.answers) == 10
+
+    # The stage again from scratch: responses from judge-inputs.json, answers from the cache.
+    events.clear()
+    storage.unpublish(storage.open_storage(str(out)), "")
+    again = evaluate.run(task)
+    assert events == []  # neither the evaluated model nor the judge was loaded
+    assert (again["judge"]["requests"], again["judge"]["cache_hits"]) == (0, 10)
+    assert again["metrics"]["winRates"] == meta["metrics"]["winRates"]
+
+
+def test_a_judge_model_without_a_chat_template_is_bad_input(tiny_llama, tmp_path):
+    plain = tmp_path / "plain-llama"
+    shutil.copytree(tiny_llama, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    generation = GenerationSpec(backend="transformers")
+    judge = LocalJudge(str(plain), lambda m: open_model_backend(m, generation, None, 0))
+    prompt = build_judge_prompt("dialogue", "1. Be brief.", "Hi?", "Hi.", "Hello there!")
+    with pytest.raises(TaskError, match="cannot be prompted as a chat model"):
+        judge.complete_many([prompt])
+    judge.close()
 
 
 def test_judge_without_baseline_responses_fails_clearly(tiny_llama, tmp_path, scripted):
@@ -580,7 +660,7 @@ def served_requests(url: str) -> float:
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_real_judge_endpoint_end_to_end(tiny_llama, tmp_path, vllm_judge):
-    meta, out = run_two_iterations(tiny_llama, tmp_path, vllm_judge)
+    meta, out, _ = run_two_iterations(tiny_llama, tmp_path, vllm_judge)
     check_win_rates(meta, out)
     assert meta["judge"]["requests"] == 10 and meta["judge"]["cache_hits"] == 0
     assert served_requests(vllm_judge) == 10

@@ -150,6 +150,25 @@ def test_judge_has_no_reference_model_field(samirun_doc):
         parse_samirun(samirun_doc)
 
 
+def test_judge_is_an_endpoint_or_a_model(samirun_doc):
+    endpoint = {"url": "http://judge.svc:8000/v1", "model": "judge"}
+    _set(samirun_doc, "spec.evaluation.judge", {"model": "sami://smollm2-135m-instruct"})
+    judge = parse_samirun(samirun_doc).spec.evaluation.judge
+    assert (judge.model, judge.endpoint) == ("sami://smollm2-135m-instruct", None)
+    message = (
+        "spec.evaluation.judge: set exactly one of 'endpoint' (an OpenAI-compatible server) and "
+        "'model' (a model the evaluation worker loads itself); {} set"
+    )
+    for judge, given in (
+        ({"model": "sami://smollm2-135m-instruct", "endpoint": endpoint}, "both are"),
+        ({"items": 10}, "neither is"),
+    ):
+        _set(samirun_doc, "spec.evaluation.judge", judge)
+        with pytest.raises(SpecError) as info:
+            parse_samirun(samirun_doc)
+        assert info.value.problems == [message.format(given)]
+
+
 def test_diverse_mode_limits(samirun_doc):
     _set(samirun_doc, "spec.constitutions.mode", "diverse")
     _set(samirun_doc, "spec.constitutions.principlesPerConstitution", 3)

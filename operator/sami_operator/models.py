@@ -477,7 +477,30 @@ class JudgeSpec(APIModel):
     """An LLM judge for win rates: each iteration's responses against the base model's, for
     the same query and constitution (needs evaluation.includeBase)."""
 
-    endpoint: Endpoint = Field(description="The judge's OpenAI-compatible endpoint.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.endpoint) != has(self.model)",
+                    "message": "set exactly one of evaluation.judge.endpoint and "
+                    "evaluation.judge.model",
+                }
+            ]
+        }
+    )
+
+    endpoint: Endpoint | None = Field(
+        default=None,
+        description="The judge behind an OpenAI-compatible endpoint (a vLLM server, a hosted "
+        "API). Exactly one of endpoint and model.",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A judge model that the evaluation worker loads itself, after the evaluated "
+        "model, with generation.backend and generation.engine (URI as in spec.model.uri; "
+        "prompted with its chat template). No server needed; a small model is a weak judge.",
+    )
     both_orders: bool = Field(
         default=False,
         description="Judge every item as A/B and as B/A and average the two outcomes; "
@@ -491,8 +514,22 @@ class JudgeSpec(APIModel):
         "held-out principles each; a seeded sample, the same in every iteration.",
     )
     max_concurrency: int = Field(
-        default=8, ge=1, le=256, description="Judge requests in flight at once."
+        default=8,
+        ge=1,
+        le=256,
+        description="Judge requests in flight at once (endpoint only; a model judges its "
+        "prompts in batches).",
     )
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgeSpec:
+        if (self.endpoint is None) == (self.model is None):
+            given = "both are" if self.endpoint is not None else "neither is"
+            raise ValueError(
+                f"set exactly one of 'endpoint' (an OpenAI-compatible server) and 'model' (a "
+                f"model the evaluation worker loads itself); {given} set"
+            )
+        return self
 
 
 class EvaluationSpec(APIModel):
