@@ -13,19 +13,22 @@ prompt), giving per query a K x K matrix of mean and of summed response log-prob
 each as a mean over queries with its standard error. Held-out principles (never trained on)
 get the same metrics, reported apart.
 
-With `evaluation.judge` set, iteration t >= 1 is also compared with the base model: an LLM
-judge sees both models' responses to the same query under the same constitution (the base
-model's come from iteration 0's responses.jsonl, `baseline_responses_uri`) and the win rate
-vs "base", raw and length-corrected with 95% intervals, goes into the metrics' `winRates`,
-for training and held-out principles apart (sami_worker.judge, sami_worker.winrate). Every
-constitution counts, negated ones too: the question is always which response follows the
-constitution it was written under. The judge is an OpenAI-compatible endpoint or a model
-this worker loads itself once its own engine is closed (evaluation.judge.model).
-judgments.jsonl keeps every prompt's answer and verdict; the win rates count ties and
-unparsable verdicts. Two files outside the manifest let a failed attempt (judge unreachable:
-exit 75) be retried cheaply: judge-inputs.json, the metrics and responses saved before
-judging, which a rerun of the same task reuses instead of generating again, and
-judge-cache.jsonl, the judge's answers so far.
+The same program evaluates the reference model (evaluation.judge.reference, the planner's
+'reference' stage): same queries, constitutions and seeds as the base model.
+
+With `evaluation.judge` set, iteration t >= 1 is also compared with each of the task's
+`baselines`: the base model ('base', iteration 0's responses.jsonl) and, when configured, the
+reference model ('reference'). An LLM judge sees both models' responses to the same query
+under the same constitution, and the win rate vs each baseline, raw and length-corrected with
+95% intervals, goes into the metrics' `winRates`, for training and held-out principles apart
+(sami_worker.judge, sami_worker.winrate). Every constitution counts, negated ones too: the
+question is always which response follows the constitution it was written under. The judge
+is an OpenAI-compatible endpoint or a model this worker loads itself once its own engine is
+closed (evaluation.judge.model). judgments.jsonl keeps every prompt's answer and verdict; the
+win rates count ties and unparsable verdicts. Two files outside the manifest let a failed
+attempt (judge unreachable: exit 75) be retried cheaply: judge-inputs.json, the metrics and
+responses saved before judging, which a rerun of the same task reuses instead of generating
+again, and judge-cache.jsonl, the judge's answers so far.
 
     python -m sami_worker evaluate --task task.json
 """
@@ -43,6 +46,8 @@ from pathlib import Path
 import torch
 
 from sami_operator.models import (
+    BASELINE_BASE,
+    BASELINE_REFERENCE,
     ConstitutionMode,
     Estimate,
     Metrics,
@@ -83,7 +88,6 @@ JUDGMENTS_FILE = "judgments.jsonl"
 # Kept beside the stage's outputs but outside its manifest: they must outlive a failed attempt.
 JUDGE_CACHE_FILE = "judge-cache.jsonl"  # the judge's answers (sami_worker.judge.JudgeCache)
 JUDGE_INPUTS_FILE = "judge-inputs.json"  # metrics and responses, saved before judging
-BASELINE = "base"
 
 
 def constitutions_for(task: EvaluateTask, principles: list[Principle], query_id: int):
@@ -203,9 +207,9 @@ def build_judge_items(
 
 
 def judge_against_baseline(
-    task: EvaluateTask, judge: Judge, items: list[JudgeItem], set_name: str
+    task: EvaluateTask, judge: Judge, items: list[JudgeItem], baseline: str, set_name: str
 ) -> tuple[WinRate, dict, list[dict]]:
-    """Win rate vs the baseline over a seeded sample of `evaluation.judge.items` items, the
+    """Win rate vs one baseline over a seeded sample of `evaluation.judge.items` items, the
     judgment counts, and one record per judgment."""
     spec = task.evaluation.judge
     seed = task.constitutions.seed
@@ -219,7 +223,7 @@ def judge_against_baseline(
     raw, corrected = estimate.raw, estimate.length_corrected
     counts = result.counts()
     win_rate = WinRate(
-        baseline=BASELINE,
+        baseline=baseline,
         rate=raw.value,
         low=raw.low,
         high=raw.high,
@@ -234,7 +238,7 @@ def judge_against_baseline(
         "iteration %d vs %s (%s principles): win rate %.3f [%.3f, %.3f], length-corrected %s; "
         "%d ties, %d unparsable of %d judgments",
         task.iteration,
-        BASELINE,
+        baseline,
         set_name,
         raw.value,
         raw.low,
@@ -247,7 +251,7 @@ def judge_against_baseline(
     lines = [
         {
             "set": set_name,
-            "baseline": BASELINE,
+            "baseline": baseline,
             **j.record(),
             "query": sampled[j.item].query,
             "constitution": sampled[j.item].constitution,
@@ -262,64 +266,82 @@ def judge_against_baseline(
 
 
 @dataclass
-class Baseline:
-    """The base model's evaluation responses (iteration 0), read before anything else runs."""
+class BaselineResponses:
+    """A baseline's evaluation responses (the base model's, the reference model's), read
+    before anything else runs."""
 
+    name: str
     uri: str
     records: list[dict]
 
 
-def open_judge(task: EvaluateTask, out: storage.Storage) -> tuple[Judge, Baseline]:
-    """The judge (cache at JUDGE_CACHE_FILE in the stage): a client of the endpoint, or a local
-    judge that loads evaluation.judge.model when it is first asked; and the baseline's
-    responses. Fails before any generation when either is missing."""
-    if task.baseline_responses_uri is None:
-        raise TaskError(
-            "evaluation.judge needs the base model's responses (evaluation.includeBase: true); "
-            "baseline_responses_uri is not set"
-        )
-    stage = open_uri(task.baseline_responses_uri, task.storage)
-    text = storage.read_stage_file(stage, "", RESPONSES_FILE)
-    baseline = Baseline(
-        stage.uri(RESPONSES_FILE), [json.loads(line) for line in text.splitlines() if line.strip()]
-    )
+_BASELINE_MODELS = {BASELINE_BASE: "base model", BASELINE_REFERENCE: "reference model"}
+
+
+def read_baselines(task: EvaluateTask) -> list[BaselineResponses]:
+    """The responses of every baseline the task is judged against; fails (before any
+    generation) when one is missing."""
+    out = []
+    for baseline in task.baselines:
+        stage = open_uri(baseline.uri, task.storage)
+        text = storage.read_stage_file(stage, "", RESPONSES_FILE)
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        out.append(BaselineResponses(baseline.name, stage.uri(RESPONSES_FILE), records))
+    return out
+
+
+def open_judge(task: EvaluateTask, out: storage.Storage) -> Judge:
+    """The judge (cache at JUDGE_CACHE_FILE in the stage): a client of the endpoint, or a
+    local judge that loads evaluation.judge.model when it is first asked."""
     spec = task.evaluation.judge
     cache = JudgeCache(out, JUDGE_CACHE_FILE)
     if spec.endpoint is not None:
-        return JudgeClient(spec.endpoint, spec.max_concurrency, cache), baseline
+        return JudgeClient(spec.endpoint, spec.max_concurrency, cache)
 
     def open_judge_model(model: ModelSpec):
         # The evaluated model's engine is closed by now (generate_and_score).
         return open_model_backend(model, task.generation, task.storage, 0)
 
-    return LocalJudge(spec.model, open_judge_model, cache), baseline
+    return LocalJudge(spec.model, open_judge_model, cache)
 
 
 def add_win_rates(
     task: EvaluateTask,
     judge: Judge,
-    baseline: Baseline,
+    baselines: list[BaselineResponses],
     principles: list[Principle],
     sets: dict[str, tuple[Metrics, list[dict]]],
 ) -> tuple[dict[str, Metrics], dict, list[dict]]:
-    """Judge each set of records ("training", "heldOut") against the baseline's responses;
-    return the metrics with their win rates, the judge's stage meta and judgments.jsonl."""
-    updated, meta, lines = {}, {"model": judge.model}, []
+    """Judge each set of records ("training", "heldOut") against each baseline's responses;
+    return the metrics with their win rates (one per baseline, in order), the judge's stage
+    meta and judgments.jsonl."""
+    updated, counts, lines = {}, {}, []
     for set_name, (metrics, records) in sets.items():
         set_principles = principles if set_name == "training" else task.held_out
-        base = [r for r in baseline.records if r.get("set", "training") == set_name]
-        items = build_judge_items(records, base, set_principles)
-        if not items:
-            raise TaskError(
-                f"evaluation.judge: none of the {set_name} responses has a base-model response "
-                f"to the same query and constitution in {baseline.uri} (was that stage run "
-                "with other queries or principles?)"
+        win_rates = list(metrics.win_rates)
+        for baseline in baselines:
+            responses = [r for r in baseline.records if r.get("set", "training") == set_name]
+            items = build_judge_items(records, responses, set_principles)
+            if not items:
+                model = _BASELINE_MODELS.get(baseline.name, baseline.name)
+                raise TaskError(
+                    f"evaluation.judge: none of the {set_name} responses has a {model} "
+                    f"response to the same query and constitution in {baseline.uri} (was that "
+                    "stage run with other queries or principles?)"
+                )
+            win_rate, set_counts, set_lines = judge_against_baseline(
+                task, judge, items, baseline.name, set_name
             )
-        win_rate, counts, set_lines = judge_against_baseline(task, judge, items, set_name)
-        updated[set_name] = metrics.model_copy(update={"win_rates": [*metrics.win_rates, win_rate]})
-        meta[set_name] = counts
-        lines += set_lines
-    meta.update(requests=judge.requests, cache_hits=judge.cache_hits)
+            win_rates.append(win_rate)
+            counts.setdefault(baseline.name, {})[set_name] = set_counts
+            lines += set_lines
+        updated[set_name] = metrics.model_copy(update={"win_rates": win_rates})
+    meta = {
+        "model": judge.model,
+        "baselines": counts,
+        "requests": judge.requests,
+        "cache_hits": judge.cache_hits,
+    }
     return updated, meta, lines
 
 
@@ -383,9 +405,11 @@ def run(task: EvaluateTask) -> dict:
         log.info("evaluation at %s is already complete", out.uri())
         return storage.read_manifest(out, "").meta
     principles = load_principles(task.principles, task.storage)
-    judging = task.evaluation.judge is not None and task.iteration >= 1
-    # A judge model is only loaded when first asked, after generation.
-    judge, baseline = open_judge(task, out) if judging else (None, None)
+    judging = bool(task.baselines)  # the planner sets them for iterations >= 1 with a judge
+    # Baselines and judge first, so that a missing baseline or API key fails before any
+    # generation; a judge model is only loaded when first asked, after generation.
+    baselines = read_baselines(task) if judging else []
+    judge = open_judge(task, out) if judging else None
     try:
         evaluated = load_judge_inputs(out, task) if judging else None
         if evaluated is None:
@@ -401,7 +425,7 @@ def run(task: EvaluateTask) -> dict:
             if held_out is not None:
                 sets["heldOut"] = (held_out, held_records)
             updated, judge_meta, judgment_lines = add_win_rates(
-                task, judge, baseline, principles, sets
+                task, judge, baselines, principles, sets
             )
             metrics, held_out = updated["training"], updated.get("heldOut")
     finally:
@@ -409,14 +433,17 @@ def run(task: EvaluateTask) -> dict:
             judge.close()
     meta = {
         "iteration": task.iteration,
+        "model": task.model.uri,
         "metrics": metrics.to_api(),
         "heldOutMetrics": held_out.to_api() if held_out else None,
     }
+    if task.reference:
+        meta["reference"] = True
     if judge_meta is not None:
         meta["judge"] = judge_meta
     log.info(
-        "iteration %d: MI lower bound %.4f (plug-in MI %.3f), %.1f response tokens",
-        task.iteration,
+        "%s: MI lower bound %.4f (plug-in MI %.3f), %.1f response tokens",
+        "reference model" if task.reference else f"iteration {task.iteration}",
         metrics.mi_lower_bound.value,
         metrics.plug_in_mi.value,
         metrics.mean_response_tokens.value,

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from sami_operator.models import (
     APIModel,
@@ -109,15 +109,36 @@ class TrainTask(APIModel):
     seed: int = Field(default=0, ge=0)
 
 
+class Baseline(APIModel):
+    """Another model's evaluation whose responses the judge compares this model's with."""
+
+    name: str = Field(
+        min_length=1, description="The win rate's baseline label: 'base' or 'reference'."
+    )
+    uri: str = Field(
+        description="Stage prefix of that evaluation (evaluate-0, or the reference stage); "
+        "the judge reads its responses.jsonl."
+    )
+
+
 class EvaluateTask(APIModel):
-    """Evaluate one model (iteration t's checkpoint, or the base model as iteration 0) on
-    held-out queries under the K evaluation constitutions."""
+    """Evaluate one model (iteration t's checkpoint, the base model as iteration 0, or the
+    reference model) on held-out queries under the K evaluation constitutions."""
 
     kind: Literal["evaluate"] = "evaluate"
     output: str = Field(description="Stage prefix for responses, scores and metrics.")
     storage: StorageSpec | None = None
-    model: ModelSpec = Field(description="The model evaluated (uri: checkpoint or base).")
-    iteration: int = Field(ge=0)
+    model: ModelSpec = Field(
+        description="The model evaluated (uri: a checkpoint, the base or the reference model)."
+    )
+    iteration: int = Field(
+        ge=0, description="SAMI iteration (0: the base model, and the reference model)."
+    )
+    reference: bool = Field(
+        default=False,
+        description="This evaluates evaluation.judge.reference, not an iteration; it is seeded "
+        "as iteration 0.",
+    )
     task: Task = Task.dialogue
     principles: PrinciplesRef
     held_out: list[Principle] = Field(default_factory=list)
@@ -125,12 +146,21 @@ class EvaluateTask(APIModel):
     queries: QuerySource
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    baseline_responses_uri: str | None = Field(
-        default=None,
-        description="Stage prefix of the base model's evaluation (iteration 0), whose "
-        "responses.jsonl the judge compares this model's responses with; set when "
-        "evaluation.judge is configured and iteration >= 1.",
+    baselines: list[Baseline] = Field(
+        default_factory=list,
+        description="Evaluations to judge this model's responses against with "
+        "evaluation.judge (the base model's and the reference model's, for iteration >= 1); "
+        "none: no judging.",
     )
+
+    @model_validator(mode="after")
+    def _baselines(self) -> EvaluateTask:
+        names = [b.name for b in self.baselines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"baselines: names must be unique, got {names}")
+        if self.baselines and self.evaluation.judge is None:
+            raise ValueError("baselines: set, but evaluation.judge is not")
+        return self
 
 
 class DeletePrefixTask(APIModel):

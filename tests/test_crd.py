@@ -72,10 +72,22 @@ def test_cel_rules_are_carried_over():
     (rule,) = evaluation["x-kubernetes-validations"]
     assert rule["rule"] == "!has(self.judge) || !has(self.includeBase) || self.includeBase"
     judge = evaluation["properties"]["judge"]
-    assert "reference" not in judge["properties"]
     (rule,) = judge["x-kubernetes-validations"]
     assert rule["rule"] == "has(self.endpoint) != has(self.model)"
     assert "required" not in judge  # endpoint or model
+    reference = judge["properties"]["reference"]
+    assert reference["required"] == ["uri"] and "promptFormat" in reference["properties"]
+
+
+def test_crd_schema_accepts_a_judge_model_and_a_reference(samirun_doc):
+    samirun_doc["spec"]["evaluation"]["judge"] = {
+        "model": "sami://smollm2-135m-instruct",
+        "reference": {"uri": "s3://models/instruct/", "promptFormat": "chat"},
+    }
+    jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
+    samirun_doc["spec"]["evaluation"]["judge"]["reference"]["promptFormat"] = "plain"
+    with pytest.raises(jsonschema.ValidationError, match="'plain' is not one of"):
+        jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
 
 
 @pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)

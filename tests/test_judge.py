@@ -5,6 +5,7 @@ and a real judge endpoint served by vLLM's OpenAI-compatible server on CPU."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -386,31 +387,49 @@ def evaluate_task(
     return EvaluateTask.model_validate(doc)
 
 
+def base_of(uri: Path | str) -> list[dict]:
+    """The task's baselines: the base model's evaluation at `uri`."""
+    return [{"name": "base", "uri": str(uri)}]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def run_two_iterations(
-    model: Path, tmp_path: Path, judge_url: str, **extra
+    model: Path, tmp_path: Path, judge_url: str, reference: Path | None = None, **extra
 ) -> tuple[dict, Path, EvaluateTask]:
-    """evaluate-0 (base), then evaluate-1 judged against it: evaluate-1's meta, prefix and
-    task. `extra` overrides task fields of both."""
+    """evaluate-0 (base), the reference stage when `reference` is a model, then evaluate-1
+    judged against them, as the planner wires them: evaluate-1's meta, prefix and task.
+    `extra` overrides task fields of all three."""
     base = tmp_path / "iterations" / "0" / "evaluate"
     meta0 = evaluate.run(evaluate_task(model, base, 0, judge_url, **extra))
     assert "judge" not in meta0 and not (base / evaluate.JUDGMENTS_FILE).exists()
+    baselines = base_of(base)
+    if reference is not None:
+        out = tmp_path / "reference"
+        meta = evaluate.run(evaluate_task(reference, out, 0, judge_url, reference=True, **extra))
+        assert meta["reference"] is True and meta["model"] == str(reference)
+        assert "judge" not in meta and not (out / evaluate.JUDGMENTS_FILE).exists()
+        baselines.append({"name": "reference", "uri": str(out)})
     out = tmp_path / "iterations" / "1" / "evaluate"
-    task = evaluate_task(model, out, 1, judge_url, baselineResponsesUri=str(base), **extra)
+    task = evaluate_task(model, out, 1, judge_url, baselines=baselines, **extra)
     return evaluate.run(task), out, task
 
 
-def check_win_rates(meta: dict, out: Path) -> list[dict]:
-    """Both principle sets judged, metrics and counts consistent with judgments.jsonl."""
+def check_win_rates(meta: dict, out: Path, baselines: tuple[str, ...] = ("base",)) -> list[dict]:
+    """Both principle sets judged against each baseline, metrics and counts consistent with
+    judgments.jsonl."""
     judgments = read_jsonl(out / evaluate.JUDGMENTS_FILE)
-    for key, set_name in (("metrics", "training"), ("heldOutMetrics", "heldOut")):
-        (win_rate,) = Metrics.model_validate(meta[key]).win_rates
-        counts = meta["judge"][set_name]
-        lines = [j for j in judgments if j["set"] == set_name]
-        assert win_rate.baseline == "base"
+    assert sorted(meta["judge"]["baselines"]) == sorted(baselines)
+    for (key, set_name), index in itertools.product(
+        (("metrics", "training"), ("heldOutMetrics", "heldOut")), range(len(baselines))
+    ):
+        win_rate = Metrics.model_validate(meta[key]).win_rates[index]
+        assert len(Metrics.model_validate(meta[key]).win_rates) == len(baselines)
+        assert win_rate.baseline == baselines[index]
+        counts = meta["judge"]["baselines"][win_rate.baseline][set_name]
+        lines = [j for j in judgments if (j["set"], j["baseline"]) == (set_name, win_rate.baseline)]
         assert win_rate.items == counts["items"] == counts["judgments"] == len(lines) == 5
         assert (
             counts["wins"] + counts["losses"] + counts["ties"] + counts["unparsable"]
@@ -439,6 +458,44 @@ def test_evaluation_reports_win_rates_against_the_base_model(tiny_llama, tmp_pat
     held = [j for j in judgments if j["set"] == "heldOut"]
     assert all("Be brief." in j["constitution"] or "Ramble." in j["constitution"] for j in held)
     assert (out / evaluate.JUDGE_CACHE_FILE).exists()
+
+
+def responses_of(stage: Path) -> set[str]:
+    return {t.strip() for r in read_jsonl(stage / evaluate.RESPONSES_FILE) for t in r["responses"]}
+
+
+def test_each_iteration_is_judged_against_the_base_and_the_reference_model(
+    tiny_llama, other_llama, tmp_path, scripted
+):
+    """A judge that always prefers the reference model's response and otherwise calls a tie:
+    iteration 1 loses every item against the reference and ties every item against the base
+    model, so the two win rates show which baseline each one was computed against."""
+    url, server = scripted
+
+    def respond(body, n):
+        reference = responses_of(tmp_path / "reference")
+        prompt = body["messages"][0]["content"]
+        a = prompt.split("Response A:\n", 1)[1].split("\n\nResponse B:\n", 1)[0].strip()
+        b = prompt.split("Response B:\n", 1)[1].split("\n\nWhich response", 1)[0].strip()
+        if a in reference or b in reference:
+            return 200, "Final answer: A" if a in reference else "Final answer: B"
+        return 200, "Final answer: tie"
+
+    server.respond = staticmethod(respond)
+    meta, out, _ = run_two_iterations(tiny_llama, tmp_path, url, reference=other_llama)
+    judgments = check_win_rates(meta, out, ("base", "reference"))
+    assert meta["judge"]["requests"] == len(server.requests) == 20
+    for key in ("metrics", "heldOutMetrics"):
+        vs_base, vs_reference = Metrics.model_validate(meta[key]).win_rates
+        assert (vs_base.rate, vs_base.ties) == (0.5, 5)
+        assert (vs_reference.rate, vs_reference.ties, vs_reference.unparsable) == (0.0, 0, 0)
+    # Each judgment compared iteration 1's response with that baseline's own response.
+    tested, base = responses_of(out), responses_of(tmp_path / "iterations" / "0" / "evaluate")
+    reference = responses_of(tmp_path / "reference")
+    assert not reference & base
+    for j in judgments:
+        assert j["test"].strip() in tested
+        assert j["baseline_response"].strip() in (base if j["baseline"] == "base" else reference)
 
 
 @pytest.mark.parametrize(
@@ -510,11 +567,27 @@ def test_a_judge_model_without_a_chat_template_is_bad_input(tiny_llama, tmp_path
     judge.close()
 
 
-def test_judge_without_baseline_responses_fails_clearly(tiny_llama, tmp_path, scripted):
+def test_a_missing_baseline_fails_before_any_generation(
+    tiny_llama, tmp_path, scripted, monkeypatch
+):
     url, _ = scripted
-    task = evaluate_task(tiny_llama, tmp_path / "e1", 1, url)
-    with pytest.raises(TaskError, match="includeBase"):
+
+    def no_generation(*args):
+        raise AssertionError("generated before finding the baseline missing")
+
+    monkeypatch.setattr(evaluate, "generate_and_score", no_generation)
+    missing = tmp_path / "iterations" / "0" / "evaluate"
+    task = evaluate_task(tiny_llama, tmp_path / "e1", 1, url, baselines=base_of(missing))
+    with pytest.raises(storage.StageIncomplete, match="iterations/0/evaluate/_manifest.json"):
         evaluate.run(task)
+
+
+def test_baselines_need_a_judge_and_unique_names(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="baselines: set, but evaluation.judge is not"):
+        evaluate_task(tiny_llama, tmp_path, 1, "http://x/v1", baselines=base_of("b"), evaluation={})
+    twice = base_of("a") + base_of("b")
+    with pytest.raises(ValueError, match=r"names must be unique, got \['base', 'base'\]"):
+        evaluate_task(tiny_llama, tmp_path, 1, "http://x/v1", baselines=twice)
 
 
 def test_judge_outage_exits_75_and_the_retry_pays_only_for_the_rest(
@@ -532,7 +605,7 @@ def test_judge_outage_exits_75_and_the_retry_pays_only_for_the_rest(
     base = tmp_path / "iterations" / "0" / "evaluate"
     evaluate.run(evaluate_task(tiny_llama, base, 0, url))
     out = tmp_path / "iterations" / "1" / "evaluate"
-    task = evaluate_task(tiny_llama, out, 1, url, baselineResponsesUri=str(base))
+    task = evaluate_task(tiny_llama, out, 1, url, baselines=base_of(base))
     task.evaluation.judge.max_concurrency = 1  # exactly the first 4 requests are answered
     task_file = tmp_path / "task.json"
     task_file.write_text(task.model_dump_json(by_alias=True))
@@ -569,8 +642,8 @@ def test_baseline_from_other_queries_is_a_clear_error(tiny_llama, tmp_path, scri
     other["response_tokens"] = []
     files = {evaluate.RESPONSES_FILE: (json.dumps(other) + "\n").encode()}
     storage.write_stage_files(base, "", files, stage="evaluate")
-    task = evaluate_task(tiny_llama, tmp_path / "e1", 1, url, baselineResponsesUri=base.uri())
-    with pytest.raises(TaskError, match="none of the training responses has a base-model"):
+    task = evaluate_task(tiny_llama, tmp_path / "e1", 1, url, baselines=base_of(base.uri()))
+    with pytest.raises(TaskError, match="none of the training responses has a base model response"):
         evaluate.run(task)
 
 
@@ -659,20 +732,18 @@ def served_requests(url: str) -> float:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_judge_endpoint_end_to_end(tiny_llama, tmp_path, vllm_judge):
-    meta, out, _ = run_two_iterations(tiny_llama, tmp_path, vllm_judge)
-    check_win_rates(meta, out)
-    assert meta["judge"]["requests"] == 10 and meta["judge"]["cache_hits"] == 0
-    assert served_requests(vllm_judge) == 10
+def test_real_judge_endpoint_end_to_end(tiny_llama, other_llama, tmp_path, vllm_judge):
+    """evaluate-1 judged by a real vLLM server against the base model and a reference model."""
+    meta, out, task = run_two_iterations(tiny_llama, tmp_path, vllm_judge, reference=other_llama)
+    check_win_rates(meta, out, ("base", "reference"))
+    assert meta["judge"]["requests"] == 20 and meta["judge"]["cache_hits"] == 0
+    assert served_requests(vllm_judge) == 20
 
     # Run the stage again from scratch (manifest withdrawn): every answer comes from the cache.
     storage.unpublish(storage.open_storage(str(out)), "")
-    task = evaluate_task(
-        tiny_llama, out, 1, vllm_judge, baselineResponsesUri=str(out.parents[1] / "0" / "evaluate")
-    )
     again = evaluate.run(task)
-    assert again["judge"]["requests"] == 0 and again["judge"]["cache_hits"] == 10
-    assert served_requests(vllm_judge) == 10
+    assert again["judge"]["requests"] == 0 and again["judge"]["cache_hits"] == 20
+    assert served_requests(vllm_judge) == 20
     assert again["metrics"]["winRates"] == meta["metrics"]["winRates"]
 
 
@@ -680,46 +751,92 @@ def test_real_judge_endpoint_end_to_end(tiny_llama, tmp_path, vllm_judge):
 # The report: Figure 2b and the win-rate columns
 
 
+def _win_rate(baseline: str, rate: float, **extra) -> dict:
+    return {"baseline": baseline, "rate": rate, "low": rate - 0.05, "high": rate + 0.05, **extra}
+
+
+def _write_evaluation(run, prefix: str, metrics: dict, held_out: dict, **meta) -> None:
+    meta.update(metrics=metrics, heldOutMetrics=held_out)
+    storage.write_stage_files(run, prefix, {}, stage="evaluate", meta=meta)
+
+
 def test_report_plots_win_rates_and_adds_their_columns(tmp_path):
+    """Two baselines: a column pair and a Figure 2b per baseline, the reference model's own
+    evaluation as a row after the base model."""
+    from PIL import Image
+
     from sami_operator.report import WIN_RATE_PLOT, build_report
 
     run = storage.open_storage(str(tmp_path / "run"))
     estimate = {"value": 1.0, "stderr": 0.1}
+    plain = {"miLowerBound": estimate, "plugInMi": estimate, "meanResponseTokens": estimate}
     for t, rate in ((0, None), (1, 0.62), (2, 0.7)):
-        metrics = {"miLowerBound": estimate, "plugInMi": estimate, "meanResponseTokens": estimate}
-        held_out = dict(metrics)
+        metrics, held_out = dict(plain), dict(plain)
         if rate is not None:
             metrics["winRates"] = [
-                {
-                    "baseline": "base",
-                    "rate": rate,
-                    "low": rate - 0.05,
-                    "high": rate + 0.05,
-                    "lengthCorrected": rate - 0.1,
-                    "lengthCorrectedLow": rate - 0.2,
-                    "lengthCorrectedHigh": rate,
-                    "items": 250,
-                    "ties": t,
-                    "unparsable": 1,
-                }
+                _win_rate(
+                    "base",
+                    rate,
+                    lengthCorrected=rate - 0.1,
+                    lengthCorrectedLow=rate - 0.2,
+                    lengthCorrectedHigh=rate,
+                    items=250,
+                    ties=t,
+                    unparsable=1,
+                ),
+                _win_rate("reference", rate - 0.3, items=250, ties=3),
             ]
             held_out["winRates"] = [
-                {"baseline": "base", "rate": 0.55, "low": 0.5, "high": 0.6, "items": 250}
+                _win_rate("base", 0.55, items=250),
+                _win_rate("reference", 0.25, items=250),
             ]
-        meta = {"iteration": t, "metrics": metrics, "heldOutMetrics": held_out}
-        storage.write_stage_files(run, f"iterations/{t}/evaluate", {}, stage="evaluate", meta=meta)
+        _write_evaluation(run, f"iterations/{t}/evaluate", metrics, held_out, iteration=t)
+    reference = {**plain, "miLowerBound": {"value": 0.5, "stderr": 0.05}}
+    _write_evaluation(
+        run, "reference", reference, None, iteration=0, reference=True, model="s3://m/instruct"
+    )
     markdown = build_report(run, tmp_path / "report")
-    assert (tmp_path / "report" / WIN_RATE_PLOT).stat().st_size > 0
-    assert f"![win_rate]({WIN_RATE_PLOT})" in markdown
-    header, _, base_row, first_row, _ = markdown.split("\n\n")[2].split("\n", 4)
-    assert "| win rate vs base | length-corrected | held-out win rate |" in header
-    assert base_row.endswith("| - | - | - | - |")
-    assert "| 0.62 [0.57, 0.67] | 0.52 [0.42, 0.62] | 0.55 [0.50, 0.60] | - |" in first_row
+    plots = {"base": WIN_RATE_PLOT, "reference": "win_rate_reference.png"}
+    for name in plots.values():
+        assert f"![{name.removesuffix('.png')}]({name})" in markdown
+    images = [Image.open(tmp_path / "report" / name).convert("L") for name in plots.values()]
+    assert images[0].tobytes() != images[1].tobytes()  # not the same plot twice
+
+    header, _, base_row, reference_row, first_row, _ = markdown.split("\n\n")[2].split("\n", 5)
+    assert header.endswith(
+        "| win rate vs base | length-corrected vs base | win rate vs reference "
+        "| length-corrected vs reference | held-out win rate vs base "
+        "| held-out length-corrected vs base | held-out win rate vs reference "
+        "| held-out length-corrected vs reference |"
+    )
+    assert base_row.startswith("| 0 (base) |") and base_row.endswith("| - | - | - | - " * 2 + "|")
+    assert reference_row.startswith("| reference | 0.500 ± 0.050 | 1.000 ± 0.100 |")
+    assert reference_row.endswith("| - | - | - | - " * 2 + "|")
+    assert first_row.startswith("| 1 |")
+    assert first_row.endswith(
+        "| 0.62 [0.57, 0.67] | 0.52 [0.42, 0.62] | 0.32 [0.27, 0.37] | - "
+        "| 0.55 [0.50, 0.60] | - | 0.25 [0.20, 0.30] | - |"
+    )
+    assert "Reference model (s3://m/instruct): evaluated once like the base model" in markdown
+    assert "over the base model's (vs base) or the reference model's (vs reference)" in markdown
     assert (
-        "- iteration 2, training principles: 250 items judged; 2 ties and 1 unparsable "
-        "verdicts (each counts 0.5)\n- iteration 2, held-out principles: 250 items judged; "
-        "0 ties and 0 unparsable verdicts"
+        "- iteration 2 vs base, training principles: 250 items judged; 2 ties and 1 unparsable "
+        "verdicts (each counts 0.5)\n- iteration 2 vs base, held-out principles: 250 items "
+        "judged; 0 ties and 0 unparsable verdicts (each counts 0.5)\n- iteration 2 vs reference, "
+        "training principles: 250 items judged; 3 ties"
     ) in markdown
+
+
+def test_report_with_the_base_model_only_has_one_figure_2b(tmp_path):
+    from sami_operator.report import WIN_RATE_PLOT, build_report
+
+    run = storage.open_storage(str(tmp_path / "run"))
+    metrics = {"miLowerBound": {"value": 1.0}, "winRates": [_win_rate("base", 0.6, items=9)]}
+    _write_evaluation(run, "iterations/1/evaluate", metrics, None, iteration=1)
+    markdown = build_report(run, tmp_path / "report")
+    assert "| win rate vs base | length-corrected vs base |" in markdown
+    assert "vs reference" not in markdown and "Reference model" not in markdown
+    assert sorted(p.name for p in (tmp_path / "report").glob("win_rate*")) == [WIN_RATE_PLOT]
 
 
 def test_report_without_a_judge_has_no_win_rate_columns(tmp_path):

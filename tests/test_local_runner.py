@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,41 @@ def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
     )
     assert "| 1 |" in rebuilt.stdout
     assert (tmp_path / "rebuilt" / "mi_lower_bound.png").stat().st_size > 1000
+
+
+def test_mini_run_with_a_judge_model_and_a_reference_model(tiny_llama, other_llama, tmp_path):
+    """The reference stage runs once after evaluate-0, the judge model is loaded by the
+    evaluation worker (no server), and status, console and report show both baselines."""
+    manifest = mini_manifest(tiny_llama, tmp_path / "runs")
+    manifest["spec"]["evaluation"] = {
+        "constitutions": 2,
+        "judge": {"model": str(tiny_llama), "items": 3, "reference": {"uri": str(other_llama)}},
+    }
+    path = write(tmp_path, manifest)
+    result = sami_run(path, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = re.findall(r"^\[\d/5\] (\S+): done", result.stdout, re.M)
+    assert stages == ["evaluate-0", "reference", "generate-1", "train-1", "evaluate-1"]
+    assert re.search(
+        r"evaluate-1: done .*win rate vs base \d\.\d\d; win rate vs reference", result.stdout
+    )
+
+    prefix = run_dir(tmp_path / "runs")
+    status = json.loads((prefix / "status.json").read_text())
+    assert status["phase"] == "Succeeded" and status["reference"]["phase"] == "Succeeded"
+    assert [i["iteration"] for i in status["iterations"]] == [0, 1]
+    rates = status["iterations"][1]["metrics"]["winRates"]
+    assert [(w["baseline"], w["items"]) for w in rates] == [("base", 3), ("reference", 3)]
+    assert json.loads((prefix / "reference" / "metrics.json").read_text())["model"] == str(
+        other_llama
+    )
+    assert "| reference |" in result.stdout and "| win rate vs reference |" in result.stdout
+    assert {"win_rate.png", "win_rate_reference.png"} <= {
+        p.name for p in (prefix / "report").iterdir()
+    }
+
+    again = sami_run(path, tmp_path)
+    assert again.returncode == 0 and again.stdout.count("already done") == 5
 
 
 def test_a_broken_file_fails_before_any_work(tiny_llama, tmp_path):

@@ -143,11 +143,21 @@ def test_judge_needs_the_base_model_evaluated(samirun_doc):
     assert not parse_samirun(samirun_doc).spec.evaluation.include_base
 
 
-def test_judge_has_no_reference_model_field(samirun_doc):
-    judge = {"endpoint": {"url": "http://j/v1", "model": "j"}, "reference": "s3://m/instruct"}
+def test_judge_reference_is_a_model(samirun_doc):
+    reference = {"uri": "s3://models/mistral-7b-instruct/", "promptFormat": "chat"}
+    judge = {"endpoint": {"url": "http://j/v1", "model": "j"}, "reference": reference}
     _set(samirun_doc, "spec.evaluation.judge", judge)
-    with pytest.raises(SpecError, match=r"spec.evaluation.judge.reference: unknown field"):
+    run = parse_samirun(samirun_doc)
+    assert run.spec.evaluation.judge.reference.uri == reference["uri"]
+    assert run.spec.evaluation.judge.reference.dtype == "auto"
+    assert parse_samirun(run.to_api()) == run
+    _set(samirun_doc, "spec.evaluation.judge.reference", {"uri": "x", "lr": 1})
+    with pytest.raises(SpecError) as info:
         parse_samirun(samirun_doc)
+    assert info.value.problems[0].startswith(
+        "spec.evaluation.judge.reference.lr: unknown field; valid fields here: dtype, "
+        "promptFormat, revision, tokenizer, trustRemoteCode, uri"
+    )
 
 
 def test_judge_is_an_endpoint_or_a_model(samirun_doc):

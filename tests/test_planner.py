@@ -56,25 +56,59 @@ def test_a_principle_writer_comes_first_and_feeds_every_stage(samirun_doc):
     assert stages[1].task.principles.uri == stages[0].prefix
 
 
+JUDGE = {"endpoint": {"url": "http://judge.svc:8000/v1", "model": "judge"}}
+REFERENCE = {"uri": "mistralai/Mistral-7B-Instruct-v0.2", "promptFormat": "chat"}
+
+
 def test_a_judge_compares_every_iteration_with_evaluate_0(samirun_doc):
-    samirun_doc["spec"]["evaluation"]["judge"] = {
-        "endpoint": {"url": "http://judge.svc:8000/v1", "model": "judge"}
-    }
+    samirun_doc["spec"]["evaluation"]["judge"] = JUDGE
     run = parse_samirun(samirun_doc)
     stages = {s.id: s for s in plan(run, "u1")}
+    assert "reference" not in stages
     base = stages["evaluate-0"].prefix
     assert base == f"{run_prefix(run, 'u1')}/iterations/0/evaluate"
-    assert stages["evaluate-0"].task.baseline_responses_uri is None
+    assert stages["evaluate-0"].task.baselines == []
     for t in (1, 2, 3):
-        assert stages[f"evaluate-{t}"].task.baseline_responses_uri == base
+        assert [(b.name, b.uri) for b in stages[f"evaluate-{t}"].task.baselines] == [("base", base)]
     # The task file the worker reads carries it.
-    assert stages["evaluate-2"].task.model_dump(by_alias=True)["baselineResponsesUri"] == base
+    dumped = stages["evaluate-2"].task.model_dump(by_alias=True)
+    assert dumped["baselines"] == [{"name": "base", "uri": base}]
+
+
+def test_a_reference_model_is_evaluated_once_after_the_base_model(samirun_doc):
+    samirun_doc["spec"]["evaluation"]["judge"] = {**JUDGE, "reference": REFERENCE}
+    run = parse_samirun(samirun_doc)
+    ids = [s.id for s in plan(run, "u1")]
+    assert ids[:3] == ["evaluate-0", "reference", "generate-1"]
+    assert ids.count("reference") == 1 and len(ids) == 11
+    stages = {s.id: s for s in plan(run, "u1")}
+    reference, base = stages["reference"], stages["evaluate-0"]
+    assert reference.prefix == f"{run_prefix(run, 'u1')}/reference"
+    assert (reference.name, reference.iteration, reference.program) == (
+        "reference",
+        None,
+        "evaluate",
+    )
+    # Its own model, evaluated exactly like the base model: same queries, constitutions,
+    # principles, seeds (iteration 0) and evaluation settings; never judged itself.
+    task = reference.task
+    assert task.model.uri == REFERENCE["uri"] and task.model.prompt_format.value == "chat"
+    assert run.spec.model.prompt_format.value == "base"  # the base model is prompted differently
+    assert task.reference and not base.task.reference
+    assert task.baselines == []
+    same = ("iteration", "queries", "constitutions", "principles", "held_out", "evaluation")
+    assert all(getattr(task, f) == getattr(base.task, f) for f in same)
+    for t in (1, 2, 3):
+        baselines = stages[f"evaluate-{t}"].task.baselines
+        assert [(b.name, b.uri) for b in baselines] == [
+            ("base", base.prefix),
+            ("reference", reference.prefix),
+        ]
 
 
 def test_without_a_judge_no_baseline_is_planned(run):
-    assert all(
-        s.task.baseline_responses_uri is None for s in plan(run, "u1") if s.name == "evaluate"
-    )
+    assert all(s.task.baselines == [] for s in plan(run, "u1") if s.name == "evaluate")
+    assert "reference" not in {s.id for s in plan(run, "u1")}
 
 
 def test_next_stage_skips_what_is_done(run):
@@ -124,3 +158,25 @@ def test_status_is_bounded_and_serialisable(run):
     assert len(status.iterations) == 4
     assert status.iterations[3].checkpoint_uri.endswith("/iterations/3/train/checkpoint")
     assert len(status.model_dump_json()) < 20_000
+
+
+def test_status_shows_the_reference_stage(samirun_doc):
+    samirun_doc["spec"]["evaluation"]["judge"] = {**JUDGE, "reference": REFERENCE}
+    run = parse_samirun(samirun_doc)
+    records = {
+        "evaluate-0": StageRecord(StagePhase.succeeded, start_time="t0"),
+        "reference": StageRecord(StagePhase.running, start_time="t1", child="mistral-hh-reference"),
+    }
+    status = derive_status(run, "u1", records, now="t2")
+    assert (status.phase, status.stage, status.iteration) == (Phase.running, "reference", 0)
+    assert status.message == "running reference"
+    assert status.reference.phase == StagePhase.running
+    assert status.reference.child == "mistral-hh-reference"
+    assert status.to_api()["reference"]["phase"] == "Running"
+    # Not an iteration: the iterations list is unchanged by it.
+    assert [i.iteration for i in status.iterations] == [0, 1, 2, 3]
+    records["reference"] = StageRecord(StagePhase.succeeded, start_time="t1")
+    assert derive_status(run, "u1", records, now="t3").stage == "generate-1"
+
+    samirun_doc["spec"]["evaluation"]["judge"] = JUDGE  # no reference: no such status
+    assert derive_status(parse_samirun(samirun_doc), "u1", records, now="t3").reference is None

@@ -288,3 +288,45 @@ def test_default_storage_is_recorded_on_the_run_and_kept(samirun_doc, monkeypatc
     patch = kopf.Patch()
     assert handlers._parse(samirun_doc, patch).spec.storage.uri == "s3://defaults/runs"
     assert not patch
+
+
+def test_the_reference_stage_runs_once_and_survives_an_operator_restart(samirun_doc):
+    judge = {"endpoint": {"url": "http://judge.svc:8000/v1", "model": "judge"}}
+    judge["reference"] = {"uri": "s3://models/mistral-7b-instruct/", "promptFormat": "chat"}
+    samirun_doc["spec"]["evaluation"]["judge"] = judge
+    samirun_doc["metadata"]["namespace"] = "team-a"
+    run = parse_samirun(samirun_doc)
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    decision = _succeed(run, records, "mistral-hh-it0-evaluate")
+    # After the base model: the reference model's evaluation, a Job of the evaluate program
+    # with the evaluation pods' settings.
+    config_map, job = decision.create
+    assert job["metadata"]["name"] == "mistral-hh-reference"
+    assert job["metadata"]["labels"]["sami.dev/stage"] == "reference"
+    assert "sami.dev/iteration" not in job["metadata"]["labels"]
+    worker = job["spec"]["template"]["spec"]["containers"][0]
+    assert worker["command"][-4:-2] == ["sami_worker", "evaluate"]
+    assert worker["resources"] == {"limits": {"nvidia.com/gpu": 1}}  # pods.evaluate
+    assert not any(e["name"] == "SAMI_API_KEY" for e in worker["env"])  # it judges nothing
+    task = json.loads(config_map["data"]["task.json"])
+    assert task["reference"] is True and task["output"].endswith("/uid-1/reference")
+    assert task["model"]["uri"] == "s3://models/mistral-7b-instruct/"
+    assert task["baselines"] == []
+
+    line = json.dumps({"summary": {"metrics": {"miLowerBound": {"value": 0.1}}}})
+    observed = {"mistral-hh-reference": ChildState(StagePhase.succeeded, 0, line)}
+    decision = decide(run, "uid-1", decision.records, observed, SETTINGS, T0, T0)
+    assert decision.records["reference"].phase == StagePhase.succeeded
+    assert decision.create[1]["metadata"]["name"] == "mistral-hh-it1-generate"
+    # The operator restarts and the finished children are gone: .status alone says the
+    # reference stage is done, so it is not created again.
+    restored = _status_round_trip(run, decision.records)
+    assert restored["reference"].phase == StagePhase.succeeded
+    assert restored["reference"].child == "mistral-hh-reference"
+    again = decide(run, "uid-1", restored, {}, SETTINGS, T0, T0)
+    assert again.records["reference"].phase == StagePhase.succeeded
+    # (generate-1's child is gone too, so that stage is the one created again.)
+    assert {o["metadata"]["labels"]["sami.dev/stage"] for o in again.create} == {"generate"}
+    # evaluate-1 judges against both.
+    evaluate_1 = stages(run)["evaluate-1"].task
+    assert [b.name for b in evaluate_1.baselines] == ["base", "reference"]

@@ -75,6 +75,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_llama(tmp_path_factory) -> Path:
+    """Another tiny random Llama (same tokenizer, other weights), e.g. a reference model."""
+    return build_tiny_llama(tmp_path_factory.mktemp("other-llama"), seed=1)
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct, converted once and cached (sami_worker.smollm2)."""
     from sami_worker.smollm2 import prepare_smollm2

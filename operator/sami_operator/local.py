@@ -187,9 +187,13 @@ def _terminate(child: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 def _headline(stage: Stage, meta: dict) -> str:
-    if stage.name == "evaluate" and meta.get("metrics"):
-        mi = meta["metrics"].get("miLowerBound", {}).get("value")
-        return f" (MI lower bound {mi:.4f} nats)" if mi is not None else ""
+    if stage.name in ("evaluate", "reference") and meta.get("metrics"):
+        metrics = meta["metrics"]
+        mi = metrics.get("miLowerBound", {}).get("value")
+        parts = [f"MI lower bound {mi:.4f} nats"] if mi is not None else []
+        for w in metrics.get("winRates", []):
+            parts.append(f"win rate vs {w['baseline']} {w['rate']:.2f}")
+        return f" ({'; '.join(parts)})" if parts else ""
     if stage.name == "generate" and "kept" in meta:
         return f" ({meta['kept']}/{meta['queries']} queries kept)"
     if stage.name == "train" and "final_loss" in meta:

@@ -473,9 +473,21 @@ class TrainingSpec(APIModel):
 # Evaluation
 
 
+class ReferenceModelSpec(ModelSpec):
+    """A reference model (e.g. an instruct model): evaluated once on the held-out queries under
+    the evaluation constitutions, never trained; each iteration is also judged against it."""
+
+    uri: str = Field(
+        min_length=1,
+        description="Reference model: an s3:// URI of a Hugging Face folder, a local path, or "
+        "a Hugging Face hub name.",
+    )
+
+
 class JudgeSpec(APIModel):
-    """An LLM judge for win rates: each iteration's responses against the base model's, for
-    the same query and constitution (needs evaluation.includeBase)."""
+    """An LLM judge for win rates: each iteration's responses against the base model's (and an
+    optional reference model's), for the same query and constitution (needs
+    evaluation.includeBase)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -501,6 +513,13 @@ class JudgeSpec(APIModel):
         "model, with generation.backend and generation.engine (URI as in spec.model.uri; "
         "prompted with its chat template). No server needed; a small model is a weak judge.",
     )
+    reference: ReferenceModelSpec | None = Field(
+        default=None,
+        description="Also judge each iteration against this model's responses (e.g. an "
+        "instruct model): the 'reference' stage evaluates it once, after the base model, on "
+        "the same queries and evaluation constitutions; its win rates have baseline "
+        "'reference'.",
+    )
     both_orders: bool = Field(
         default=False,
         description="Judge every item as A/B and as B/A and average the two outcomes; "
@@ -510,8 +529,9 @@ class JudgeSpec(APIModel):
         default=250,
         ge=1,
         le=100_000,
-        description="Items (query, constitution) judged per iteration, for training and for "
-        "held-out principles each; a seeded sample, the same in every iteration.",
+        description="Items (query, constitution) judged per iteration and baseline, for "
+        "training and for held-out principles each; a seeded sample, the same in every "
+        "iteration.",
     )
     max_concurrency: int = Field(
         default=8,
@@ -564,7 +584,8 @@ class EvaluationSpec(APIModel):
     )
     judge: JudgeSpec | None = Field(
         default=None,
-        description="Optional LLM judge: win rates of each iteration against the base model.",
+        description="Optional LLM judge: win rates of each iteration against the base model "
+        "(and an optional reference model).",
     )
 
     @model_validator(mode="after")
@@ -688,7 +709,16 @@ class PodsSpec(APIModel):
     principles: PodSpec = Field(default_factory=PodSpec)
     generate: PodSpec = Field(default_factory=PodSpec)
     train: PodSpec = Field(default_factory=PodSpec)
-    evaluate: PodSpec = Field(default_factory=PodSpec)
+    evaluate: PodSpec = Field(
+        default_factory=PodSpec,
+        description="Evaluation pods: evaluate-t, and the reference model's evaluation.",
+    )
+
+    @property
+    def reference(self) -> PodSpec:
+        """The reference stage runs the evaluation program on the same kind of machine, so it
+        takes the `evaluate` settings (the builders look pods up by stage name)."""
+        return self.evaluate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,10 +877,18 @@ class Estimate(APIModel):
     stderr: float | None = Field(default=None, description="Standard error of the mean.")
 
 
+# WinRate.baseline values: the base model (evaluate-0) and evaluation.judge.reference.
+BASELINE_BASE = "base"
+BASELINE_REFERENCE = "reference"
+
+
 class WinRate(APIModel):
     """Pairwise win rate against a baseline, with 95% intervals."""
 
-    baseline: str = Field(description="What the iteration was compared with, e.g. 'base'.")
+    baseline: str = Field(
+        description="What the iteration was compared with: 'base' (the base model) or "
+        "'reference' (evaluation.judge.reference)."
+    )
     rate: float = Field(ge=0, le=1, description="Raw win rate (ties count 0.5).")
     low: float = Field(ge=0, le=1, description="95% interval, lower end.")
     high: float = Field(ge=0, le=1, description="95% interval, upper end.")
@@ -932,6 +970,10 @@ class SAMIRunStatus(APIModel):
     )
     storage_uri: str | None = Field(default=None, description="The run's storage prefix.")
     principles: StageStatus | None = Field(default=None, description="The principle writer.")
+    reference: StageStatus | None = Field(
+        default=None,
+        description="The reference model's evaluation (evaluation.judge.reference).",
+    )
     iterations: list[IterationStatus] = Field(
         default_factory=list, max_length=101, description="Per iteration, 0 (base) first."
     )

@@ -3,8 +3,12 @@ the stages in order, each with the typed task its worker program consumes.
 
     principles (when a writer is configured)
     evaluate-0 (the base model, when evaluation.includeBase)
+    reference  (the reference model, when evaluation.judge.reference; evaluated, never judged)
     for t = 1..T: generate-t -> train-t -> evaluate-t
-                  (with evaluation.judge, evaluate-t also judges against evaluate-0's responses)
+                  (with evaluation.judge, evaluate-t also judges its responses against
+                  evaluate-0's, baseline 'base', and the reference stage's, 'reference')
+
+Stage outputs live under the run prefix: principles/, reference/, iterations/<t>/<stage>/.
 
 generate-t samples from the model of iteration t-1 (the base model for t = 1); train-t starts
 from the base model (the paper) or from iteration t-1's checkpoint, and trains
@@ -17,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sami_operator.models import SAMIRun
+from sami_operator.models import BASELINE_BASE, BASELINE_REFERENCE, ModelSpec, SAMIRun
 from sami_worker.tasks import (
+    Baseline,
     DeletePrefixTask,
     EvaluateTask,
     GenerateTask,
@@ -32,7 +37,7 @@ from sami_worker.tasks import (
 class Stage:
     """One step of the pipeline: a worker program and its task."""
 
-    name: str  # "principles" | "generate" | "train" | "evaluate" | "cleanup"
+    name: str  # "principles" | "reference" | "generate" | "train" | "evaluate" | "cleanup"
     iteration: int | None
     prefix: str  # storage URI of the stage's outputs (complete when its manifest exists)
     task: WritePrinciplesTask | GenerateTask | TrainTask | EvaluateTask | DeletePrefixTask
@@ -44,9 +49,12 @@ class Stage:
     @property
     def program(self) -> str:
         """The `python -m sami_worker <program>` this stage runs."""
-        return {"principles": "write-principles", "cleanup": "delete-prefix"}.get(
-            self.name, self.name
-        )
+        programs = {
+            "principles": "write-principles",
+            "reference": "evaluate",
+            "cleanup": "delete-prefix",
+        }
+        return programs.get(self.name, self.name)
 
 
 def run_prefix(run: SAMIRun, uid: str) -> str:
@@ -60,6 +68,11 @@ def cleanup_stage(run: SAMIRun, uid: str) -> Stage:
     runs this to remove its storage prefix."""
     prefix = run_prefix(run, uid)
     return Stage("cleanup", None, prefix, DeletePrefixTask(prefix=prefix, storage=run.spec.storage))
+
+
+def reference_uri(prefix: str) -> str:
+    """The reference model's evaluation (evaluation.judge.reference)."""
+    return f"{prefix}/reference"
 
 
 def checkpoint_uri(prefix: str, iteration: int) -> str:
@@ -95,35 +108,48 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
     def stage_uri(name: str, iteration: int) -> str:
         return f"{prefix}/iterations/{iteration}/{name}"
 
+    judge = spec.evaluation.judge
+
+    def evaluate_task(output: str, model: ModelSpec, iteration: int, **extra) -> EvaluateTask:
+        return EvaluateTask(
+            output=output,
+            storage=spec.storage,
+            model=model,
+            iteration=iteration,
+            task=spec.task,
+            principles=principles,
+            held_out=spec.principles.held_out,
+            constitutions=spec.constitutions,
+            queries=spec.data.eval,
+            evaluation=spec.evaluation,
+            generation=spec.generation,
+            **extra,
+        )
+
+    # What evaluate-t (t >= 1) judges its responses against: evaluate-0's (the spec requires
+    # evaluation.includeBase with a judge) and the reference stage's.
+    baselines: list[Baseline] = []
+    if judge is not None:
+        baselines.append(Baseline(name=BASELINE_BASE, uri=stage_uri("evaluate", 0)))
+        if judge.reference is not None:
+            baselines.append(Baseline(name=BASELINE_REFERENCE, uri=reference_uri(prefix)))
+
     def evaluate(iteration: int, model_uri: str) -> Stage:
         uri = stage_uri("evaluate", iteration)
-        # The judge compares with the base model's responses, from evaluate-0 (the spec
-        # requires evaluation.includeBase with a judge).
-        baseline = None
-        if spec.evaluation.judge is not None and iteration >= 1:
-            baseline = stage_uri("evaluate", 0)
+        model = spec.model.model_copy(update={"uri": model_uri})
+        judged = baselines if iteration >= 1 else []
         return Stage(
-            "evaluate",
-            iteration,
-            uri,
-            EvaluateTask(
-                output=uri,
-                storage=spec.storage,
-                model=spec.model.model_copy(update={"uri": model_uri}),
-                iteration=iteration,
-                task=spec.task,
-                principles=principles,
-                held_out=spec.principles.held_out,
-                constitutions=spec.constitutions,
-                queries=spec.data.eval,
-                evaluation=spec.evaluation,
-                generation=spec.generation,
-                baseline_responses_uri=baseline,
-            ),
+            "evaluate", iteration, uri, evaluate_task(uri, model, iteration, baselines=judged)
         )
 
     if spec.evaluation.include_base:
         stages.append(evaluate(0, spec.model.uri))
+
+    if judge is not None and judge.reference is not None:
+        # Evaluated like the base model (same queries, constitutions and seeds), never judged.
+        uri = reference_uri(prefix)
+        model = ModelSpec.model_validate(judge.reference.model_dump())
+        stages.append(Stage("reference", None, uri, evaluate_task(uri, model, 0, reference=True)))
 
     for t in range(1, spec.training.iterations + 1):
         previous = spec.model.uri if t == 1 else checkpoint_uri(prefix, t - 1)

@@ -51,8 +51,11 @@ def records_from_status(run: SAMIRun, uid: str, status: SAMIRunStatus | None) ->
     records: dict[str, StageRecord] = {}
     if status is None:
         return records
-    if status.principles is not None:
-        records["principles"] = StageRecord.from_status(status.principles)
+    # The stages outside the iterations (derive_status writes them under their stage id).
+    for name in ("principles", "reference"):
+        stage_status = getattr(status, name)
+        if stage_status is not None:
+            records[name] = StageRecord.from_status(stage_status)
     for entry in status.iterations:
         for name in ("generate", "train", "evaluate"):
             stage_status = getattr(entry, name)

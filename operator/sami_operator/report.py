@@ -1,5 +1,6 @@
 """The run report: per-iteration metrics as a markdown table and plots (the paper's Figure 2a,
-and Figure 2b when an LLM judge ran: the win rate vs the base model per iteration).
+and Figure 2b when an LLM judge ran: the win rate per iteration, one plot per baseline: the
+base model, and the reference model when evaluation.judge.reference is set).
 
 Built from stored results only (the evaluation and training manifests under a run prefix), so
 `sami report DIR_OR_URI` rebuilds it any time, for a local run or one on a cluster.
@@ -11,19 +12,24 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sami_operator.models import Metrics, WinRate
+from sami_operator.models import BASELINE_BASE, BASELINE_REFERENCE, Metrics, WinRate
 from sami_worker import storage
 
 _EVALUATE = re.compile(r"^iterations/(\d+)/evaluate/_manifest\.json$")
 _TRAIN = re.compile(r"^iterations/(\d+)/train/_manifest\.json$")
+REFERENCE_PREFIX = "reference"  # planner.reference_uri, relative to the run prefix
 
 PLOTS = [
     ("mi_lower_bound.png", "miLowerBound", "MI lower bound (nats, InfoNCE)"),
     ("plug_in_mi.png", "plugInMi", "MI, plug-in estimate (nats)"),
     ("response_tokens.png", "meanResponseTokens", "Mean response length (tokens)"),
 ]
-WIN_RATE_PLOT = "win_rate.png"
-BASELINE = "base"
+WIN_RATE_PLOT = "win_rate.png"  # vs the base model; win_rate_<baseline>.png for the others
+_BASELINE_MODELS = {BASELINE_BASE: "base model", BASELINE_REFERENCE: "reference model"}
+
+
+def win_rate_plot(baseline: str) -> str:
+    return WIN_RATE_PLOT if baseline == BASELINE_BASE else f"win_rate_{baseline}.png"
 
 
 @dataclass
@@ -32,6 +38,7 @@ class IterationResult:
     metrics: Metrics | None = None
     held_out: Metrics | None = None
     train: dict | None = None
+    model: str | None = None  # the evaluated model's URI, when recorded
 
 
 def collect_results(run: storage.Storage) -> list[IterationResult]:
@@ -42,13 +49,28 @@ def collect_results(run: storage.Storage) -> list[IterationResult]:
         if m := _EVALUATE.match(key):
             meta = storage.read_manifest(run, key.removesuffix("/_manifest.json")).meta
             entry = results.setdefault(int(m[1]), IterationResult(int(m[1])))
-            entry.metrics = Metrics.model_validate(meta["metrics"])
-            if meta.get("heldOutMetrics"):
-                entry.held_out = Metrics.model_validate(meta["heldOutMetrics"])
+            _read_evaluation(entry, meta)
         elif m := _TRAIN.match(key):
             meta = storage.read_manifest(run, key.removesuffix("/_manifest.json")).meta
             results.setdefault(int(m[1]), IterationResult(int(m[1]))).train = meta
     return [results[t] for t in sorted(results)]
+
+
+def collect_reference(run: storage.Storage) -> IterationResult | None:
+    """The reference model's evaluation (the 'reference' stage), if the run has one."""
+    manifest = storage.read_manifest(run, REFERENCE_PREFIX)
+    if manifest is None:
+        return None
+    entry = IterationResult(0)
+    _read_evaluation(entry, manifest.meta)
+    return entry
+
+
+def _read_evaluation(entry: IterationResult, meta: dict) -> None:
+    entry.metrics = Metrics.model_validate(meta["metrics"])
+    if meta.get("heldOutMetrics"):
+        entry.held_out = Metrics.model_validate(meta["heldOutMetrics"])
+    entry.model = meta.get("model")
 
 
 def _fmt(estimate) -> str:
@@ -59,11 +81,18 @@ def _fmt(estimate) -> str:
     return f"{estimate.value:.3f} ± {estimate.stderr:.3f}"
 
 
-def win_rate(metrics: Metrics | None, baseline: str = BASELINE) -> WinRate | None:
+def win_rate(metrics: Metrics | None, baseline: str = BASELINE_BASE) -> WinRate | None:
     """The metrics' win rate against `baseline`, if judged."""
     if metrics is None:
         return None
     return next((w for w in metrics.win_rates if w.baseline == baseline), None)
+
+
+def baselines_judged(results: list[IterationResult]) -> list[str]:
+    """Every baseline some iteration was judged against: base first, then as they come."""
+    names = [w.baseline for r in results for m in (r.metrics, r.held_out) if m for w in m.win_rates]
+    order = {BASELINE_BASE: 0, BASELINE_REFERENCE: 1}
+    return sorted(dict.fromkeys(names), key=lambda b: order.get(b, len(order)))
 
 
 def _fmt_rate(rate: float | None, low: float | None, high: float | None) -> str:
@@ -72,8 +101,8 @@ def _fmt_rate(rate: float | None, low: float | None, high: float | None) -> str:
     return f"{rate:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def _win_cells(metrics: Metrics | None) -> list[str]:
-    w = win_rate(metrics)
+def _win_cells(metrics: Metrics | None, baseline: str) -> list[str]:
+    w = win_rate(metrics, baseline)
     if w is None:
         return ["-", "-"]
     return [
@@ -83,23 +112,28 @@ def _win_cells(metrics: Metrics | None) -> list[str]:
 
 
 def judge_counts(results: list[IterationResult]) -> list[str]:
-    """One line per judged iteration and principle set: items, ties, unparsable verdicts."""
+    """One line per judged iteration, baseline and principle set: items, ties, unparsable
+    verdicts."""
     lines = []
     for r in results:
-        for name, metrics in (("training", r.metrics), ("held-out", r.held_out)):
-            if (w := win_rate(metrics)) is not None:
-                lines.append(
-                    f"- iteration {r.iteration}, {name} principles: {w.items} items judged; "
-                    f"{w.ties} ties and {w.unparsable} unparsable verdicts (each counts 0.5)"
-                )
+        for baseline in baselines_judged(results):
+            for name, metrics in (("training", r.metrics), ("held-out", r.held_out)):
+                if (w := win_rate(metrics, baseline)) is not None:
+                    lines.append(
+                        f"- iteration {r.iteration} vs {baseline}, {name} principles: {w.items} "
+                        f"items judged; {w.ties} ties and {w.unparsable} unparsable verdicts "
+                        "(each counts 0.5)"
+                    )
     return lines
 
 
-def render_table(results: list[IterationResult]) -> str:
-    """Markdown table, one row per iteration (0 is the base model). Win-rate columns appear
-    when some iteration was judged, held-out ones when held-out principles were judged."""
-    judged = any(win_rate(r.metrics) for r in results)
-    judged_held_out = any(win_rate(r.held_out) for r in results)
+def render_table(results: list[IterationResult], reference: IterationResult | None = None) -> str:
+    """Markdown table, one row per iteration (0 is the base model), and one for the reference
+    model after it. Win-rate columns appear per baseline some iteration was judged against,
+    held-out ones when held-out principles were judged."""
+    baselines = baselines_judged(results)
+    judged = [b for b in baselines if any(win_rate(r.metrics, b) for r in results)]
+    judged_held_out = [b for b in baselines if any(win_rate(r.held_out, b) for r in results)]
     header = [
         "iteration",
         "MI lower bound (nats)",
@@ -108,28 +142,32 @@ def render_table(results: list[IterationResult]) -> str:
         "held-out MI lower bound",
         "train loss (first → last)",
     ]
-    if judged:
-        header += ["win rate vs base", "length-corrected"]
-    if judged_held_out:
-        header += ["held-out win rate", "held-out length-corrected"]
+    for b in judged:
+        header += [f"win rate vs {b}", f"length-corrected vs {b}"]
+    for b in judged_held_out:
+        header += [f"held-out win rate vs {b}", f"held-out length-corrected vs {b}"]
+    rows = [(f"{r.iteration}{' (base)' if r.iteration == 0 else ''}", r) for r in results]
+    if reference is not None:
+        after_base = 1 if results and results[0].iteration == 0 else 0
+        rows.insert(after_base, ("reference", reference))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
+    for label, r in rows:
         m = r.metrics
         loss = "-"
         if r.train:
             loss = f"{r.train['first_loss']:.3f} → {r.train['final_loss']:.3f}"
         cells = [
-            f"{r.iteration}{' (base)' if r.iteration == 0 else ''}",
+            label,
             _fmt(m.mi_lower_bound) if m else "-",
             _fmt(m.plug_in_mi) if m else "-",
             _fmt(m.mean_response_tokens) if m else "-",
             _fmt(r.held_out.mi_lower_bound) if r.held_out else "-",
             loss,
         ]
-        if judged:
-            cells += _win_cells(m)
-        if judged_held_out:
-            cells += _win_cells(r.held_out)
+        for b in judged:
+            cells += _win_cells(m, b)
+        for b in judged_held_out:
+            cells += _win_cells(r.held_out, b)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -163,15 +201,18 @@ def write_plots(results: list[IterationResult], directory: Path) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
-    if path := write_win_rate_plot(results, directory, plt):
-        paths.append(path)
+    for baseline in baselines_judged(results):
+        if path := write_win_rate_plot(results, directory, plt, baseline):
+            paths.append(path)
     return paths
 
 
-def write_win_rate_plot(results: list[IterationResult], directory: Path, plt) -> Path | None:
-    """The paper's Figure 2b: win rate vs the base model per iteration with 95% intervals,
-    raw and length-corrected, training and held-out principles, and the 0.5 line (no
-    better than the base model)."""
+def write_win_rate_plot(
+    results: list[IterationResult], directory: Path, plt, baseline: str = BASELINE_BASE
+) -> Path | None:
+    """The paper's Figure 2b for one baseline: the win rate against it per iteration with 95%
+    intervals, raw and length-corrected, training and held-out principles, and the 0.5 line
+    (no better than the baseline)."""
     series = []
     for label, pick, field, style in [
         ("raw", lambda r: r.metrics, "", "o-"),
@@ -181,7 +222,7 @@ def write_win_rate_plot(results: list[IterationResult], directory: Path, plt) ->
     ]:
         xs, ys, lows, highs = [], [], [], []
         for r in results:
-            w = win_rate(pick(r))
+            w = win_rate(pick(r), baseline)
             value = w and getattr(w, field or "rate")
             if value is not None:
                 xs.append(r.iteration)
@@ -201,11 +242,11 @@ def write_win_rate_plot(results: list[IterationResult], directory: Path, plt) ->
     ax.set_xticks(sorted({x for s in series for x in s[2]}))
     ax.set_ylim(0, 1)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("win rate vs base model")
+    ax.set_ylabel(f"win rate vs {_BASELINE_MODELS.get(baseline, baseline)}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = directory / WIN_RATE_PLOT
+    path = directory / win_rate_plot(baseline)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -215,7 +256,8 @@ def build_report(run: storage.Storage, directory: Path) -> str:
     """Write summary.md and the plots into `directory`; return the markdown."""
     directory.mkdir(parents=True, exist_ok=True)
     results = collect_results(run)
-    table = render_table(results)
+    reference = collect_reference(run)
+    table = render_table(results, reference)
     plots = write_plots(results, directory)
     checkpoints = [
         f"- iteration {r.iteration}: {run.uri(f'iterations/{r.iteration}/train/checkpoint')}"
@@ -223,6 +265,9 @@ def build_report(run: storage.Storage, directory: Path) -> str:
         if r.train
     ]
     counts = judge_counts(results)
+    whose = " or ".join(
+        f"the {_BASELINE_MODELS.get(b, b)}'s (vs {b})" for b in baselines_judged(results)
+    )
     markdown = "\n".join(
         [
             "# SAMI run report",
@@ -234,10 +279,19 @@ def build_report(run: storage.Storage, directory: Path) -> str:
             "Plug-in MI: the paper's plotted estimate. ± is one standard error over queries.",
             *(
                 [
+                    f"Reference model ({reference.model or 'evaluation.judge.reference'}): "
+                    "evaluated once like the base model, on the same queries and constitutions.",
+                ]
+                if reference is not None
+                else []
+            ),
+            *(
+                [
                     "Win rate: an LLM judge's pairwise preference for the iteration's response "
-                    "over the base model's (ties and unparsable verdicts count 0.5), with a 95% "
-                    "Wilson interval; length-corrected: the win rate at equal response length "
-                    "(logistic regression on the standardised length difference), 95% interval.",
+                    f"over {whose} to the same query under the same constitution (ties and "
+                    "unparsable verdicts count 0.5), with a 95% Wilson interval; "
+                    "length-corrected: the win rate at equal response length (logistic "
+                    "regression on the standardised length difference), 95% interval.",
                     "",
                     *counts,
                 ]

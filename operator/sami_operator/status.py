@@ -104,9 +104,10 @@ def derive_status(
     evaluated = [i for i in iterations.values() if i.metrics and i.metrics.mi_lower_bound]
     latest = max(evaluated, key=lambda i: i.iteration, default=None)
 
-    principles = None
-    if run.spec.principles.writer is not None:
-        principles = get("principles").as_status()
+    # Stages outside the iterations, shown when planned.
+    planned = {s.id for s in stages}
+    principles = get("principles").as_status() if "principles" in planned else None
+    reference = get("reference").as_status() if "reference" in planned else None
     return SAMIRunStatus(
         phase=phase,
         message=message,
@@ -117,6 +118,7 @@ def derive_status(
         latest_mi_lower_bound=latest.metrics.mi_lower_bound.value if latest else None,
         storage_uri=prefix,
         principles=principles,
+        reference=reference,
         iterations=[iterations[t] for t in sorted(iterations)],
         start_time=min(started) if started else None,
         completion_time=_completion_time(phase, now, previous),
