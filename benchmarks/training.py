@@ -5,8 +5,10 @@ query block: C = 2, so 4 sequences (prompt about 150 tokens + response about 100
 benchmarks/data.py), one block per micro-step as the paper runs it. No FSDP: one process,
 the plain model, so the comparison isolates how log-probs are computed.
 
-- OURS (sami_worker.train's forward): `SamiScorer` (trunk -> final hidden states -> LM head on
-  response positions only, in checkpointed chunks) -> `assemble_matrices` from explicit pairs
+- OURS (sami_worker.train's forward): `SamiScorer` (each distinct prompt once through the
+  trunk with its C responses packed behind it, `share_prompts`; final hidden states -> LM head
+  on response positions only, in chunks that compute the log-probs and keep the softmax for
+  the fused gradient, `lm_head_logprobs`) -> `assemble_matrices` from explicit pairs
   -> `sami_loss` -> backward.
 - NAIVE (the reference code's approach): `model(input_ids).logits` over the full vocabulary at
   every position, `.float().log_softmax(-1)`, gather the targets, mask prompt and padding, mean
@@ -280,7 +282,10 @@ def run(quick: bool, device: str) -> list[dict]:
         else:
             pairs = zip(t["flops"], t["seconds"]["ours"], strict=True)
             achieved = [flops / seconds / 1e12 for flops, seconds in pairs]
-            note = "model FLOPs 6N + attention per token over the OURS step; no FSDP"
+            note = (
+                "model FLOPs 6N + attention per real token of the C x C sequences over the OURS "
+                "step (prompt sharing does fewer, so this counts useful work); no FSDP"
+            )
             entries.append(entry(name, [peak] * len(achieved), achieved, "TFLOP/s", None, note))
     return entries
 

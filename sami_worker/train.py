@@ -2,8 +2,9 @@
 
 Each micro-step takes `microBatchQueries` query blocks per process; a block is one query's
 C prompts and C responses, scored as all C x C (constitution, response) sequences in one
-padded forward pass. Only response tokens are scored (prompt masked exactly, EOS scored when
-the model emitted it), through the LM head in chunks, never as a full-vocabulary float32
+forward pass, each distinct prompt computed once with its responses packed behind it
+(`SamiScorer`). Only response tokens are scored (prompt masked exactly, EOS scored when the
+model emitted it), through the LM head in chunks, never as a full-vocabulary float32
 log-softmax over the batch. The (C, C) matrix is assembled from explicit index pairs and fed to
 `sami_loss`. Blocks never straddle processes, so the loss needs no cross-rank gather.
 
@@ -55,7 +56,14 @@ from sami_worker.backends import resolve_model_dir
 from sami_worker.common import fetch_model, open_uri
 from sami_worker.generate import DATASET_JSONL, DATASET_PARQUET
 from sami_worker.hf import load_model, load_tokenizer, published_dtype
-from sami_worker.logprobs import assemble_matrices, block_pairs, build_sequences, response_logprobs
+from sami_worker.logprobs import (
+    assemble_matrices,
+    block_pairs,
+    build_sequences,
+    response_logprobs,
+    share_prompts,
+    shared_prompt_logprobs,
+)
 from sami_worker.objective import sami_loss
 from sami_worker.tasks import TaskError, TrainTask
 
@@ -148,20 +156,64 @@ def collate(blocks: list[Block], pad_id: int):
 class SamiScorer(nn.Module):
     """The causal LM's trunk plus its LM head applied to response positions only.
 
-    Being the FSDP root, its forward unshards the embeddings, final norm and LM head weight
-    for `response_logprobs`, which reads the weight directly instead of calling the head.
+    Each distinct prompt goes through the trunk once, followed by all the responses paired with
+    it (`share_prompts`: in a block of C constitutions the C x C sequences repeat each prompt C
+    times), when the model allows it exactly (`prompt_sharing_window`); otherwise the padded
+    batch goes through as it is. Being the FSDP root, its forward unshards the embeddings,
+    final norm and LM head weight for the log-prob functions, which read the weight directly
+    instead of calling the head.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, share: bool = True):
         super().__init__()
         self.model = model
+        self.share_window = prompt_sharing_window(model) if share else 0
 
     def forward(self, input_ids, attention_mask, response_mask):
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
         head = self.model.get_output_embeddings()
-        return response_logprobs(hidden, head.weight, input_ids, response_mask, bias=head.bias)
+        packed = None
+        if self.share_window is None or 0 < input_ids.shape[1] <= self.share_window:
+            width = self.model.config.hidden_size
+            packed = share_prompts(input_ids, attention_mask, response_mask, width=width)
+        if packed is None:
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            return response_logprobs(hidden, head.weight, input_ids, response_mask, bias=head.bias)
+        eager = self.model.config._attn_implementation == "eager"
+        hidden = self.model.base_model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask(torch.float32 if eager else None),
+            position_ids=packed.position_ids,
+        ).last_hidden_state
+        return shared_prompt_logprobs(hidden, head.weight, packed, bias=head.bias)
+
+
+def prompt_sharing_window(model: nn.Module) -> int | None:
+    """Up to which padded length `share_prompts` gives this model's exact outputs: None for
+    any length, 0 for none.
+
+    The repacked rows need attention that takes a custom 4D mask (sdpa, eager), positions read
+    from position_ids (rotary embeddings), and only attention layers. A sliding window (or
+    chunked attention) sees every key of sequences no longer than the window, so such models
+    share prompts only for batches that short.
+    """
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return 0
+    if not hasattr(model.base_model, "rotary_emb"):
+        return 0
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not types <= {"full_attention", "sliding_attention"}:
+        return 0
+    windows = [
+        getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", True) or "sliding_attention" in types
+        else None,
+        getattr(config, "attention_chunk_size", None),
+    ]
+    windows = [w for w in windows if w]
+    return min(windows) if windows else None
 
 
 def shard_model(scorer: SamiScorer, device: torch.device, bf16: bool, checkpointing: bool):
@@ -180,7 +232,7 @@ def shard_model(scorer: SamiScorer, device: torch.device, bf16: bool, checkpoint
         raise TaskError(f"cannot find the decoder layers of {type(model).__name__} to shard")
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
-    # The root stays unsharded after forward: the chunked LM head recomputes in backward.
+    # The root stays unsharded after forward: the LM head's backward reads the weight.
     fully_shard(scorer, mp_policy=mp, reshard_after_forward=False)
     return scorer.to(device)
 

@@ -15,7 +15,7 @@ import pytest
 
 from sami_worker import storage
 from sami_worker.tasks import TrainTask, dump_task
-from sami_worker.train import METRICS_FILE, BlockSchedule, lr_factor
+from sami_worker.train import METRICS_FILE, BlockSchedule, lr_factor, prompt_sharing_window
 from tests.conftest import EXAMPLES
 from tests.test_generate import VLLM_CPU
 
@@ -235,6 +235,71 @@ def test_block_schedule_covers_each_epoch_once():
     assert schedule.step_blocks(2) != schedule.step_blocks(0)  # a new epoch, reshuffled
     parts = [schedule.micro_blocks(0, m, r, 2, 1) for m in range(2) for r in range(2)]
     assert sorted(b for p in parts for b in p) == sorted(schedule.step_blocks(0))
+
+
+@pytest.mark.parametrize(("attention", "tied"), [("sdpa", False), ("sdpa", True), ("eager", True)])
+def test_scorer_shares_prompts_with_the_same_logprobs_and_gradients(tiny_llama, attention, tied):
+    """SamiScorer computes each prompt once (packed with its responses) and gets what the
+    padded batch gets: log-probs and every parameter's gradient through the SAMI loss."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sami_worker.logprobs import assemble_matrices, share_prompts
+    from sami_worker.objective import sami_loss
+    from sami_worker.train import Block, SamiScorer, collate
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, attn_implementation=attention, tie_word_embeddings=tied
+    ).double()
+    rng = random.Random(5)
+    vocab = model.config.vocab_size
+
+    def ids(low, high):
+        return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(low, high)))
+
+    blocks = [Block((ids(5, 12), ids(5, 12)), (ids(1, 9), ids(1, 9))) for _ in range(2)]
+    batch, c = collate(blocks, pad_id=0)
+    args = (batch.input_ids, batch.attention_mask, batch.response_mask)
+    packed = share_prompts(*args, width=model.config.hidden_size)
+    assert packed is not None and packed.input_ids.shape[0] == 4  # 4 prompts for 8 rows
+    results = {}
+    for share in (True, False):
+        scorer = SamiScorer(model, share=share)
+        assert scorer.share_window == (None if share else 0)
+        model.zero_grad()
+        scored = scorer(*args)
+        sami_loss(assemble_matrices(scored.mean, batch.pairs, c, len(blocks))).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[share] = (scored, grads)
+    (shared, shared_grads), (padded, padded_grads) = results[True], results[False]
+    assert shared.count.tolist() == padded.count.tolist()
+    # float64, but Llama's RMSNorm and eager softmax compute in float32 internally.
+    assert torch.allclose(shared.sum, padded.sum, rtol=1e-6, atol=1e-6)
+    for name, grad in padded_grads.items():
+        scale = grad.abs().max().item()
+        assert torch.allclose(shared_grads[name], grad, atol=1e-6 * max(scale, 1.0)), name
+
+
+def test_prompt_sharing_window_follows_the_attention():
+    from types import SimpleNamespace as NS
+
+    def model(impl="sdpa", rotary=True, **config):
+        base = NS(rotary_emb=object()) if rotary else NS()
+        return NS(config=NS(_attn_implementation=impl, **config), base_model=base)
+
+    assert prompt_sharing_window(model()) is None
+    assert prompt_sharing_window(model("eager")) is None
+    assert prompt_sharing_window(model("flash_attention_2")) == 0  # takes no 4D mask
+    assert prompt_sharing_window(model(rotary=False)) == 0  # e.g. ALiBi or learned positions
+    assert prompt_sharing_window(model(sliding_window=4096)) == 4096  # Mistral v0.1
+    assert prompt_sharing_window(model(sliding_window=4096, use_sliding_window=False)) is None
+    gemma = model(sliding_window=512, layer_types=["sliding_attention", "full_attention"])
+    assert prompt_sharing_window(gemma) == 512
+    hybrid = model(layer_types=["linear_attention", "full_attention"])
+    assert prompt_sharing_window(hybrid) == 0
+    assert prompt_sharing_window(model(attention_chunk_size=8192)) == 8192
 
 
 def test_learning_rate_schedules():
