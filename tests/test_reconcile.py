@@ -330,3 +330,22 @@ def test_the_reference_stage_runs_once_and_survives_an_operator_restart(samirun_
     # evaluate-1 judges against both.
     evaluate_1 = stages(run)["evaluate-1"].task
     assert [b.name for b in evaluate_1.baselines] == ["base", "reference"]
+
+
+SECRET = {"name": "judge-api", "key": "api-key"}
+
+
+@pytest.mark.parametrize(
+    "judge, key",
+    [
+        ({"endpoint": {"url": "http://j/v1", "model": "j", "apiKeySecret": SECRET}}, True),
+        ({"endpoint": {"url": "http://j/v1", "model": "j"}}, False),
+        ({"model": "s3://models/judge/"}, False),  # loaded by the evaluation worker itself
+    ],
+)
+def test_only_an_endpoint_judge_with_a_secret_gets_an_api_key(samirun_doc, judge, key):
+    samirun_doc["spec"]["evaluation"]["judge"] = judge
+    run = parse_samirun(samirun_doc)
+    _, job = build_children(run, stages(run)["evaluate-1"], "uid-1", SETTINGS)
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert any(e["name"] == "SAMI_API_KEY" for e in env) == key

@@ -138,7 +138,8 @@ def _api_key_secret(run: SAMIRun, stage: Stage):
         endpoint = run.spec.principles.writer.endpoint
         return endpoint.api_key_secret if endpoint else None
     if stage.name == "evaluate" and run.spec.evaluation.judge is not None:
-        return run.spec.evaluation.judge.endpoint.api_key_secret
+        endpoint = run.spec.evaluation.judge.endpoint  # None: a judge model, loaded in the pod
+        return endpoint.api_key_secret if endpoint else None
     return None
 
 
