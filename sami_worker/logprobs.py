@@ -105,10 +105,10 @@ def _check_ids_and_mask(input_ids: Tensor, response_mask: Tensor, leading: tuple
         raise ValueError(f"rows {empty} have no response tokens; their mean log-prob is undefined")
 
 
-def _totals(token_logprobs: Tensor, rows: Tensor, targets_mask: Tensor) -> ResponseLogprobs:
-    n = targets_mask.shape[0]
-    sums = token_logprobs.new_zeros(n).index_add(0, rows, token_logprobs)
-    count = targets_mask.sum(dim=1)
+def _totals(token_logprobs: Tensor, rows: Tensor, count: Tensor) -> ResponseLogprobs:
+    """Per-row sums and means of token log-probs; rows[i] is token i's row, count[r] the
+    number of tokens of row r."""
+    sums = token_logprobs.new_zeros(count.shape[0]).index_add(0, rows, token_logprobs)
     return ResponseLogprobs(sum=sums, mean=sums / count, count=count)
 
 
@@ -282,7 +282,7 @@ def response_logprobs(
     token_logprobs = lm_head_logprobs(
         predicting, lm_head_weight, targets, bias, chunk_size, keep_rows
     )
-    return _totals(token_logprobs, rows, targets_mask)
+    return _totals(token_logprobs, rows, targets_mask.sum(dim=1))
 
 
 def response_logprobs_from_logits(
@@ -297,7 +297,7 @@ def response_logprobs_from_logits(
     log_probs = log_probs.log_softmax(dim=-1)
     token_logprobs = log_probs.gather(2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)
     rows = targets_mask.nonzero()[:, 0]
-    return _totals(token_logprobs[targets_mask], rows, targets_mask)
+    return _totals(token_logprobs[targets_mask], rows, targets_mask.sum(dim=1))
 
 
 @dataclass(frozen=True)
@@ -428,8 +428,7 @@ def shared_prompt_logprobs(
     token_logprobs = lm_head_logprobs(
         predicting, lm_head_weight, packed.targets, bias, chunk_size, keep_rows
     )
-    sums = token_logprobs.new_zeros(packed.count.shape[0]).index_add(0, packed.rows, token_logprobs)
-    return ResponseLogprobs(sum=sums, mean=sums / packed.count, count=packed.count)
+    return _totals(token_logprobs, packed.rows, packed.count)
 
 
 def assemble_matrices(
