@@ -102,11 +102,15 @@ def build_config_map(run: SAMIRun, stage: Stage, name: str, uid: str) -> dict[st
     }
 
 
+# The spec.pods entry of each stage: the reference model's evaluation runs the evaluation
+# program on the same kind of machine; the storage cleanup needs no more than the defaults.
+_POD_KNOBS = {"reference": "evaluate", "cleanup": None}
+
+
 def _pod_settings(run: SAMIRun, stage: Stage) -> PodSpec:
     pods = run.spec.pods
-    if stage.name == "cleanup":
-        return pods.default
-    return getattr(pods, stage.name).merged_over(pods.default)
+    knobs = _POD_KNOBS.get(stage.name, stage.name)
+    return pods.default if knobs is None else getattr(pods, knobs).merged_over(pods.default)
 
 
 def _env(run: SAMIRun, stage: Stage) -> list[dict[str, Any]]:

@@ -714,12 +714,6 @@ class PodsSpec(APIModel):
         description="Evaluation pods: evaluate-t, and the reference model's evaluation.",
     )
 
-    @property
-    def reference(self) -> PodSpec:
-        """The reference stage runs the evaluation program on the same kind of machine, so it
-        takes the `evaluate` settings (the builders look pods up by stage name)."""
-        return self.evaluate
-
 
 # ---------------------------------------------------------------------------------------------
 # Run-level settings
