@@ -39,6 +39,26 @@ def test_validate_reports_each_problem_and_fails(tmp_path):
     assert f"{good}: valid" in result.output
 
 
+def test_validate_refuses_processes_and_engines_the_pods_have_no_gpus_for(tmp_path):
+    text = (ROOT / "examples" / "samirun.yaml").read_text()
+    assert "procsPerNode: 8" in text and "tensorParallelSize: 1" in text
+    too_many = tmp_path / "procs.yaml"
+    too_many.write_text(text.replace("procsPerNode: 8", "procsPerNode: 16"))
+    no_gpus = tmp_path / "tp.yaml"
+    no_gpus.write_text(text.replace("tensorParallelSize: 1", "tensorParallelSize: 2"))
+    result = CliRunner().invoke(main, ["validate", str(too_many), str(no_gpus)])
+    assert result.exit_code == 1
+    assert (
+        "spec.training.procsPerNode: 16 processes per node but spec.pods.train asks for 8 "
+        "nvidia.com/gpu; set procsPerNode <= 8 or ask for more GPUs"
+    ) in result.output
+    assert (
+        "spec.generation.engine.tensorParallelSize: 2 GPUs per vLLM engine but "
+        "spec.pods.generate asks for 1 nvidia.com/gpu; set tensorParallelSize <= 1 or ask for "
+        "more GPUs"
+    ) in result.output
+
+
 def test_validate_rejects_unreadable_and_non_yaml(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [unclosed\n")

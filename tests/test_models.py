@@ -215,3 +215,124 @@ def test_stage_pod_settings_override_the_default_field_by_field():
     merged = train.merged_over(default)
     assert merged.service_account_name == "sami-worker"
     assert merged.shm_size == "32Gi"
+
+
+def test_training_precision_and_gradient_sync(samirun_doc):
+    training = parse_samirun(samirun_doc).spec.training
+    assert (training.precision, training.gradient_sync) == ("bf16", "microStep")
+    _set(samirun_doc, "spec.training.precision", "bf16-mixed")
+    _set(samirun_doc, "spec.training.gradientSync", "step")
+    run = parse_samirun(samirun_doc)
+    assert (run.spec.training.precision, run.spec.training.gradient_sync) == ("bf16-mixed", "step")
+    assert run.to_api()["spec"]["training"]["gradientSync"] == "step"
+    _set(samirun_doc, "spec.training.gradientSync", "epoch")
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert info.value.problems == [
+        "spec.training.gradientSync: Input should be 'microStep' or 'step' (got 'epoch')"
+    ]
+
+
+def _problems(doc) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_samirun(doc)
+    return info.value.problems
+
+
+def test_procs_per_node_fit_the_train_pods_gpus(samirun_doc):
+    # examples/samirun.yaml: 8 processes on 8 GPUs; fewer processes than GPUs is allowed.
+    _set(samirun_doc, "spec.training.procsPerNode", 4)
+    assert parse_samirun(samirun_doc).spec.training.procs_per_node == 4
+    _set(samirun_doc, "spec.training.procsPerNode", 8)
+    _set(samirun_doc, "spec.pods.train.resources.limits", {"nvidia.com/gpu": 4})
+    assert _problems(samirun_doc) == [
+        "spec.training.procsPerNode: 8 processes per node but spec.pods.train asks for 4 "
+        "nvidia.com/gpu; set procsPerNode <= 4 or ask for more GPUs"
+    ]
+    # A request counts like a limit, and any vendor's */gpu resource is a GPU.
+    _set(samirun_doc, "spec.pods.train.resources", {"requests": {"amd.com/gpu": "2"}})
+    assert _problems(samirun_doc)[0].startswith(
+        "spec.training.procsPerNode: 8 processes per node but spec.pods.train asks for 2 "
+        "amd.com/gpu;"
+    )
+
+
+def test_procs_per_node_use_the_default_pods_gpus(samirun_doc):
+    del samirun_doc["spec"]["pods"]["train"]["resources"]
+    _set(samirun_doc, "spec.pods.default.resources", {"limits": {"nvidia.com/gpu": 2}})
+    assert _problems(samirun_doc)[0].startswith(
+        "spec.training.procsPerNode: 8 processes per node but spec.pods.default asks for 2 "
+        "nvidia.com/gpu;"
+    )
+    # Train pods without GPUs run CPU processes: any number of them.
+    _set(samirun_doc, "spec.pods.train.resources", {"requests": {"cpu": 8}})
+    assert parse_samirun(samirun_doc).spec.training.procs_per_node == 8
+
+
+def _gpus(n: int) -> dict:
+    return {"limits": {"nvidia.com/gpu": n}}
+
+
+def test_tensor_parallelism_needs_gpus_in_generate_and_evaluate_pods(samirun_doc):
+    _set(samirun_doc, "spec.generation.engine.tensorParallelSize", 2)
+    _set(samirun_doc, "spec.pods.generate.resources", _gpus(2))
+    _set(samirun_doc, "spec.pods.evaluate.resources", _gpus(4))  # more than needed is fine
+    assert parse_samirun(samirun_doc).spec.generation.engine.tensor_parallel_size == 2
+    _set(samirun_doc, "spec.pods.evaluate.resources", _gpus(1))
+    assert _problems(samirun_doc) == [
+        "spec.generation.engine.tensorParallelSize: 2 GPUs per vLLM engine but "
+        "spec.pods.evaluate asks for 1 nvidia.com/gpu; set tensorParallelSize <= 1 or ask for "
+        "more GPUs"
+    ]
+    del samirun_doc["spec"]["pods"]["generate"]
+    assert _problems(samirun_doc) == [
+        "spec.generation.engine.tensorParallelSize: 2 GPUs per vLLM engine but "
+        "spec.pods.generate asks for no GPUs; ask for at least 2 GPUs (e.g. nvidia.com/gpu: 2) "
+        "or set tensorParallelSize: 1"
+    ]
+    # Both from spec.pods.default.
+    del samirun_doc["spec"]["pods"]["evaluate"]
+    _set(samirun_doc, "spec.pods.default.resources", _gpus(2))
+    assert parse_samirun(samirun_doc).spec.pods.default.gpus() == (2, "nvidia.com/gpu")
+    # The transformers backend has no tensor parallelism: nothing to fit.
+    del samirun_doc["spec"]["pods"]["default"]["resources"]
+    _set(samirun_doc, "spec.generation.backend", "transformers")
+    assert parse_samirun(samirun_doc).spec.generation.backend == "transformers"
+
+
+def test_tensor_parallelism_needs_gpus_for_a_principle_writer_model(samirun_doc):
+    _set(samirun_doc, "spec.generation.engine.tensorParallelSize", 2)
+    for stage in ("generate", "evaluate"):
+        del samirun_doc["spec"]["pods"][stage]
+    _set(samirun_doc, "spec.pods.default.resources", _gpus(2))
+    writer = {"model": "s3://models/writer/", "instruction": "Be good."}
+    _set(samirun_doc, "spec.principles", {"writer": writer})
+    _set(samirun_doc, "spec.pods.principles.resources", {"requests": {"cpu": 4}})
+    assert _problems(samirun_doc) == [
+        "spec.generation.engine.tensorParallelSize: 2 GPUs per vLLM engine but "
+        "spec.pods.principles asks for no GPUs; ask for at least 2 GPUs (e.g. nvidia.com/gpu: "
+        "2) or set tensorParallelSize: 1"
+    ]
+    # A writer behind an endpoint runs no engine in the principles pod.
+    endpoint = {"url": "http://writer.svc:8000/v1", "model": "writer"}
+    _set(samirun_doc, "spec.principles", {"writer": {"endpoint": endpoint, "instruction": "x"}})
+    assert parse_samirun(samirun_doc).spec.principles.writer.endpoint is not None
+
+
+@pytest.mark.parametrize("field", ["cacheSize", "shmSize"])
+def test_pod_sizes_are_quantities(samirun_doc, field):
+    _set(samirun_doc, f"spec.pods.train.{field}", "150G")
+    assert parse_samirun(samirun_doc)
+    _set(samirun_doc, f"spec.pods.train.{field}", "lots")
+    assert _problems(samirun_doc) == [
+        f"spec.pods.train.{field}: 'lots' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)"
+    ]
+
+
+def test_gpu_counts_read_quantities():
+    assert PodSpec().gpus() is None
+    assert PodSpec(resources={"requests": {"cpu": 8, "memory": "64Gi"}}).gpus() is None
+    assert PodSpec(resources={"limits": {"nvidia.com/gpu": 0}}).gpus() is None
+    pod = PodSpec(resources={"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": 8}})
+    assert pod.gpus() == (8, "nvidia.com/gpu")
+    assert PodSpec(resources={"limits": {"nvidia.com/gpu": "1e1"}}).gpus() == (10, "nvidia.com/gpu")

@@ -33,6 +33,33 @@ Quantity = Annotated[
     Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
 ]
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+_QUANTITY_SUFFIXES = {
+    "": 1,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    **{f"{p}i": 1024 ** (i + 1) for i, p in enumerate("KMGTPE")},
+}
+
+
+def _check_quantity(where: str, value: Quantity) -> None:
+    if not _QUANTITY_RE.match(str(value)):
+        raise ValueError(f"{where}: {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+
+
+def quantity_value(value: Quantity) -> float:
+    """A valid quantity as a number ("16Gi" -> 17179869184.0, "500m" -> 0.5)."""
+    number, suffix = _QUANTITY_RE.match(str(value)).groups()
+    if suffix and suffix[0] in "eE" and len(suffix) > 1:
+        return float(number + suffix)
+    return float(number) * _QUANTITY_SUFFIXES[suffix or ""]
+
 
 # Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are passed through to the
 # child pods as written: the API server validates them against the core schemas when the child
@@ -310,7 +337,14 @@ class DataSpec(APIModel):
 class EngineSpec(APIModel):
     """vLLM engine options."""
 
-    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs per engine.")
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs per engine (tensor parallelism). Above 1, the pods that run the "
+        "engine (generate, evaluate, and principles with a writer model) must ask for at "
+        "least this many GPUs.",
+    )
     max_model_len: int | None = Field(
         default=None,
         ge=64,
@@ -428,13 +462,30 @@ class TrainingSpec(APIModel):
         le=4096,
         description="Micro-steps per optimizer step (gradients really accumulate).",
     )
-    precision: Literal["bf16", "fp32"] = Field(
-        default="bf16", description="bf16 mixed precision (GPU) or fp32."
+    precision: Literal["bf16", "bf16-mixed", "fp32"] = Field(
+        default="bf16",
+        description="Number formats, on GPU and CPU alike, and their memory per parameter "
+        "sharded over all training processes. 'bf16': parameters, gradients and optimizer "
+        "state in bfloat16, as in the paper's runs: 2 (weights) + 2 (gradients) + optimizer "
+        "state (AdamW 4, RMSprop 2) = 8 or 6 bytes. 'bf16-mixed': float32 master weights and "
+        "gradients, bfloat16 compute, gradients reduced in float32: 4 + 4 + (AdamW 8, RMSprop "
+        "4) = 16 or 12 bytes. 'fp32': everything in float32 (16 or 12 bytes), slowest on GPU; "
+        "the CPU examples use it.",
+    )
+    gradient_sync: Literal["microStep", "step"] = Field(
+        default="microStep",
+        description="When gradients are reduce-scattered. 'microStep': after every "
+        "micro-step, so each process keeps only its shard (gradient memory falls with the "
+        "number of processes). 'step': once per optimizer step, fewer collectives (faster for "
+        "small models), but with gradientAccumulation > 1 every process holds the whole "
+        "model's unsharded gradients between micro-steps (2 bytes per parameter in bf16, 4 in "
+        "bf16-mixed and fp32: 141 or 282 GB for a 70B model).",
     )
     activation_checkpointing: bool = Field(
         default=False,
-        description="Recompute decoder-layer activations in backward to save memory "
-        "(the paper uses it for llama3-70b).",
+        description="Keep only each decoder layer's input and recompute the layer's "
+        "activations in backward: far less activation memory for about one extra forward "
+        "pass of compute (the paper uses it for llama3-70b).",
     )
     checkpoint_every: int = Field(
         default=50,
@@ -659,12 +710,20 @@ class ResourcesSpec(APIModel):
     def _quantities(self) -> ResourcesSpec:
         for part, values in (("requests", self.requests), ("limits", self.limits)):
             for name, value in values.items():
-                if not _QUANTITY_RE.match(str(value)):
-                    raise ValueError(
-                        f"{part}.{name}: {value!r} is not a Kubernetes quantity "
-                        "(e.g. 4, 500m, 16Gi)"
-                    )
+                _check_quantity(f"{part}.{name}", value)
         return self
+
+    def gpus(self) -> tuple[int, str] | None:
+        """(count, resource) of the largest GPU ask (a resource named like nvidia.com/gpu or
+        amd.com/gpu, requested or limited), or None for a CPU-only container."""
+        asks = [
+            (int(quantity_value(value)), name)
+            for values in (self.requests, self.limits)
+            for name, value in values.items()
+            if name.endswith("/gpu")
+        ]
+        best = max(asks, default=None)
+        return best if best is not None and best[0] > 0 else None
 
 
 class PodSpec(APIModel):
@@ -695,7 +754,26 @@ class PodSpec(APIModel):
         description="Size of the memory-backed /dev/shm (NCCL and dataloaders need more than "
         "the 64Mi default); default 16Gi for training, 2Gi otherwise.",
     )
+    cache_size: Quantity | None = Field(
+        default=None,
+        description="Size limit of the /var/cache/sami volume (an emptyDir on the node's "
+        "disk) where workers download the model and training writes its export shards; also "
+        "requested as the worker's ephemeral-storage unless resources set that, so the pod "
+        "lands on a node with the room. A 70B bfloat16 model needs about 141 GB for the "
+        "download plus up to 5 GB per export shard in flight. Default: no limit, no request.",
+    )
     annotations: dict[str, str] | None = Field(default=None, description="Pod annotations.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PodSpec:
+        for where, value in (("shmSize", self.shm_size), ("cacheSize", self.cache_size)):
+            if value is not None:
+                _check_quantity(where, value)
+        return self
+
+    def gpus(self) -> tuple[int, str] | None:
+        """(count, resource) of the worker container's GPU ask; None: CPU only."""
+        return self.resources.gpus() if self.resources is not None else None
 
     def merged_over(self, default: PodSpec) -> PodSpec:
         """This stage's settings, falling back field by field to `default`."""
@@ -812,6 +890,48 @@ class SAMIRunSpec(APIModel):
                         f"constitution allows at most {2**k} distinct constitutions, got {c}"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _fits_the_pods(self) -> SAMIRunSpec:
+        """Processes and engines fit the GPUs their pods ask for. Pods without GPUs run on
+        CPU: any number of training processes, but no tensor parallelism."""
+        n = self.training.procs_per_node
+        where, gpus = self._pod_gpus("train")
+        if gpus is not None and n > gpus[0]:
+            raise ValueError(
+                f"training.procsPerNode: {n} processes per node but {where} asks for "
+                f"{gpus[0]} {gpus[1]}; set procsPerNode <= {gpus[0]} or ask for more GPUs"
+            )
+        tp = self.generation.engine.tensor_parallel_size
+        if self.generation.backend != "vllm" or tp == 1:
+            return self  # the transformers backend has no tensor parallelism
+        stages = ["generate", "evaluate"]
+        if self.principles.writer is not None and self.principles.writer.model is not None:
+            stages.insert(0, "principles")  # the writer model runs on the same engine
+        for stage in stages:
+            where, gpus = self._pod_gpus(stage)
+            if gpus is None:
+                raise ValueError(
+                    f"generation.engine.tensorParallelSize: {tp} GPUs per vLLM engine but "
+                    f"{where} asks for no GPUs; ask for at least {tp} GPUs (e.g. nvidia.com/gpu: "
+                    f"{tp}) or set tensorParallelSize: 1"
+                )
+            if tp > gpus[0]:
+                raise ValueError(
+                    f"generation.engine.tensorParallelSize: {tp} GPUs per vLLM engine but "
+                    f"{where} asks for {gpus[0]} {gpus[1]}; set tensorParallelSize <= "
+                    f"{gpus[0]} or ask for more GPUs"
+                )
+        return self
+
+    def _pod_gpus(self, stage: str) -> tuple[str, tuple[int, str] | None]:
+        """Where a stage's pods get their resources from (spec.pods.<stage>, else
+        spec.pods.default; see PodSpec.merged_over) and the GPUs they ask for."""
+        own: PodSpec = getattr(self.pods, stage)
+        inherited = "resources" not in own.model_fields_set
+        if inherited and "resources" in self.pods.default.model_fields_set:
+            return "spec.pods.default", self.pods.default.gpus()
+        return f"spec.pods.{stage}", own.merged_over(self.pods.default).gpus()
 
 
 # ---------------------------------------------------------------------------------------------
