@@ -53,18 +53,11 @@ def open_model_backend(
 
 
 def fetch_model(uri: str, spec: StorageSpec | None) -> Path:
-    """Download a model folder from s3:// into the local cache (resumable; verified against
-    the stage manifest when the folder was written by sami)."""
+    """A model (or checkpoint) folder from s3:// in the local cache, fetched once per machine:
+    every rank of a pod, and every pod or stage sharing the cache volume, may call this at once
+    (storage.fetch_folder). Verified against the stage manifest when sami wrote the folder."""
     target = cache_dir() / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    remote = open_uri(uri, spec)
-    if storage.read_manifest(remote, "") is not None:
-        storage.download_stage(remote, "", target)
-    else:
-        for info in remote.list(""):
-            local = target / info.key
-            if not (local.exists() and local.stat().st_size == info.size):
-                remote.download_file(info.key, local)
-    return target
+    return storage.fetch_folder(open_uri(uri, spec), target)
 
 
 def load_principles(ref: PrinciplesRef, spec: StorageSpec | None) -> list[Principle]:

@@ -13,8 +13,13 @@ Errors. `StorageError` is permanent (bad credentials, missing bucket or key, mis
 and fails fast. Transient faults (throttling, 5xx, refused or reset connections, timeouts) are
 retried twice over: botocore's "standard" mode retries each request, and an outer loop here
 retries each whole operation, so a multipart upload restarts and a download resumes from its
-`.part` file. Credentials come only from boto3's default chain (environment, mounted files, the
-pod's IAM role); they are never passed around, logged or put in messages.
+`.part` file (or, for a large file fetched in byte ranges, from the ranges it already has).
+Credentials come only from boto3's default chain (environment, mounted files, the pod's IAM
+role); they are never passed around, logged or put in messages.
+
+Folders (models, checkpoints) are fetched once per node: `fetch_folder` downloads under a lock
+file into a temporary sibling folder and renames it into place, so the several ranks of a pod,
+and pods or stages sharing one cache volume, never write the same files at once.
 
 Try it without S3:
 
@@ -26,16 +31,22 @@ Try it without S3:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
@@ -50,6 +61,9 @@ MANIFEST_VERSION = 1
 MiB = 1024 * 1024
 _CHUNK = MiB  # streaming unit for hashing, copies and downloads: memory stays bounded
 _TMP_SUFFIX = ".sami-tmp"  # local atomic-write temp files; list() hides them
+FETCHED_MARKER = ".sami-fetched.json"  # written into a fetched folder before it is renamed in
+_LOCK_POLL_S = 0.2  # how often a waiting process retries the lock: small against any download
+_WAIT_LOG_EVERY_S = 30.0
 T = TypeVar("T")
 
 # S3 error codes by what the caller can do about them.
@@ -101,6 +115,18 @@ class StorageSettings(BaseModel):
     multipart_threshold: int = Field(64 * MiB, ge=5 * MiB, description="Upload in parts above.")
     multipart_chunksize: int = Field(64 * MiB, ge=5 * MiB, description="Part size.")
     max_concurrency: int = Field(4, ge=1, description="Parts uploaded at once.")
+    # One GET stream is bounded by what a single connection carries (on S3 typically 50-100
+    # MB/s), far below a node's network, so large files are fetched as byte ranges on several
+    # connections. 8 is where S3's own guidance and s3transfer's default (10) put the knee: a
+    # 10 Gbit/s node is nearly full, memory in flight stays at 8 x 1 MiB, and the request rate
+    # is far below S3's per-prefix limit. More mostly adds contention on small nodes.
+    download_threshold: int = Field(
+        64 * MiB, ge=MiB, description="Files above this size are fetched in byte ranges."
+    )
+    download_part_size: int = Field(16 * MiB, ge=MiB, description="Bytes per ranged GET.")
+    download_concurrency: int = Field(
+        8, ge=1, description="GETs in flight at once: ranges of a large file, or small files."
+    )
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,53 @@ def open_storage(uri: str, settings: StorageSettings | None = None) -> Storage:
 
 def _bad_key(key: str) -> bool:
     return any(part in ("", ".", "..") for part in key.split("/"))
+
+
+def _local_path(root: Path, key: str, where: str) -> Path:
+    """root/<key> for a key listed under `where`, refusing keys that would land outside root:
+    S3 accepts any string as a key, so `m//etc/x` lists under `m/` as `/etc/x`."""
+    if _bad_key(key) or "\0" in key:
+        raise StorageError(
+            f"refusing key {key!r} under {where}: it would be written outside {root}; keys must "
+            "be relative '/'-separated paths without empty, '.' or '..' segments"
+        )
+    return root.joinpath(*key.split("/"))
+
+
+# Body bytes and GET requests this process received from S3: lets a caller (the tests, the
+# benchmark) see how much a fetch really transferred, e.g. that one download served a node.
+_counts_lock = threading.Lock()
+_counts = {"get_requests": 0, "get_bytes": 0}
+
+
+def download_counts() -> dict[str, int]:
+    """GetObject requests made and body bytes received by this process so far."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def _count_get(nbytes: int) -> None:
+    with _counts_lock:
+        _counts["get_requests"] += 1
+        _counts["get_bytes"] += nbytes
+
+
+def _run_all(tasks: list[Callable[[], object]], workers: int) -> None:
+    """Run tasks on up to `workers` threads. On the first failure, those not started are
+    cancelled, the running ones finish, and that failure is raised."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    pool = ThreadPoolExecutor(min(workers, len(tasks)), thread_name_prefix="sami-download")
+    try:
+        futures = [pool.submit(task) for task in tasks]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _join(*parts: str) -> str:
@@ -244,8 +317,12 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         if isinstance(exc, OSError):
             raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
         raise
-    # The rename itself is durable only once the directory entry is flushed.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """A rename is durable only once the directory entry is flushed."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -291,9 +368,12 @@ class S3Storage:
         return True
 
     def read_bytes(self, key: str) -> bytes:
-        return self._call(
-            "GET", key, lambda: self.client.get_object(**self._loc(key))["Body"].read()
-        )
+        def get() -> bytes:
+            data = self.client.get_object(**self._loc(key))["Body"].read()
+            _count_get(len(data))
+            return data
+
+        return self._call("GET", key, get)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("PUT", key, lambda: self.client.put_object(**self._loc(key), Body=data))
@@ -317,39 +397,92 @@ class S3Storage:
         )
 
     def download_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
-        """Stream into `<local>.part`; a later attempt (or a later call) resumes with a Range
-        request when `<local>.part.etag` shows the object is unchanged. Renamed into place last."""
+        """Fetch one object to local_path, which appears complete or not at all.
+
+        Up to settings.download_threshold bytes: one stream into `<local>.part`; a later
+        attempt (or a later call) resumes with a Range request when `<local>.part.etag` shows
+        the object is unchanged. Larger: byte ranges of download_part_size on
+        download_concurrency connections into a preallocated temp file; a retried attempt
+        fetches only the ranges still missing, unless the object changed (its ETag)."""
         dest = Path(local_path)
-        part = dest.with_name(dest.name + ".part")
-        etag_file = dest.with_name(dest.name + ".part.etag")
+        ranges = _Ranges()
 
         def attempt() -> None:
             head = self.client.head_object(**self._loc(key))
             size, etag = head["ContentLength"], head["ETag"]
-            offset = part.stat().st_size if part.is_file() else 0
-            if not (etag_file.is_file() and etag_file.read_text() == etag and offset <= size):
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                part.write_bytes(b"")
-                etag_file.write_text(etag)
-                offset = 0
-            elif offset:
-                log.info("resuming download of %s at byte %d of %d", self.uri(key), offset, size)
-            if offset < size:
-                got = self.client.get_object(
-                    **self._loc(key), Range=f"bytes={offset}-", IfMatch=etag
-                )
-                # Append chunk by chunk: what arrived before a dropped connection stays in .part.
-                with part.open("ab") as f:
-                    for chunk in got["Body"].iter_chunks(_CHUNK):
-                        f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if (have := part.stat().st_size) != size:
-                raise TransientStorageError(f"download {self.uri(key)}: {have} of {size} bytes")
-            os.replace(part, dest)
-            etag_file.unlink()
+            if size > self.settings.download_threshold:
+                self._fetch_ranges(key, dest, size, etag, ranges)
+            else:
+                self._fetch_stream(key, dest, size, etag)
 
-        self._call("download", key, attempt)
+        try:
+            self._call("download", key, attempt)
+        finally:
+            ranges.discard()
+
+    def _fetch_stream(self, key: str, dest: Path, size: int, etag: str) -> None:
+        part = dest.with_name(dest.name + ".part")
+        etag_file = dest.with_name(dest.name + ".part.etag")
+        offset = part.stat().st_size if part.is_file() else 0
+        if not (etag_file.is_file() and etag_file.read_text() == etag and offset <= size):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part.write_bytes(b"")
+            etag_file.write_text(etag)
+            offset = 0
+        elif offset:
+            log.info("resuming download of %s at byte %d of %d", self.uri(key), offset, size)
+        if offset < size:
+            got = self.client.get_object(**self._loc(key), Range=f"bytes={offset}-", IfMatch=etag)
+            # Append chunk by chunk: what arrived before a dropped connection stays in .part.
+            with part.open("ab") as f:
+                _drain(got["Body"], f.write)
+                f.flush()
+                os.fsync(f.fileno())
+        if (have := part.stat().st_size) != size:
+            raise TransientStorageError(f"download {self.uri(key)}: {have} of {size} bytes")
+        os.replace(part, dest)
+        etag_file.unlink()
+
+    def _fetch_ranges(self, key: str, dest: Path, size: int, etag: str, ranges: _Ranges) -> None:
+        step, workers = self.settings.download_part_size, self.settings.download_concurrency
+        if ranges.etag != etag:  # the first attempt, or the object changed since: start over
+            ranges.start(dest, size, etag)
+            log.info(
+                "downloading %s (%d MiB) in %d ranges on %d connections",
+                self.uri(key), size // MiB, -(-size // step), workers,
+            )  # fmt: skip
+        assert ranges.path is not None
+        fd = os.open(ranges.path, os.O_WRONLY)
+
+        def fetch(start: int) -> None:
+            end = min(start + step, size) - 1
+            got = self.client.get_object(
+                **self._loc(key), Range=f"bytes={start}-{end}", IfMatch=etag
+            )
+            offset = start
+
+            def write(chunk: bytes) -> None:
+                nonlocal offset
+                view = memoryview(chunk)
+                while view:  # pwrite may write less than asked
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+
+            _drain(got["Body"], write)
+            if offset != end + 1:
+                raise TransientStorageError(
+                    f"download {self.uri(key)}: bytes {start}-{end} ended at {offset}"
+                )
+            ranges.done.add(start)  # set.add is atomic under the GIL
+
+        try:
+            todo = [s for s in range(0, size, step) if s not in ranges.done]
+            _run_all([functools.partial(fetch, s) for s in todo], workers)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(ranges.path, dest)
+        ranges.path = None
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         folder = self._key(prefix)
@@ -427,10 +560,49 @@ def _make_client(settings: StorageSettings) -> Any:
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
         s3={"addressing_style": "path" if settings.force_path_style else "auto"},
-        max_pool_connections=max(10, 2 * settings.max_concurrency),
+        max_pool_connections=max(10, 2 * settings.max_concurrency, settings.download_concurrency),
     )
     # A Session of our own: boto3's module-level default session is not thread-safe.
     return boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, config=config)
+
+
+def _drain(body: Any, write: Callable[[bytes], object]) -> None:
+    """Copy a GetObject body to `write` in bounded chunks, counting what arrived."""
+    received = 0
+    try:
+        for chunk in body.iter_chunks(_CHUNK):
+            write(chunk)
+            received += len(chunk)
+    finally:
+        _count_get(received)
+
+
+@dataclass
+class _Ranges:
+    """A ranged download's temp file and the ranges in it, kept across retried attempts."""
+
+    path: Path | None = None
+    etag: str | None = None
+    done: set[int] = field(default_factory=set)
+
+    def start(self, dest: Path, size: int, etag: str) -> None:
+        self.discard()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TMP_SUFFIX)
+        self.path, self.etag, self.done = Path(tmp), etag, set()
+        try:
+            os.posix_fallocate(fd, 0, size)  # a full disk fails now, not gigabytes later
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)  # filesystems without fallocate: a sparse file
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        self.path, self.etag = None, None
 
 
 def _translate(exc: BaseException, op: str, uri: str, bucket: str) -> StorageError | None:
@@ -637,16 +809,23 @@ def is_complete(storage: Storage, prefix: str) -> bool:
     return all(sizes.get(f.path) == f.size for f in manifest.files)
 
 
-def download_stage(storage: Storage, prefix: str, local_dir: str | os.PathLike[str]) -> Manifest:
+def download_stage(
+    storage: Storage,
+    prefix: str,
+    local_dir: str | os.PathLike[str],
+    manifest: Manifest | None = None,
+) -> Manifest:
     """Fetch every listed file into local_dir (resumably) and verify size and sha256; files
-    already there with the right digest are kept."""
+    already there with the right digest are kept. `manifest`: the stage's, if already read."""
     target = storage.child(prefix)
-    manifest = _require_manifest(target)
-    for entry in manifest.files:
-        dest = Path(local_dir, *entry.path.split("/"))
+    manifest = manifest or _require_manifest(target)
+    root = Path(local_dir)
+
+    def fetch(entry: ManifestFile) -> None:
+        dest = _local_path(root, entry.path, target.uri())
         want = (entry.size, entry.sha256)
         if dest.is_file() and dest.stat().st_size == entry.size and _file_digest(dest) == want:
-            continue
+            return
         target.download_file(entry.path, dest)
         if (got := _file_digest(dest)) != want:
             dest.unlink()  # a corrupt copy must not pass for a good one on the next run
@@ -654,8 +833,151 @@ def download_stage(storage: Storage, prefix: str, local_dir: str | os.PathLike[s
                 f"{target.uri(entry.path)} does not match its manifest: size {got[0]} "
                 f"(listed {entry.size}), sha256 {got[1]} (listed {entry.sha256})"
             )
+
+    _download_all(target, [(e.size, functools.partial(fetch, e)) for e in manifest.files])
     log.info("downloaded %s to %s (%d files)", target.uri(), local_dir, len(manifest.files))
     return manifest
+
+
+def download_folder(storage: Storage, prefix: str, local_dir: str | os.PathLike[str]) -> list[str]:
+    """Fetch every object under prefix/ into local_dir, for folders without a manifest (a
+    model uploaded by hand); files already there with the listed size are kept. Returns the
+    keys fetched or kept. Every key is checked before anything is written."""
+    target = storage.child(prefix)
+    root = Path(local_dir)
+    # Zero-byte keys ending in '/' are the "folder" placeholders of S3 consoles, not files.
+    listed = [o for o in target.list() if not (o.key.endswith("/") and o.size == 0)]
+    if not listed:
+        raise KeyNotFound(f"{target.uri()} holds no objects")
+    planned = [(o, _local_path(root, o.key, target.uri())) for o in listed]
+
+    def fetch(info: ObjectInfo, dest: Path) -> None:
+        if not (dest.is_file() and dest.stat().st_size == info.size):
+            target.download_file(info.key, dest)
+
+    _download_all(target, [(o.size, functools.partial(fetch, o, d)) for o, d in planned])
+    log.info("downloaded %s to %s (%d files)", target.uri(), local_dir, len(listed))
+    return [o.key for o in listed]
+
+
+def _download_all(storage: Storage, tasks: list[tuple[int, Callable[[], None]]]) -> None:
+    """Run (size, download) tasks: files above the ranged threshold one after another (each
+    already keeps download_concurrency ranges in flight), the smaller ones that many at a time,
+    so that no more than download_concurrency GETs are open at once."""
+    if not isinstance(storage, S3Storage):
+        for _, task in tasks:  # a local copy gains nothing from threads
+            task()
+        return
+    settings = storage.settings
+    for _, task in (t for t in tasks if t[0] > settings.download_threshold):
+        task()
+    _run_all(
+        [t for size, t in tasks if size <= settings.download_threshold],
+        settings.download_concurrency,
+    )
+
+
+def fetch_folder(storage: Storage, local_dir: str | os.PathLike[str]) -> Path:
+    """The folder at `storage` (its root) as local_dir, downloaded once per machine however
+    many processes ask at once: the ranks of a pod, or pods and stages sharing a cache volume.
+
+    A process that finds local_dir/.sami-fetched.json returns at once: a fetched folder is
+    complete and never rewritten. Otherwise it takes `<local_dir>.lock` (flock; processes that
+    find it taken wait, logging so) and downloads into `<local_dir>.fetching`, a folder with a
+    sami manifest verified by sha256 (download_stage), any other listed and fetched
+    (download_folder). The marker is written into it and it is renamed to local_dir, so
+    local_dir appears complete or not at all. A holder that dies leaves `.fetching`, which the
+    next holder resumes: files already complete are kept, temp files are dropped. flock works
+    on local filesystems and NFSv4; lock files are left in place, since removing one would let
+    two processes lock different files of the same name."""
+    target = Path(local_dir)
+    marker = target / FETCHED_MARKER
+    if marker.is_file():
+        return target
+    with _exclusive(target.with_name(target.name + ".lock"), storage.uri()):
+        if marker.is_file():
+            log.info("%s was fetched by another process into %s", storage.uri(), target)
+            return target
+        fetching = target.with_name(target.name + ".fetching")
+        if target.exists():  # an unmarked folder (written by an older sami): resume from it
+            if fetching.exists():
+                shutil.rmtree(target)
+            else:
+                os.rename(target, fetching)
+        if fetching.exists():
+            log.info("resuming the interrupted fetch of %s in %s", storage.uri(), fetching)
+            for junk in fetching.rglob(f"*{_TMP_SUFFIX}"):  # ranged temp files do not resume
+                junk.unlink()
+        started = time.monotonic()
+        if (manifest := read_manifest(storage, "")) is not None:
+            keys = [f.path for f in download_stage(storage, "", fetching, manifest).files]
+        else:
+            keys = download_folder(storage, "", fetching)
+        _prune(fetching, {*keys, FETCHED_MARKER})
+        record = {
+            "uri": storage.uri(),
+            "files": len(keys),
+            "bytes": sum(p.stat().st_size for p in fetching.rglob("*") if p.is_file()),
+            "seconds": round(time.monotonic() - started, 3),
+            "fetched": datetime.now(timezone.utc).isoformat(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        _atomic_write(fetching / FETCHED_MARKER, lambda f: f.write(json.dumps(record).encode()))
+        os.rename(fetching, target)
+        _fsync_dir(target.parent)
+    log.info(
+        "fetched %s into %s: %d files, %d bytes",
+        storage.uri(),
+        target,
+        record["files"],
+        record["bytes"],
+    )
+    return target
+
+
+def _prune(root: Path, keep: set[str]) -> None:
+    """Remove what a resumed fetch left behind that the folder does not hold (any longer):
+    `.part` files, files deleted remotely since, then the emptied directories."""
+    for path in sorted(root.rglob("*"), reverse=True):  # children before their directories
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty
+        elif path.relative_to(root).as_posix() not in keep:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on lock_path; the kernel drops it when its holder dies."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot create lock file {lock_path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait_for_lock(fd, lock_path, what)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _wait_for_lock(fd: int, lock_path: Path, what: str) -> None:
+    log.info("another process is fetching %s; waiting for it (lock %s)", what, lock_path)
+    started = last_log = time.monotonic()
+    while True:
+        time.sleep(_LOCK_POLL_S)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() - last_log >= _WAIT_LOG_EVERY_S:
+                last_log = time.monotonic()
+                log.info("still waiting for %s after %.0f s", what, last_log - started)
+    log.info("waited %.1f s for the fetch of %s", time.monotonic() - started, what)
 
 
 def read_stage_file(storage: Storage, prefix: str, path: str) -> bytes:
@@ -669,3 +991,16 @@ def read_stage_file(storage: Storage, prefix: str, path: str) -> bytes:
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise StorageError(f"{target.uri(path)} does not match its manifest (size or sha256)")
     return data
+
+
+def download_listed_file(target: Storage, entry: ManifestFile, local_dir: str | os.PathLike[str]):
+    """One file of a stage's manifest into local_dir, verified by size and sha256 (for a
+    reader that needs only some files of a stage, such as one rank of a sharded state)."""
+    dest = _local_path(Path(local_dir), entry.path, target.uri())
+    target.download_file(entry.path, dest)
+    if (got := _file_digest(dest)) != (entry.size, entry.sha256):
+        dest.unlink()
+        raise StorageError(
+            f"{target.uri(entry.path)} does not match its manifest: size {got[0]} "
+            f"(listed {entry.size}), sha256 {got[1]} (listed {entry.sha256})"
+        )

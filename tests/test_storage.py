@@ -283,6 +283,38 @@ def test_download_resumes_from_part_file(s3_server, s3_bucket, tmp_path):
 
 
 @pytest.mark.s3
+def test_large_file_downloads_in_parallel_ranges(s3_server, s3_bucket, tmp_path):
+    """Above download_threshold: one ranged GET per part, several at once, into a temp file
+    renamed into place; the bytes are the object's."""
+    settings = s3_settings(
+        s3_server, download_threshold=MiB, download_part_size=MiB, download_concurrency=4
+    )
+    storage = open_storage(f"s3://{s3_bucket}/r", settings)
+    data = os.urandom(5 * MiB + 12345)
+    storage.write_bytes("ckpt/big.bin", data)
+    seen: list[tuple[bytes, int]] = []
+    storage.client.meta.events.register(
+        "before-send.s3.GetObject",
+        lambda request, **_: seen.append((request.headers["Range"], threading.get_ident())),
+    )
+    dest = tmp_path / "out" / "big.bin"
+    storage.download_file("ckpt/big.bin", dest)
+    assert dest.read_bytes() == data
+    size = len(data)
+    want = [f"bytes={a}-{min(a + MiB, size) - 1}".encode() for a in range(0, size, MiB)]
+    assert sorted(r for r, _ in seen) == sorted(want)
+    assert len({thread for _, thread in seen}) > 1  # not one stream after another
+    assert [p.name for p in dest.parent.iterdir()] == ["big.bin"]  # no temp file left
+
+    # At the threshold itself: one plain stream, as before.
+    storage.write_bytes("ckpt/small.bin", data[:MiB])
+    seen.clear()
+    storage.download_file("ckpt/small.bin", tmp_path / "small.bin")
+    assert [r for r, _ in seen] == [b"bytes=0-"]
+    assert (tmp_path / "small.bin").read_bytes() == data[:MiB]
+
+
+@pytest.mark.s3
 def test_wrong_secret_fails_fast_without_leaking_credentials(s3_server, s3_bucket, monkeypatch):
     wrong = "wrong-secret-" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
