@@ -175,15 +175,26 @@ def build_pod_template(
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if pod.resources is not None:
-        worker["resources"] = pod.resources.model_dump(exclude_defaults=True)
+    resources = pod.resources.model_dump(exclude_defaults=True) if pod.resources is not None else {}
+    cache: dict[str, Any] = {}
+    if pod.cache_size is not None:
+        cache["sizeLimit"] = str(pod.cache_size)
+        # The scheduler places the pod by requests only: without one, a node with too little
+        # disk takes it and the kubelet evicts it once the cache outgrows the limit. A limit
+        # alone defaults the request to itself, so either one counts as already asked for.
+        asked = {**resources.get("requests", {}), **resources.get("limits", {})}
+        if "ephemeral-storage" not in asked:
+            requests = resources.setdefault("requests", {})
+            requests["ephemeral-storage"] = str(pod.cache_size)
+    if resources:
+        worker["resources"] = resources
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [worker],
         "volumes": [
             {"name": "task", "configMap": {"name": config_map}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}},
-            {"name": "cache", "emptyDir": {}},
+            {"name": "cache", "emptyDir": cache},
             *(pod.volumes or []),
         ],
     }
