@@ -39,6 +39,38 @@ def load_model(model_dir: str, model: ModelSpec, dtype: torch.dtype | None = Non
     )
 
 
+def build_empty_model(model_dir: str, model: ModelSpec, dtype: torch.dtype):
+    """The model's architecture with every parameter on the meta device (no memory) and its
+    buffers (rotary frequencies) computed on the CPU: FSDP2 shards it before any weight
+    exists, so no process ever holds a full copy (accelerate's empty-weights context)."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(
+        model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code
+    )
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=model.trust_remote_code
+        )
+
+
+def has_weight_conversions(model) -> bool:
+    """Whether transformers stores this architecture under other names or layouts than it holds
+    in memory (e.g. Mixtral's experts, fused on load since transformers 5)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return bool(get_model_conversion_mapping(model, add_legacy=False))
+
+
+def to_checkpoint_format(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory tensors (one decoder layer's, say) under the names and layouts a Hugging Face
+    checkpoint of this architecture has: what `save_pretrained` writes. Meta tensors work too,
+    which gives the names and shapes without any data."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
+
+
 def published_dtype(model_dir: str) -> torch.dtype:
     """The dtype a model folder's weights were saved in (float32 when it does not say)."""
     config = AutoConfig.from_pretrained(model_dir)

@@ -2,6 +2,8 @@
 
 SAMI_CACHE_DIR    local cache for converted and downloaded models (default ~/.cache/sami)
 SAMI_SUMMARY_FILE where to write the stage's result line (set in pods: the termination log)
+SAMI_EXPORT_SHARD_BYTES
+                  largest safetensors file the training export writes (default 5 GB)
 SAMI_API_KEY      API key for OpenAI-compatible endpoints (principle writer, judge); the
                   operator fills it from the Secret named in the spec. OPENAI_API_KEY is
                   used when it is unset.
@@ -26,3 +28,10 @@ def summary_file() -> str | None:
     container's termination message (the operator reads it from the pod status, so it needs
     no access to the bucket)."""
     return os.environ.get("SAMI_SUMMARY_FILE") or None
+
+
+def export_shard_bytes() -> int | None:
+    """Largest weights file of an exported model (None: the default); tests lower it to get
+    several files from a small model."""
+    value = os.environ.get("SAMI_EXPORT_SHARD_BYTES")
+    return int(float(value)) if value else None

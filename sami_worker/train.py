@@ -37,16 +37,18 @@ import resource
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -54,8 +56,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from sami_worker import distributed, storage
 from sami_worker.backends import resolve_model_dir
 from sami_worker.common import fetch_model, open_uri
+from sami_worker.export import MAX_SHARD_BYTES, export_weights
 from sami_worker.generate import DATASET_JSONL, DATASET_PARQUET
-from sami_worker.hf import load_model, load_tokenizer, published_dtype
+from sami_worker.hf import (
+    build_empty_model,
+    has_weight_conversions,
+    load_model,
+    load_tokenizer,
+    published_dtype,
+)
 from sami_worker.logprobs import (
     assemble_matrices,
     block_pairs,
@@ -64,7 +73,9 @@ from sami_worker.logprobs import (
     share_prompts,
     shared_prompt_logprobs,
 )
+from sami_worker.memory import PhasePeaks
 from sami_worker.objective import sami_loss
+from sami_worker.settings import cache_dir, export_shard_bytes
 from sami_worker.tasks import TaskError, TrainTask
 
 log = logging.getLogger(__name__)
@@ -216,16 +227,23 @@ def prompt_sharing_window(model: nn.Module) -> int | None:
     return min(windows) if windows else None
 
 
-def shard_model(scorer: SamiScorer, device: torch.device, bf16: bool, checkpointing: bool):
-    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute on GPU."""
+# precision -> (dtype the parameters, gradients and optimizer state are kept in, FSDP2 policy).
+# Gradients are reduce-scattered in float32 in every mode: a bfloat16 sum over many ranks
+# loses the small updates a learning rate of 1e-6 makes.
+PRECISIONS = {
+    "bf16": (torch.bfloat16, MixedPrecisionPolicy(reduce_dtype=torch.float32)),
+    "bf16-mixed": (
+        torch.float32,
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    ),
+    "fp32": (torch.float32, MixedPrecisionPolicy()),
+}
+
+
+def shard_model(scorer: SamiScorer, mp: MixedPrecisionPolicy) -> SamiScorer:
+    """FSDP2: fully_shard each decoder layer, then the root. Works on a model whose
+    parameters are still on the meta device (nothing is allocated until `to_empty`)."""
     model = scorer.model
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if bf16
-        else MixedPrecisionPolicy()
-    )
     layer_types = tuple(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]
     if not layers:
@@ -234,7 +252,62 @@ def shard_model(scorer: SamiScorer, device: torch.device, bf16: bool, checkpoint
         fully_shard(layer, mp_policy=mp)
     # The root stays unsharded after forward: the LM head's backward reads the weight.
     fully_shard(scorer, mp_policy=mp, reshard_after_forward=False)
-    return scorer.to(device)
+    return scorer
+
+
+def build_sharded_scorer(model_dir: str, task: TrainTask, device: torch.device) -> SamiScorer:
+    """The model built empty, sharded with FSDP2, then filled with the weights in `model_dir`:
+    no process ever materialises the whole model (`load_weights`)."""
+    t = task.training
+    dtype, mp = PRECISIONS[t.precision]
+    model = build_empty_model(model_dir, task.model, dtype)
+    model.config.use_cache = False
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Training mode: Hugging Face layers checkpoint only when training (the checkpointed
+    # forward is skipped in eval mode); the architectures trained here have no dropout.
+    model.train()
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    scorer = shard_model(SamiScorer(model), mp)
+    scorer.to_empty(device=device)
+    with torch.no_grad():  # to_empty leaves buffers uninitialised: put the computed ones back
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    load_weights(model, model_dir, task, dtype)
+    return scorer
+
+
+def load_weights(model: nn.Module, model_dir: str, task: TrainTask, dtype: torch.dtype) -> None:
+    """Fill the sharded parameters from a Hugging Face folder.
+
+    Where the safetensors files hold the model's own tensor names (Llama, Mistral, Qwen...),
+    each rank reads only its slices of each tensor with torch.distributed.checkpoint's Hugging
+    Face reader. Otherwise (weights transformers converts on load, such as Mixtral's experts,
+    or pickled .bin files) rank 0 loads the model whole and broadcasts each tensor's shards,
+    so that rank alone holds one full copy for the duration of the load.
+    """
+    state = model.state_dict()
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
+    wanted = {k: v for k, v in state.items() if k not in tied}
+    stored: set[str] = set()
+    if any(Path(model_dir).glob("*.safetensors")) and not has_weight_conversions(model):
+        stored = set(HuggingFaceStorageReader(model_dir).read_metadata().state_dict_metadata)
+    if stored and set(wanted) <= stored:
+        dcp.load(wanted, storage_reader=HuggingFaceStorageReader(model_dir))
+        return
+    log.warning(
+        "%s: the checkpoint's tensors are not the model's own (converted on load, or not "
+        "safetensors); rank 0 loads it whole and broadcasts the shards",
+        model_dir,
+    )
+    full = {}
+    if distributed.is_main():
+        full = load_model(model_dir, task.model, dtype=dtype).state_dict()
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
 
 
 def build_optimizer(params, task: TrainTask):
@@ -317,40 +390,102 @@ def _newest(states, n: int) -> set[int]:
     return set(done[-n:])
 
 
+class StateReader(FileSystemReader):
+    """Reads a training state from storage, fetching only the files that hold this rank's
+    shards (torch.distributed.checkpoint asks for them by file when it reads), each checked
+    against the state's manifest. Resuming with the same number of processes, rank r reads
+    only the files rank r wrote."""
+
+    def __init__(self, states: storage.Storage, name: str, local: Path):
+        super().__init__(str(local))
+        self.remote = states.child(name)
+        self.local = local
+        manifest = storage.read_manifest(states, name)
+        if manifest is None:
+            raise storage.StageIncomplete(f"{self.remote.uri()} has no manifest")
+        self.listed = {f.path: f for f in manifest.files}
+        self.fetched: set[str] = set()
+
+    def fetch(self, names) -> None:
+        for name in sorted(set(names) - self.fetched):
+            storage.download_listed_file(self.remote, self.listed[name], self.local)
+            self.fetched.add(name)
+
+    def read_metadata(self, *args, **kwargs):
+        self.fetch([".metadata"])
+        return super().read_metadata(*args, **kwargs)
+
+    def read_data(self, plan, planner):
+        self.fetch(self.storage_data[item.storage_index].relative_path for item in plan.items)
+        return super().read_data(plan, planner)
+
+
 def load_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -> None:
     local = workdir / f"resume-{_state_name(step)}"
-    storage.download_stage(states, _state_name(step), local)
+    reader = StateReader(states, _state_name(step), local)
     model_sd, optim_sd = get_state_dict(scorer, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(local))
+    dcp.load(state, storage_reader=reader)
     set_state_dict(
         scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    mine = f"rng-{distributed.rank()}.pt"
+    reader.fetch(["trainer.json", METRICS_FILE] + ([mine] if mine in reader.listed else []))
+    log.info(
+        "rank %d read %d of the state's %d files",
+        distributed.rank(),
+        len(reader.fetched),
+        len(reader.listed),
     )
     trainer = json.loads((local / "trainer.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
     if distributed.is_main():
         shutil.copy(local / METRICS_FILE, workdir / METRICS_FILE)
-    rng_file = local / f"rng-{distributed.rank()}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
+    if (local / mine).exists():
+        rng = torch.load(local / mine, weights_only=False)
         torch.set_rng_state(rng["rng"])
         random.setstate(rng["py_rng"])
     shutil.rmtree(local, ignore_errors=True)
 
 
-def export_model(scorer, tokenizer, dtype: torch.dtype, target: Path) -> None:
-    """The trained weights as a Hugging Face folder (rank 0 writes; every rank gathers)."""
-    full = get_model_state_dict(
-        scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if distributed.is_main():
-        weights = {k.removeprefix("model."): v.to(dtype) for k, v in full.items()}
-        model = scorer.model
-        model.save_pretrained(target, state_dict=weights)
-        # save_pretrained records the in-memory (float32 master) dtype; record the real one.
-        model.config.dtype = dtype
-        model.config.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+def export_checkpoint(out, scorer, tokenizer, dtype: torch.dtype, workdir: Path, meta: dict):
+    """The trained model as a Hugging Face folder under checkpoint/, streamed (`export.py`):
+    rank 0 uploads each weights file while the next is written, deletes it locally, and
+    publishes the manifest last. Every rank must call it."""
+    local = workdir / "checkpoint"
+    main = distributed.is_main()
+    entries: list = []
+    if main:
+        storage.unpublish(out, "checkpoint")
+    with ThreadPoolExecutor(max_workers=1) as uploader:
+        pending = []
+
+        def ship(name: str) -> None:
+            pending.append(uploader.submit(_upload_and_drop, out, local, name))
+
+        shard_bytes = export_shard_bytes() or MAX_SHARD_BYTES
+        export_weights(scorer.model, dtype, local, shard_bytes, on_file=ship)
+        if main:
+            model = scorer.model
+            model.config.dtype = dtype  # the exported weights' dtype, not the training one
+            model.config.save_pretrained(local)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(local)
+            tokenizer.save_pretrained(local)
+        for future in pending:
+            entries += future.result()
+    if main:
+        done = {e.path for e in entries}
+        rest = sorted(p.name for p in local.iterdir() if p.is_file() and p.name not in done)
+        entries += storage.upload_files(out, "checkpoint", local, rest)
+        storage.publish_manifest(out, "checkpoint", entries, stage="checkpoint", meta=meta)
+    distributed.barrier()
+
+
+def _upload_and_drop(out, local: Path, name: str) -> list:
+    entries = storage.upload_files(out, "checkpoint", local, [name])
+    (local / name).unlink()  # the cache volume holds one weights file at a time, not the model
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +509,11 @@ def run(task: TrainTask) -> dict:
     torch.manual_seed(task.seed)
     random.seed(task.seed)
 
-    with tempfile.TemporaryDirectory(prefix="sami-train-") as tmp:
+    peaks = PhasePeaks(device)
+    # Scratch space (datasets, resumed state, export files) on the cache volume, which the pod
+    # sizes for it, not the container's root filesystem.
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sami-train-", dir=cache_dir()) as tmp:
         workdir = Path(tmp)
         base_dir = resolve_model_dir(task.model.uri, lambda u: fetch_model(u, task.storage))
         init_dir = base_dir
@@ -393,16 +532,9 @@ def run(task: TrainTask) -> dict:
         size = t.micro_batch_queries
         schedule = BlockSchedule(blocks, world * t.gradient_accumulation * size, task.seed)
 
-        # float32 master weights; the export goes back to the dtype the model came in.
-        save_dtype = published_dtype(init_dir)
-        model = load_model(init_dir, task.model, dtype=torch.float32)
-        model.config.use_cache = False
-        scorer = shard_model(
-            SamiScorer(model),
-            device,
-            t.precision == "bf16" and device.type == "cuda",
-            t.activation_checkpointing,
-        )
+        peaks.start("load")
+        save_dtype = published_dtype(init_dir)  # the export goes back to the model's dtype
+        scorer = build_sharded_scorer(init_dir, task, device)
         optimizer = build_optimizer(scorer.parameters(), task)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -415,7 +547,9 @@ def run(task: TrainTask) -> dict:
         if start:
             log.info("resuming from %s at step %d", states.uri(_state_name(start)), start)
             load_state(states, scorer, optimizer, scheduler, start, workdir)
+        peaks.end()
 
+        peaks.start("train")
         for step in range(start, task.steps):
             row = train_step(scorer, optimizer, schedule, step, task, pad_id, device)
             scheduler.step()
@@ -436,14 +570,18 @@ def run(task: TrainTask) -> dict:
                 save_state(states, scorer, optimizer, scheduler, done, workdir)
                 if rank == 0:  # progress for observers; the stage manifest lists it at the end
                     out.write_bytes(METRICS_FILE, metrics_path.read_bytes())
+        peaks.end()
 
-        model_dir = workdir / "checkpoint"
-        export_model(scorer, tokenizer, save_dtype, model_dir)
         summary = {}
         if rank == 0:
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
             summary = summarize(rows, task, world, len(blocks))
-            storage.upload_stage(out, model_dir, "checkpoint", stage="checkpoint", meta=summary)
+        peaks.start("export")
+        export_checkpoint(out, scorer, tokenizer, save_dtype, workdir, summary)
+        peaks.end()
+        memory = distributed.gather_objects(peaks.report())
+        if rank == 0:
+            summary["memory"] = {"device": device.type, "ranks": memory}
             storage.write_stage_files(
                 out,
                 "",
@@ -471,8 +609,9 @@ def train_step(scorer, optimizer, schedule, step, task: TrainTask, pad_id, devic
     for micro in range(accum):
         picked = schedule.micro_blocks(step, micro, rank, world, size)
         batch, c = collate(picked, pad_id)
-        # Reduce-scatter gradients once per optimizer step, not at every micro-step.
-        scorer.set_requires_gradient_sync(micro == accum - 1)
+        # "microStep" reduce-scatters after every micro-step (each rank keeps only its shard
+        # of the gradients); "step" defers it to the last one, holding full gradients.
+        scorer.set_requires_gradient_sync(t.gradient_sync == "microStep" or micro == accum - 1)
         scored = scorer(
             batch.input_ids.to(device),
             batch.attention_mask.to(device),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sami_worker import storage
+from sami_worker.export import INDEX_FILE
 from sami_worker.tasks import TrainTask, dump_task
 from sami_worker.train import METRICS_FILE, BlockSchedule, lr_factor, prompt_sharing_window
 from tests.conftest import EXAMPLES
@@ -136,23 +137,46 @@ def test_training_lowers_the_loss_and_raises_the_mi_bound(tiny_llama, dataset, t
 
 
 def test_same_trajectory_with_1_or_2_processes_and_with_accumulation(tiny_llama, dataset, tmp_path):
-    """4 blocks per optimizer step, three ways: 1 process accumulating 2 micro-steps of 2;
-    2 processes (torchrun, gloo) with 2 each; 1 process with one micro-step of 4."""
+    """4 blocks per optimizer step, four ways: 1 process accumulating 2 micro-steps of 2;
+    2 processes (torchrun, gloo) with 2 each; the same deferring the gradient reduce-scatter
+    to the last micro-step; 1 process with one micro-step of 4. The 2-process runs export
+    their checkpoint streamed into several safetensors files; the weights are the same."""
     runs = {
         "accumulate": (1, {"gradientAccumulation": 2, "microBatchQueries": 2}),
-        "two_procs": (2, {"gradientAccumulation": 1, "microBatchQueries": 2}),
+        "two_procs": (2, {"gradientAccumulation": 2, "microBatchQueries": 1}),
+        "two_procs_step_sync": (
+            2,
+            {"gradientAccumulation": 2, "microBatchQueries": 1, "gradientSync": "step"},
+        ),
         "big_micro": (1, {"gradientAccumulation": 1, "microBatchQueries": 4}),
     }
     trajectories = {}
     for name, (nproc, settings) in runs.items():
         task = train_task(tiny_llama, dataset, tmp_path / name, **settings)
-        result = launch(task, tmp_path, nproc=nproc)
+        env = {"SAMI_EXPORT_SHARD_BYTES": "100000"} if nproc > 1 else None
+        result = launch(task, tmp_path, nproc=nproc, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         trajectories[name] = losses(tmp_path / name)
     reference = trajectories["accumulate"]
     assert reference[-1] < reference[0]
     for name, trajectory in trajectories.items():
         assert trajectory == pytest.approx(reference, abs=1e-4), name
+
+    import torch
+    from safetensors.torch import load_file
+
+    def weights(run: str) -> dict:
+        folder = tmp_path / run / "checkpoint"
+        files = sorted(folder.glob("*.safetensors"))
+        return {k: v for f in files for k, v in load_file(f).items()}, len(files)
+
+    single, one_file = weights("accumulate")
+    sharded, n_files = weights("two_procs")
+    assert one_file == 1 and n_files > 3
+    index = json.loads((tmp_path / "two_procs" / "checkpoint" / INDEX_FILE).read_text())
+    assert sorted(index["weight_map"]) == sorted(single)
+    for key, value in single.items():
+        assert torch.allclose(sharded[key], value, atol=1e-5), key
 
 
 def _free_port() -> int:
@@ -343,3 +367,131 @@ def test_smollm2_trains_on_cpu(smollm2, tmp_path):
     assert len(losses(tmp_path / "out")) == 2
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """This process as a torch.distributed world of one (gloo), torn down afterwards so the
+    environment of later tests' subprocesses stays clean."""
+    import torch.distributed as dist
+
+    from sami_worker import distributed
+
+    for key, value in dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
+    ).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    yield distributed.init()
+    dist.destroy_process_group()
+
+
+def _scorer(model_dir, device, **training):
+    from sami_worker.train import build_sharded_scorer
+
+    task = train_task(model_dir, "unused", Path("unused"), **training)
+    return build_sharded_scorer(str(model_dir), task, device)
+
+
+def test_activation_checkpointing_keeps_fewer_activations_for_the_same_gradients(
+    tiny_llama, world_of_one
+):
+    """With activationCheckpointing the decoder layers save only their inputs for backward
+    and recompute the rest: the tensors kept alive by autograd shrink, the gradients do not
+    change."""
+    import random
+
+    import torch
+
+    from sami_worker.logprobs import assemble_matrices
+    from sami_worker.objective import sami_loss
+    from sami_worker.train import Block, collate
+
+    rng = random.Random(0)
+
+    def ids(n):
+        return tuple(rng.randrange(3, 500) for _ in range(n))
+
+    blocks = [Block((ids(20), ids(24)), (ids(40), ids(30))) for _ in range(2)]
+    batch, c = collate(blocks, pad_id=0)
+    saved, grads = {}, {}
+    for checkpointing in (False, True):
+        scorer = _scorer(tiny_llama, world_of_one, activationCheckpointing=checkpointing)
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scored = scorer(batch.input_ids, batch.attention_mask, batch.response_mask)
+            loss = sami_loss(assemble_matrices(scored.mean, batch.pairs, c, len(blocks))).loss
+        loss.backward()
+        saved[checkpointing] = total[0]
+        grads[checkpointing] = {
+            n: p.grad.full_tensor().clone() for n, p in scorer.model.named_parameters()
+        }
+    assert saved[True] < 0.6 * saved[False], saved
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, atol=1e-6), name
+
+
+def _tiny_mixtral(target: Path, tokenizer_from: Path) -> Path:
+    """A tiny random Mixtral: transformers 5 fuses its experts in memory and splits them per
+    expert on disk, so its checkpoint's tensors are not the model's own."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
+    MixtralForCausalLM(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "mixtral"])
+def test_sharded_loading_gives_the_checkpoints_weights(
+    kind, tiny_llama, tmp_path, world_of_one, caplog
+):
+    """The model is built empty, sharded, then filled: slice by slice from the safetensors
+    files where they hold the model's own tensors, else broadcast from rank 0 (Mixtral).
+    Either way the weights (and the rotary buffers that to_empty wipes) are the checkpoint's,
+    and the streamed export writes back what from_pretrained reads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sami_worker.export import export_weights
+
+    model_dir = tiny_llama
+    if kind == "llama-tied":
+        model_dir = tmp_path / "tied"
+        tied = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=True)
+        tied.save_pretrained(model_dir)
+    elif kind == "mixtral":
+        model_dir = _tiny_mixtral(tmp_path / "mixtral", tiny_llama)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="sami_worker.train"):
+        scorer = _scorer(model_dir, world_of_one)
+    assert ("broadcasts the shards" in caplog.text) == (kind == "mixtral")
+    loaded = scorer.model.state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(loaded[name].full_tensor(), value), name
+    for name, value in reference.named_buffers():
+        assert torch.equal(scorer.model.get_buffer(name), value), name
+
+    exported = tmp_path / "export"
+    export_weights(scorer.model, torch.float32, exported, max_shard_bytes=50_000)
+    reference.config.save_pretrained(exported)
+    reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
