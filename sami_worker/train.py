@@ -391,10 +391,14 @@ def _newest(states, n: int) -> set[int]:
 
 
 class StateReader(FileSystemReader):
-    """Reads a training state from storage, fetching only the files that hold this rank's
-    shards (torch.distributed.checkpoint asks for them by file when it reads), each checked
-    against the state's manifest. Resuming with the same number of processes, rank r reads
-    only the files rank r wrote."""
+    """Reads a training state from storage, fetching only what this rank's shards need.
+
+    torch.distributed.checkpoint says which (file, offset, length) items it reads. A file
+    this rank wrote (the same number of processes) is fetched whole and checked against the
+    state's manifest; from another rank's file only the items are read, with ranged requests,
+    into a sparse local file of the listed size: the few replicated tensors (optimizer step
+    counters) that checkpointing saved once, on whichever rank.
+    """
 
     def __init__(self, states: storage.Storage, name: str, local: Path):
         super().__init__(str(local))
@@ -405,6 +409,7 @@ class StateReader(FileSystemReader):
             raise storage.StageIncomplete(f"{self.remote.uri()} has no manifest")
         self.listed = {f.path: f for f in manifest.files}
         self.fetched: set[str] = set()
+        self.ranged_bytes = 0
 
     def fetch(self, names) -> None:
         for name in sorted(set(names) - self.fetched):
@@ -416,7 +421,23 @@ class StateReader(FileSystemReader):
         return super().read_metadata(*args, **kwargs)
 
     def read_data(self, plan, planner):
-        self.fetch(self.storage_data[item.storage_index].relative_path for item in plan.items)
+        items: dict[str, list] = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            items.setdefault(info.relative_path, []).append(info)
+        own = f"__{distributed.rank()}_"
+        self.fetch(name for name in items if name.startswith(own))
+        for name, infos in items.items():
+            if name in self.fetched:
+                continue
+            path = self.local / name
+            with path.open("ab") as f:
+                f.truncate(self.listed[name].size)
+            with path.open("r+b") as f:
+                for info in infos:
+                    f.seek(info.offset)
+                    f.write(self.remote.read_range(name, info.offset, info.length))
+                    self.ranged_bytes += info.length
         return super().read_data(plan, planner)
 
 
@@ -432,10 +453,12 @@ def load_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -
     mine = f"rng-{distributed.rank()}.pt"
     reader.fetch(["trainer.json", METRICS_FILE] + ([mine] if mine in reader.listed else []))
     log.info(
-        "rank %d read %d of the state's %d files",
+        "rank %d read %d of the state's %d files, and %d bytes of others: %s",
         distributed.rank(),
         len(reader.fetched),
         len(reader.listed),
+        reader.ranged_bytes,
+        json.dumps(sorted(reader.fetched)),
     )
     trainer = json.loads((local / "trainer.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])

@@ -88,6 +88,7 @@ def test_write_read_exists_list(storage):
     storage.write_bytes("z.txt", b"zz")
     assert storage.exists("a/b.txt") and not storage.exists("a")
     assert storage.read_bytes("a/b.txt") == b"two!"
+    assert storage.read_range("a/b.txt", 1, 2) == b"wo"  # a few items of a large file
     assert [(o.key, o.size) for o in storage.list()] == [
         ("a/b.txt", 4), ("a/c/d.txt", 0), ("z.txt", 2),
     ]  # fmt: skip

@@ -495,3 +495,33 @@ def test_sharded_loading_gives_the_checkpoints_weights(
     reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     for name, value in reference.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], value), name
+
+
+def test_two_processes_resume_reading_only_their_own_shards(tiny_llama, dataset, tmp_path):
+    """A 2-process run resumed from its last state: each rank fetches the state's metadata,
+    its own shard file and its own random state, never the other rank's files (only the few
+    bytes of replicated items saved there, by ranged reads); the trajectory is the
+    uninterrupted one."""
+    task = train_task(tiny_llama, dataset, tmp_path / "out", steps=3, checkpointEvery=1)
+    first = launch(task, tmp_path, nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    reference = losses(tmp_path / "out")
+    # Withdraw the result (not the states): the next launch resumes from step 2.
+    (tmp_path / "out" / storage.MANIFEST_NAME).unlink()
+    (tmp_path / "out" / "checkpoint" / storage.MANIFEST_NAME).unlink()
+    resumed = launch(task, tmp_path, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stderr
+    state = tmp_path / "out" / "state" / "step-00000002"
+    listed = {f.path for f in storage.read_manifest(storage.open_storage(str(state)), "").files}
+    for rank in (0, 1):
+        other = 1 - rank
+        line = next(x for x in resumed.stderr.splitlines() if f"rank {rank} read " in x)
+        fetched = set(json.loads(line.split(" of others: ", 1)[1]))
+        ranged = int(line.split(" bytes of others")[0].rsplit(" ", 1)[1])
+        assert {".metadata", f"__{rank}_0.distcp", f"rng-{rank}.pt"} <= fetched, line
+        assert f"rng-{other}.pt" not in fetched and f"__{other}_0.distcp" not in fetched, line
+        assert fetched < listed
+        # Step counters and the like: a few KiB, against the whole file of the other rank.
+        assert ranged < 0.05 * (state / f"__{other}_0.distcp").stat().st_size, line
+    assert losses(tmp_path / "out") == pytest.approx(reference, abs=1e-6)
