@@ -1,6 +1,6 @@
 """Run the benchmark suite and write benchmarks/results.json and benchmarks/results.md.
 
-    python -m benchmarks.run [--quick] [--only generation,training,scaling,operator,e2e,download]
+    python -m benchmarks.run [--quick] [--only SUITE,...]   # SUITES below
 
 The suite measures on the GPU when torch sees one and on the CPU otherwise; on a machine
 without CUDA the GPU entries are listed as skipped with the reason. A benchmark that fails is
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import machine, unmeasured
 
-SUITES = ("generation", "training", "scaling", "operator", "e2e", "download")
+SUITES = ("generation", "training", "scaling", "memory", "operator", "e2e", "download")
 HERE = Path(__file__).resolve().parent
 NOT_YET: list[tuple[str, str]] = []
 

@@ -39,7 +39,7 @@ N_BLOCKS = 16
 class _Run:
     """One launch of the training worker on `nproc` processes (not waited for yet)."""
 
-    def __init__(self, task_doc: dict, workdir: Path, tag: str, nproc: int, device: str):
+    def __init__(self, task_doc: dict, workdir: Path, tag: str, nproc: int, device: str, env=None):
         self.output, self.nproc = workdir / f"out-{tag}", nproc
         task = workdir / f"task-{tag}.json"
         task.write_text(json.dumps({**task_doc, "output": str(self.output)}))
@@ -49,7 +49,11 @@ class _Run:
         else:
             torchrun = str(Path(sys.executable).parent / "torchrun")
             command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", *worker]
-        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})}
+        env = {
+            **os.environ,
+            **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {}),
+            **(env or {}),
+        }
         self.log = (workdir / f"log-{tag}.txt").open("w")
         self.proc = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
