@@ -49,9 +49,13 @@ def build_empty_model(model_dir: str, model: ModelSpec, dtype: torch.dtype):
         model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code
     )
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(
+        empty = AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=model.trust_remote_code
         )
+    # The context registers every parameter anew on the meta device, which unties the LM head
+    # from the embeddings: tie them again (a no-op for untied models).
+    empty.tie_weights()
+    return empty
 
 
 def has_weight_conversions(model) -> bool:

@@ -459,7 +459,27 @@ def _tiny_mixtral(target: Path, tokenizer_from: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-tied", "mixtral"])
+def _tiny_qwen2_tied(target: Path, tokenizer_from: Path) -> Path:
+    """A tiny random Qwen2 with tied embeddings: its checkpoint has no lm_head.weight."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2-tied", "mixtral"])
 def test_sharded_loading_gives_the_checkpoints_weights(
     kind, tiny_llama, tmp_path, world_of_one, caplog
 ):
@@ -473,17 +493,18 @@ def test_sharded_loading_gives_the_checkpoints_weights(
     from sami_worker.export import export_weights
 
     model_dir = tiny_llama
-    if kind == "llama-tied":
-        model_dir = tmp_path / "tied"
-        tied = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=True)
-        tied.save_pretrained(model_dir)
+    if kind == "qwen2-tied":
+        model_dir = _tiny_qwen2_tied(tmp_path / "qwen2", tiny_llama)
     elif kind == "mixtral":
         model_dir = _tiny_mixtral(tmp_path / "mixtral", tiny_llama)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with caplog.at_level("WARNING", logger="sami_worker.train"):
         scorer = _scorer(model_dir, world_of_one)
     assert ("broadcasts the shards" in caplog.text) == (kind == "mixtral")
-    loaded = scorer.model.state_dict()
+    model = scorer.model
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (kind == "qwen2-tied")  # one parameter, trained and exported once
+    loaded = model.state_dict()
     for name, value in reference.state_dict().items():
         assert torch.equal(loaded[name].full_tensor(), value), name
     for name, value in reference.named_buffers():
