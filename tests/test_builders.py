@@ -1,14 +1,18 @@
 """Every object the operator's builders produce is accepted by a real kube-apiserver:
 `kubectl create --dry-run=server`, with kubectl's schema validation (unknown or mistyped
-fields of a Job or ConfigMap fail it) and the server's admission and defaulting."""
+fields of a Job or ConfigMap fail it) and the server's admission and defaulting. Every stage
+pod meets the Pod Security Standards' `restricted` profile, and Kueue's labels are on the
+workloads only."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from sami_operator.builders import build_children
+from sami_operator.builders import MAX_NAME, build_children, child_name
+from sami_operator.models import DNS_1035_LABEL, MAX_RUN_NAME
 from sami_operator.planner import cleanup_stage, plan
 from sami_operator.settings import OperatorSettings
 from sami_operator.validate import parse_samirun
@@ -27,6 +31,74 @@ def run_with(samirun_doc, namespace: str, launcher: str, writer: bool = False):
             "writer": {"model": "s3://models/writer", "instruction": "Be good."}
         }
     return parse_samirun(samirun_doc)
+
+
+# The Pod Security Standards, `restricted` profile (which includes `baseline`), for the fields
+# the builders set: https://kubernetes.io/docs/concepts/security/pod-security-standards/
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SECCOMP_ALLOWED = {"RuntimeDefault", "Localhost"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec breaks the `restricted` profile; [] when nothing does."""
+    out = []
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(host):
+            out.append(f"{host}: true")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']}: {sorted(kinds - RESTRICTED_VOLUMES)}")
+    pod_sc = pod.get("securityContext", {})
+    containers = pod["containers"] + pod.get("initContainers", [])
+    for c in containers:
+        sc = c.get("securityContext", {})
+        where = f"container {c['name']}"
+        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            out.append(f"{where}: runAsNonRoot is not true")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            out.append(f"{where}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in SECCOMP_ALLOWED:
+            out.append(f"{where}: seccompProfile {seccomp!r}")
+        if sc.get("privileged"):
+            out.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{where}: capabilities.drop lacks ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where}: capabilities.add {caps['add']}")
+        if any(port.get("hostPort") for port in c.get("ports", [])):
+            out.append(f"{where}: hostPort")
+    if pod_sc.get("runAsUser") == 0:
+        out.append("pod: runAsUser 0")
+    return out
+
+
+def pod_templates(workload: dict) -> list[dict]:
+    """The pod templates of a Job, PyTorchJob or JobSet."""
+    spec = workload["spec"]
+    if workload["kind"] == "PyTorchJob":
+        return [r["template"] for r in spec["pytorchReplicaSpecs"].values()]
+    if workload["kind"] == "JobSet":
+        return [r["template"]["spec"]["template"] for r in spec["replicatedJobs"]]
+    return [spec["template"]]
+
+
+def all_children(run, attempt: int = 1) -> list[list[dict]]:
+    stages = plan(run, "0b1c2d3e-uid") + [cleanup_stage(run, "0b1c2d3e-uid")]
+    return [build_children(run, stage, "0b1c2d3e-uid", SETTINGS, attempt) for stage in stages]
 
 
 def dry_run(cp, objects: list[dict], namespace: str) -> list[dict]:
@@ -55,6 +127,8 @@ def test_every_stage_is_accepted_by_the_api_server(
         stored = dry_run(control_plane, objects, k8s_namespace)
         assert [o["kind"] for o in stored] == [o["kind"] for o in objects], stage.id
         workload = stored[1]
+        for template in pod_templates(workload):  # as the server stored and defaulted it
+            assert restricted_violations(template["spec"]) == [], stage.id
         assert workload["metadata"]["name"].endswith("-r2")
         assert workload["metadata"]["ownerReferences"][0]["kind"] == "SAMIRun"
         if workload["kind"] == "Job":
@@ -118,3 +192,164 @@ def test_cache_size_limits_the_cache_and_requests_the_disk(samirun_doc):
     del samirun_doc["spec"]["pods"]["generate"]
     pod = _worker_pod(parse_samirun(samirun_doc), "generate")
     assert pod["containers"][0]["resources"] == {"requests": {"ephemeral-storage": "20Gi"}}
+
+
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "Job"])
+def test_every_stage_pod_meets_pod_security_restricted(samirun_doc, launcher):
+    run = run_with(samirun_doc, "team-a", launcher, writer=True)
+    for _, workload in all_children(run):
+        for template in pod_templates(workload):
+            pod = template["spec"]
+            assert restricted_violations(pod) == [], workload["metadata"]["name"]
+            assert pod["securityContext"] == {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,  # images/worker/Dockerfile: USER 10001:10001
+                "runAsGroup": 10001,
+                "fsGroup": 10001,
+                "fsGroupChangePolicy": "OnRootMismatch",
+                "seccompProfile": {"type": "RuntimeDefault"},
+            }
+            assert pod["automountServiceAccountToken"] is False
+            assert not {"hostNetwork", "dnsPolicy", "runtimeClassName"} & set(pod)
+            # The worker writes only under its volumes: a read-only root filesystem works.
+            (worker,) = pod["containers"]
+            mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+            assert mounts["/tmp"] == "tmp" and mounts["/var/cache/sami"] == "cache"
+            assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+            env = {e["name"]: e.get("value") for e in worker["env"]}
+            assert env["HOME"] == env["TMPDIR"] == "/tmp"
+            assert env["XDG_CACHE_HOME"] == env["SAMI_CACHE_DIR"] == "/var/cache/sami"
+            assert env["HF_HOME"] == "/var/cache/sami/huggingface"
+
+
+def test_the_checker_sees_what_breaks_restricted():
+    pod = {
+        "hostNetwork": True,
+        "securityContext": {"runAsUser": 0},
+        "volumes": [{"name": "models", "hostPath": {"path": "/models"}}],
+        "containers": [{"name": "w", "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}}],
+    }
+    assert restricted_violations(pod) == [
+        "hostNetwork: true",
+        "volume models: ['hostPath']",
+        "container w: runAsNonRoot is not true",
+        "container w: runAsUser 0",
+        "container w: seccompProfile None",
+        "container w: allowPrivilegeEscalation is not false",
+        "container w: capabilities.drop lacks ALL",
+        "container w: capabilities.add ['IPC_LOCK']",
+        "pod: runAsUser 0",
+    ]
+
+
+def _with_knobs(samirun_doc, namespace: str, launcher: str):
+    pods = samirun_doc["spec"]["pods"]
+    pods["default"].update(
+        securityContext={"runAsUser": 2000, "supplementalGroups": [44]},
+        runtimeClassName="nvidia",
+        labels={"team": "alignment"},
+        topologySpreadConstraints=[
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"sami.dev/stage": "generate"}},
+            }
+        ],
+    )
+    pods["train"].update(
+        containerSecurityContext={"capabilities": {"add": ["IPC_LOCK"]}},
+        hostNetwork=True,
+        schedulerName="volcano",
+        automountServiceAccountToken=True,
+        labels={"fabric": "rdma"},
+    )
+    return run_with(samirun_doc, namespace, launcher)
+
+
+def _check_knobs(workload: dict) -> None:
+    for template in pod_templates(workload):
+        pod, labels = template["spec"], template["metadata"]["labels"]
+        (worker,) = pod["containers"]
+        assert pod["securityContext"]["runAsUser"] == 2000  # merged over the defaults
+        assert pod["securityContext"]["supplementalGroups"] == [44]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["runtimeClassName"] == "nvidia"
+        assert pod["topologySpreadConstraints"][0]["maxSkew"] == 1
+        if labels["sami.dev/stage"] == "train":
+            assert worker["securityContext"]["capabilities"] == {
+                "drop": ["ALL"],
+                "add": ["IPC_LOCK"],
+            }
+            assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+            assert pod["schedulerName"] == "volcano"
+            assert pod["automountServiceAccountToken"] is True
+            assert labels["fabric"] == "rdma" and "team" not in labels  # a stage's own wins
+            assert restricted_violations(pod) == [
+                "hostNetwork: true",
+                f"container {worker['name']}: capabilities.add ['IPC_LOCK']",
+            ]
+        else:
+            assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            # The server defaults what the builders leave out.
+            assert not pod.get("hostNetwork")
+            assert pod.get("schedulerName", "default-scheduler") == "default-scheduler"
+            assert pod["automountServiceAccountToken"] is False
+            assert labels["team"] == "alignment"
+            assert restricted_violations(pod) == []
+
+
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "Job"])
+def test_pod_knobs_reach_the_pods(samirun_doc, launcher):
+    run = _with_knobs(samirun_doc, "team-a", launcher)
+    for _, workload in all_children(run):
+        _check_knobs(workload)
+
+
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet"])
+def test_pod_knobs_are_accepted_by_the_api_server(
+    control_plane, k8s_namespace, samirun_doc, launcher
+):
+    run = _with_knobs(samirun_doc, k8s_namespace, launcher)
+    for objects in all_children(run):
+        stored = dry_run(control_plane, objects, k8s_namespace)
+        _check_knobs(stored[1])
+
+
+KUEUE = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+
+
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "Job"])
+def test_kueue_labels_are_on_the_workload_and_never_on_a_pod(samirun_doc, launcher):
+    samirun_doc["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] = "high"
+    samirun_doc["spec"]["queueName"] = "team-a-queue"
+    run = run_with(samirun_doc, "team-a", launcher, writer=True)
+    for config_map, workload in all_children(run):
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+        assert not set(KUEUE) & set(config_map["metadata"]["labels"])
+        for template in pod_templates(workload):
+            assert not set(KUEUE) & set(template["metadata"]["labels"])
+            assert template["metadata"]["labels"]["sami.dev/run"] == run.metadata.name
+
+
+def test_the_longest_run_name_needs_no_shortening(samirun_doc):
+    """A run name of MAX_RUN_NAME characters, at the API's limits (100 iterations, 101
+    attempts, 1024 nodes): every child is named <run>-<stem>[-r<attempt>] in full, within
+    MAX_NAME, and the pods and Services launchers name after a training child stay DNS-1035
+    labels within 63 characters."""
+    name = "r" + "-a1" * ((MAX_RUN_NAME - 1) // 3) + "x" * ((MAX_RUN_NAME - 1) % 3)
+    assert len(name) == MAX_RUN_NAME
+    samirun_doc["metadata"]["name"] = name
+    samirun_doc["spec"]["training"].update(iterations=100, maxRestarts=100, nodes=1024)
+    run = parse_samirun(samirun_doc)
+    longest = []
+    for stage in plan(run, "uid") + [cleanup_stage(run, "uid")]:
+        child = child_name(name, stage, attempt=101)
+        stem = stage.name if stage.iteration is None else f"it{stage.iteration}-{stage.name}"
+        assert child == f"{name}-{stem}-r101" and len(child) <= MAX_NAME, child
+        longest.append(child)
+        if stage.name == "train":
+            for pod in (f"{child}-worker-1022", f"{child}-node-1023-0", f"{child}-master-0"):
+                assert re.match(DNS_1035_LABEL, pod) and len(pod) <= 63, pod
+    assert max(map(len, longest)) == MAX_NAME  # the bound is tight: one more would not fit

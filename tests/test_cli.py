@@ -73,3 +73,17 @@ def test_crd_writes_what_the_models_generate(tmp_path):
     assert result.exit_code == 0, result.output
     written = (tmp_path / "sami.dev_samiruns.yaml").read_text()
     assert written == (ROOT / "crds" / "sami.dev_samiruns.yaml").read_text()
+
+
+def test_validate_refuses_run_names_the_launchers_would_refuse(tmp_path):
+    text = (ROOT / "examples" / "samirun.yaml").read_text()
+    assert "name: mistral-hh\n" in text
+    digit = tmp_path / "digit.yaml"
+    digit.write_text(text.replace("name: mistral-hh\n", "name: 7b-hh\n"))
+    long = tmp_path / "long.yaml"
+    long.write_text(text.replace("name: mistral-hh\n", f"name: mistral-hh-{'x' * 30}\n"))
+    result = CliRunner().invoke(main, ["validate", str(digit), str(long)])
+    assert result.exit_code == 1
+    assert "metadata.name: '7b-hh' is not a DNS-1035 label" in result.output
+    shown = f"mistral-hh-{'x' * 26}..."  # the first 37 characters
+    assert f"metadata.name: '{shown}' is 41 characters; at most 31, so that" in result.output

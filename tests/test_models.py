@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from sami_operator.models import PodSpec, SAMIRun, TrainingSpec
+from sami_operator.models import MAX_RUN_NAME, PodSpec, SAMIRun, TrainingSpec
 from sami_operator.validate import SpecError, load_manifests, parse_samirun
 from tests.conftest import example_manifests
 
@@ -336,3 +336,108 @@ def test_gpu_counts_read_quantities():
     pod = PodSpec(resources={"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": 8}})
     assert pod.gpus() == (8, "nvidia.com/gpu")
     assert PodSpec(resources={"limits": {"nvidia.com/gpu": "1e1"}}).gpus() == (10, "nvidia.com/gpu")
+
+
+DNS_1035 = (
+    "is not a DNS-1035 label: use lower-case letters, digits and '-', starting with a letter "
+    "and ending with a letter or digit (the PyTorchJob and JobSet of its training stages are "
+    "named after it and must be DNS-1035 labels)"
+)
+
+
+@pytest.mark.parametrize(
+    "name,problem",
+    [
+        ("7b-hh", f"metadata.name: '7b-hh' {DNS_1035}"),
+        ("Mistral-HH", f"metadata.name: 'Mistral-HH' {DNS_1035}"),
+        ("mistral.hh", f"metadata.name: 'mistral.hh' {DNS_1035}"),
+        ("mistral-hh-", f"metadata.name: 'mistral-hh-' {DNS_1035}"),
+        (
+            "a" * 200,
+            "metadata.name: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...' is 200 characters; at "
+            f"most {MAX_RUN_NAME}, so that child names such as <run>-it100-generate-r101 stay "
+            "within 51 characters and the pod names launchers derive from them, such as "
+            "<child>-worker-1022, within 63",
+        ),
+    ],
+    ids=["digit-first", "uppercase", "dot", "dash-last", "200-characters"],
+)
+def test_run_names_are_short_dns_1035_labels(samirun_doc, name, problem):
+    _set(samirun_doc, "metadata.name", name)
+    assert _problems(samirun_doc) == [problem]
+
+
+def test_the_longest_allowed_run_name(samirun_doc):
+    assert MAX_RUN_NAME == 31  # 51 - len("-it100-generate-r101"); 51 = 63 - len("-worker-1022")
+    _set(samirun_doc, "metadata.name", "m" + "1" * (MAX_RUN_NAME - 1))
+    assert len(parse_samirun(samirun_doc).metadata.name) == MAX_RUN_NAME
+    _set(samirun_doc, "metadata.name", "m" + "1" * MAX_RUN_NAME)
+    assert _problems(samirun_doc)[0].startswith(
+        f"metadata.name: 'm{'1' * MAX_RUN_NAME}' is 32 characters; at most 31,"
+    )
+
+
+@pytest.mark.parametrize(
+    "key,problem",
+    [
+        (
+            "sami.dev/run",
+            "'sami.dev/run' is set by the operator on every stage pod (keys under sami.dev/, "
+            "app.kubernetes.io/managed-by and app.kubernetes.io/name); choose another key",
+        ),
+        (
+            "app.kubernetes.io/managed-by",
+            "'app.kubernetes.io/managed-by' is set by the operator on every stage pod",
+        ),
+        (
+            "kueue.x-k8s.io/queue-name",
+            "'kueue.x-k8s.io/queue-name' cannot be a pod label: Kueue admits each stage's Job, "
+            "PyTorchJob or JobSet as a whole, and a pod with a Kueue label is queued on its "
+            "own; set spec.queueName (or the label on the SAMIRun) instead",
+        ),
+        ("has space", "key 'has space' is not a label key: an optional DNS subdomain prefix"),
+        ("-team", "key '-team' is not a label key"),
+    ],
+)
+def test_pod_labels_refuse_the_operators_keys(samirun_doc, key, problem):
+    _set(samirun_doc, "spec.pods.train.labels", {"example.com/team": "a", key: "x"})
+    problems = _problems(samirun_doc)
+    assert len(problems) == 1 and problems[0].startswith(f"spec.pods.train.labels: {problem}")
+
+
+def test_pod_label_values_are_label_values(samirun_doc):
+    _set(samirun_doc, "spec.pods.default.labels", {"team": "x" * 64})
+    assert _problems(samirun_doc)[0].startswith(
+        f"spec.pods.default.labels: value '{'x' * 64}' of 'team' is not a label value: at most "
+        "63 letters"
+    )
+    _set(samirun_doc, "spec.pods.default.labels", {"team": "", "example.com/cost-centre": "a.b_c"})
+    assert parse_samirun(samirun_doc).spec.pods.default.labels["team"] == ""
+
+
+def test_new_pod_knobs_override_the_default_field_by_field(samirun_doc):
+    _set(samirun_doc, "spec.pods.default.securityContext", {"runAsUser": 2000})
+    _set(samirun_doc, "spec.pods.default.runtimeClassName", "nvidia")
+    _set(
+        samirun_doc,
+        "spec.pods.train.containerSecurityContext",
+        {"capabilities": {"add": ["IPC_LOCK"]}},
+    )
+    _set(samirun_doc, "spec.pods.train.hostNetwork", True)
+    _set(samirun_doc, "spec.pods.train.automountServiceAccountToken", True)
+    run = parse_samirun(samirun_doc)
+    pods = run.spec.pods
+    train = pods.train.merged_over(pods.default)
+    assert train.security_context == {"runAsUser": 2000}
+    assert train.runtime_class_name == "nvidia"
+    assert train.container_security_context == {"capabilities": {"add": ["IPC_LOCK"]}}
+    assert (train.host_network, train.automount_service_account_token) == (True, True)
+    generate = pods.generate.merged_over(pods.default)
+    assert generate.host_network is None and generate.automount_service_account_token is None
+    assert generate.container_security_context is None
+    assert parse_samirun(run.to_api()) == run
+    _set(samirun_doc, "spec.pods.train.dnsPolicy", "ClusterFirstWithHostNetwork")
+    assert _problems(samirun_doc)[0].startswith(
+        "spec.pods.train.dnsPolicy: Input should be 'ClusterFirst', 'ClusterFirstWithHostNet', "
+        "'Default' or 'None'"
+    )

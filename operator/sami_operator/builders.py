@@ -3,8 +3,11 @@
 Each stage becomes a ConfigMap holding its task JSON and one workload owned by the SAMIRun:
 a batch/v1 Job for principles, generation and evaluation; for training a Kubeflow PyTorchJob
 (default), a JobSet, or a single-node Job, as `spec.training.launcher` says. Names are
-deterministic (`<run>-it<N>-<stage>`, `-r<attempt>` for retries), valid DNS labels, and short
-enough for the pod names launchers derive from them.
+deterministic (`<run>-it<N>-<stage>`, `-r<attempt>` for retries), valid DNS-1035 labels, and
+short enough for the pod names launchers derive from them (models.MAX_RUN_NAME).
+
+Every stage pod meets the Pod Security Standards' `restricted` profile unless spec.pods asks
+for more (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import json
 import re
 from typing import Any
 
-from sami_operator.models import API_VERSION, GROUP, KIND, Launcher, PodSpec, SAMIRun
+from sami_operator.models import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    MAX_CHILD_NAME,
+    Launcher,
+    PodSpec,
+    SAMIRun,
+)
 from sami_operator.planner import Stage
 from sami_operator.settings import OperatorSettings
 from sami_worker.tasks import dump_task
@@ -23,12 +34,34 @@ MANAGED_BY = "sami-operator"
 TASK_DIR = "/etc/sami/task"
 TASK_FILE = f"{TASK_DIR}/task.json"
 CACHE_DIR = "/var/cache/sami"
+TMP_DIR = "/tmp"
 TERMINATION_LOG = "/dev/termination-log"
 MASTER_PORT = 29500
-# Launchers append up to ~11 characters (e.g. "-worker-12", "-node-0-0-xxxxx") to a child's
-# name for its pods; pod names and the job-name label must stay within 63.
-MAX_NAME = 47
+# Launchers append up to 12 characters ("-worker-1022", "-node-1023-0") to a training child's
+# name for its pods and Services, which must stay within 63 (models.MAX_CHILD_NAME). A run name
+# within models.MAX_RUN_NAME never needs the digest below.
+MAX_NAME = MAX_CHILD_NAME
 KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+# The worker image's user and group (images/worker/Dockerfile: USER 10001:10001).
+WORKER_UID = 10001
+
+# Pod Security Standards, 'restricted' profile: runAsNonRoot, a seccomp profile of
+# RuntimeDefault (or Localhost), no privilege escalation, every capability dropped. fsGroup
+# makes the mounted volumes writable by the worker user; OnRootMismatch skips the recursive
+# ownership change of a volume (a model PVC with many files) that already has it.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "fsGroup": WORKER_UID,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 JOB_API = ("batch", "v1", "jobs")
 PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")
@@ -36,7 +69,7 @@ JOBSET_API = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 
 
 def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
-    """`<run>-it<N>-<stage>[-r<attempt>]`, DNS-1123, at most MAX_NAME characters."""
+    """`<run>-it<N>-<stage>[-r<attempt>]`, at most MAX_NAME characters."""
     stem = stage.name if stage.iteration is None else f"it{stage.iteration}-{stage.name}"
     name = f"{run_name}-{stem}" + (f"-r{attempt}" if attempt > 1 else "")
     name = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
@@ -56,7 +89,10 @@ def workload_api(stage: Stage, run: SAMIRun) -> tuple[str, str, str]:
     }[run.spec.training.launcher]
 
 
-def labels(run: SAMIRun, stage: Stage) -> dict[str, str]:
+def labels(run: SAMIRun, stage: Stage, workload: bool = False) -> dict[str, str]:
+    """The labels of a stage's objects. Kueue's only on the workload (`workload`): Kueue
+    admits a Job, PyTorchJob or JobSet as a whole, while a pod template carrying the queue
+    label would have Kueue's pod integration queue each pod on its own."""
     out = {
         "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/name": "sami",
@@ -65,6 +101,8 @@ def labels(run: SAMIRun, stage: Stage) -> dict[str, str]:
     }
     if stage.iteration is not None:
         out[f"{GROUP}/iteration"] = str(stage.iteration)
+    if not workload:
+        return out
     for key in KUEUE_LABELS:
         if key in run.metadata.labels:
             out[key] = run.metadata.labels[key]
@@ -84,11 +122,13 @@ def owner_reference(run: SAMIRun, uid: str) -> dict[str, Any]:
     }
 
 
-def _metadata(run: SAMIRun, stage: Stage, name: str, uid: str) -> dict[str, Any]:
+def _metadata(
+    run: SAMIRun, stage: Stage, name: str, uid: str, workload: bool = False
+) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": run.metadata.namespace,
-        "labels": labels(run, stage),
+        "labels": labels(run, stage, workload),
         "ownerReferences": [owner_reference(run, uid)],
     }
 
@@ -119,6 +159,11 @@ def _env(run: SAMIRun, stage: Stage) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "SAMI_SUMMARY_FILE", "value": TERMINATION_LOG},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # Writes stay on the pod's volumes, so a read-only root filesystem works: HOME
+        # (~/.triton, ~/.nv, ...) and temporary files on /tmp, ~/.cache on the cache volume.
+        {"name": "HOME", "value": TMP_DIR},
+        {"name": "TMPDIR", "value": TMP_DIR},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
     ]
     creds = run.spec.storage.credentials
     if creds is not None:
@@ -157,13 +202,15 @@ def build_pod_template(
     container: str = "worker",
 ) -> dict[str, Any]:
     """The pod template every launcher wraps: one worker container, the task mounted from
-    its ConfigMap, a memory-backed /dev/shm, a writable cache, and the spec's pod knobs."""
+    its ConfigMap, a memory-backed /dev/shm, a writable cache and /tmp, the restricted
+    securityContext, and the spec's pod knobs."""
     pod = _pod_settings(run, stage)
     shm = pod.shm_size or ("16Gi" if stage.name == "train" else "2Gi")
     mounts = [
         {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": TMP_DIR},
         *(pod.volume_mounts or []),
     ]
     worker: dict[str, Any] = {
@@ -174,6 +221,7 @@ def build_pod_template(
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _merged(CONTAINER_SECURITY_CONTEXT, pod.container_security_context),
     }
     resources = pod.resources.model_dump(exclude_defaults=True) if pod.resources is not None else {}
     cache: dict[str, Any] = {}
@@ -190,28 +238,51 @@ def build_pod_template(
         worker["resources"] = resources
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "securityContext": _merged(POD_SECURITY_CONTEXT, pod.security_context),
+        "automountServiceAccountToken": bool(pod.automount_service_account_token),
         "containers": [worker],
         "volumes": [
             {"name": "task", "configMap": {"name": config_map}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}},
             {"name": "cache", "emptyDir": cache},
+            {"name": "tmp", "emptyDir": {}},
             *(pod.volumes or []),
         ],
     }
+    dns_policy = pod.dns_policy
+    if dns_policy is None and pod.host_network:
+        dns_policy = "ClusterFirstWithHostNet"  # ClusterFirst would fall back to the node's DNS
     optional = {
         "nodeSelector": pod.node_selector,
         "tolerations": pod.tolerations,
         "affinity": pod.affinity,
         "priorityClassName": pod.priority_class_name,
         "serviceAccountName": pod.service_account_name or settings.worker_service_account,
+        "hostNetwork": pod.host_network,
+        "dnsPolicy": dns_policy,
+        "runtimeClassName": pod.runtime_class_name,
+        "schedulerName": pod.scheduler_name,
+        "topologySpreadConstraints": pod.topology_spread_constraints,
     }
     spec.update({k: v for k, v in optional.items() if v})
     if pod.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": n} for n in pod.image_pull_secrets]
-    metadata: dict[str, Any] = {"labels": labels(run, stage)}
+    metadata: dict[str, Any] = {"labels": {**(pod.labels or {}), **labels(run, stage)}}
     if pod.annotations:
         metadata["annotations"] = dict(pod.annotations)
     return {"metadata": metadata, "spec": spec}
+
+
+def _merged(default: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """`override` over `default`, key by key into nested objects (capabilities.add joins the
+    default capabilities.drop); lists and other values replace."""
+    out = dict(default)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _worker_command(settings: OperatorSettings, stage: Stage) -> list[str]:
@@ -312,7 +383,7 @@ def build_children(
     """[ConfigMap with the task, the workload], both owned by the SAMIRun."""
     name = child_name(run.metadata.name, stage, attempt)
     config_map = build_config_map(run, stage, name, uid)
-    metadata = _metadata(run, stage, name, uid)
+    metadata = _metadata(run, stage, name, uid, workload=True)
     api = workload_api(stage, run)
     if api == PYTORCHJOB_API:
         workload = build_pytorchjob(metadata, run, stage, settings, name)

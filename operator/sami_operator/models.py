@@ -15,7 +15,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "sami.dev"
@@ -59,6 +59,60 @@ def quantity_value(value: Quantity) -> float:
     if suffix and suffix[0] in "eE" and len(suffix) > 1:
         return float(number + suffix)
     return float(number) * _QUANTITY_SUFFIXES[suffix or ""]
+
+
+# Bounds of the API that fix how long the names of a run's children can get (see MAX_RUN_NAME).
+MAX_ITERATIONS = 100
+MAX_RESTARTS = 100
+MAX_NODES = 1024
+
+# ---------------------------------------------------------------------------------------------
+# Names
+#
+# A run's children are named <run>-it<N>-<stage>[-r<attempt>] (builders.child_name), and the
+# training launchers name pods and Services after a child: PyTorchJob <child>-master-0 and
+# <child>-worker-<i>, JobSet <child>-node-<job>-<pod> (the pod's hostname under the JobSet's
+# headless Service). Pod hostnames and Service names are DNS-1035 labels of at most 63
+# characters, and the PyTorchJob and JobSet webhooks refuse a name that starts with a digit, so
+# the run name is held to the same rule with room left for the longest suffix.
+DNS_LABEL_MAX = 63
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_DNS_1035_RE = re.compile(DNS_1035_LABEL)
+# attempt: the first try and up to training.maxRestarts retries.
+_LONGEST_ATTEMPT = f"-r{MAX_RESTARTS + 1}"
+# What a launcher appends to a training child's name (builders.build_pytorchjob/build_jobset).
+LONGEST_POD_SUFFIX = max(
+    ("-master-0", f"-worker-{MAX_NODES - 2}", f"-node-{MAX_NODES - 1}-0"), key=len
+)
+# The longest child name leaves room for LONGEST_POD_SUFFIX.
+MAX_CHILD_NAME = DNS_LABEL_MAX - len(LONGEST_POD_SUFFIX)
+# The stages' name stems (planner.plan, planner.cleanup_stage).
+_LONGEST_STEM = max(
+    [f"-it{MAX_ITERATIONS}-{s}" for s in ("generate", "train", "evaluate")]
+    + ["-principles", "-reference", "-cleanup"],
+    key=len,
+)
+LONGEST_CHILD_SUFFIX = _LONGEST_STEM + _LONGEST_ATTEMPT
+MAX_RUN_NAME = MAX_CHILD_NAME - len(LONGEST_CHILD_SUFFIX)
+
+
+def check_run_name(name: str) -> str:
+    """A SAMIRun's metadata.name, or ValueError saying which rule it breaks."""
+    shown = repr(name if len(name) <= 40 else name[:37] + "...")
+    if not _DNS_1035_RE.match(name):
+        raise ValueError(
+            f"{shown} is not a DNS-1035 label: use lower-case letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit (the PyTorchJob and "
+            "JobSet of its training stages are named after it and must be DNS-1035 labels)"
+        )
+    if len(name) > MAX_RUN_NAME:
+        raise ValueError(
+            f"{shown} is {len(name)} characters; at most {MAX_RUN_NAME}, so that child names "
+            f"such as <run>{LONGEST_CHILD_SUFFIX} stay within {MAX_CHILD_NAME} characters and "
+            f"the pod names launchers derive from them, such as <child>{LONGEST_POD_SUFFIX}, "
+            f"within {DNS_LABEL_MAX}"
+        )
+    return name
 
 
 # Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are passed through to the
@@ -432,7 +486,7 @@ class OptimizerSpec(APIModel):
 class TrainingSpec(APIModel):
     """SAMI fine-tuning per iteration."""
 
-    iterations: int = Field(default=3, ge=1, le=100, description="T: SAMI iterations.")
+    iterations: int = Field(default=3, ge=1, le=MAX_ITERATIONS, description="T: SAMI iterations.")
     steps: int = Field(
         default=2,
         ge=1,
@@ -497,12 +551,12 @@ class TrainingSpec(APIModel):
         description="Training workload on Kubernetes: Kubeflow PyTorchJob, JobSet, or a "
         "single-node batch/v1 Job.",
     )
-    nodes: int = Field(default=1, ge=1, le=1024, description="Training nodes (pods).")
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Training nodes (pods).")
     procs_per_node: int = Field(default=1, ge=1, le=64, description="Processes (GPUs) per node.")
     max_restarts: int = Field(
         default=3,
         ge=0,
-        le=100,
+        le=MAX_RESTARTS,
         description="Retryable failures tolerated before the run fails.",
     )
 
@@ -726,6 +780,43 @@ class ResourcesSpec(APIModel):
         return best if best is not None and best[0] > 0 else None
 
 
+# Pod labels the operator owns: its own, and Kueue's, which belong on the workload Kueue admits
+# as a whole (a queue-name label on a pod hands that pod alone to Kueue's pod integration).
+RESERVED_LABEL_PREFIXES = (f"{GROUP}/", "kueue.x-k8s.io/")
+RESERVED_LABELS = ("app.kubernetes.io/managed-by", "app.kubernetes.io/name")
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_LABEL_KEY_RE = re.compile(
+    rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$"
+)
+_LABEL_VALUE_RE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+def _check_pod_label(key: str, value: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if key.startswith("kueue.x-k8s.io/"):
+        raise ValueError(
+            f"labels: {key!r} cannot be a pod label: Kueue admits each stage's Job, PyTorchJob "
+            "or JobSet as a whole, and a pod with a Kueue label is queued on its own; set "
+            "spec.queueName (or the label on the SAMIRun) instead"
+        )
+    if key.startswith(RESERVED_LABEL_PREFIXES) or key in RESERVED_LABELS:
+        raise ValueError(
+            f"labels: {key!r} is set by the operator on every stage pod (keys under "
+            f"{RESERVED_LABEL_PREFIXES[0]}, {' and '.join(RESERVED_LABELS)}); choose another key"
+        )
+    if not _LABEL_KEY_RE.match(key) or len(name) > 63 or len(prefix) > 253:
+        raise ValueError(
+            f"labels: key {key!r} is not a label key: an optional DNS subdomain prefix and '/', "
+            "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+            "letter or digit"
+        )
+    if not _LABEL_VALUE_RE.match(value) or len(value) > 63:
+        raise ValueError(
+            f"labels: value {value!r} of {key!r} is not a label value: at most 63 letters, "
+            "digits, '-', '_' or '.', starting and ending with a letter or digit, or empty"
+        )
+
+
 class PodSpec(APIModel):
     """Pod knobs applied to a stage's pods."""
 
@@ -763,12 +854,63 @@ class PodSpec(APIModel):
         "download plus up to 5 GB per export shard in flight. Default: no limit, no request.",
     )
     annotations: dict[str, str] | None = Field(default=None, description="Pod annotations.")
+    labels: dict[str, str] | None = Field(
+        default=None,
+        description="Pod labels; keys under sami.dev/ and kueue.x-k8s.io/ and the "
+        "app.kubernetes.io labels the operator sets are refused.",
+    )
+    security_context: KubeObject | None = Field(
+        default=None,
+        description="Pod securityContext, merged key by key over the defaults that meet Pod "
+        "Security 'restricted': runAsNonRoot, runAsUser/runAsGroup/fsGroup 10001 (the worker "
+        "image's user), seccompProfile RuntimeDefault.",
+    )
+    container_security_context: KubeObject | None = Field(
+        default=None,
+        description="Worker container securityContext, merged over the defaults "
+        "(allowPrivilegeEscalation false, capabilities drop ALL); e.g. capabilities.add "
+        "[IPC_LOCK] for RDMA, which fails Pod Security 'restricted' and 'baseline' (only "
+        "NET_BIND_SERVICE may be added under 'restricted').",
+    )
+    automount_service_account_token: bool | None = Field(
+        default=None,
+        description="Mount the service account's API token; default false: no stage talks "
+        "to the Kubernetes API, and cloud identity (IRSA, EKS Pod Identity, Azure Workload "
+        "Identity) brings its own projected token while GKE Workload Identity needs none.",
+    )
+    host_network: bool | None = Field(
+        default=None,
+        description="Run in the node's network namespace (some RDMA/RoCE fabrics); fails Pod "
+        "Security 'baseline' and 'restricted'. Default false.",
+    )
+    dns_policy: Literal["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"] | None = (
+        Field(
+            default=None,
+            description="Pod dnsPolicy; default ClusterFirst, or ClusterFirstWithHostNet with "
+            "hostNetwork (training pods find each other by cluster DNS).",
+        )
+    )
+    runtime_class_name: str | None = Field(
+        default=None, description="Pod runtimeClassName (e.g. nvidia)."
+    )
+    scheduler_name: str | None = Field(
+        default=None, description="Pod schedulerName (e.g. a gang or topology-aware scheduler)."
+    )
+    topology_spread_constraints: list[KubeObject] | None = Field(
+        default=None, description="Pod topologySpreadConstraints."
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> PodSpec:
         for where, value in (("shmSize", self.shm_size), ("cacheSize", self.cache_size)):
             if value is not None:
                 _check_quantity(where, value)
+        return self
+
+    @model_validator(mode="after")
+    def _labels(self) -> PodSpec:
+        for key, value in (self.labels or {}).items():
+            _check_pod_label(key, value)
         return self
 
     def gpus(self) -> tuple[int, str] | None:
@@ -852,7 +994,8 @@ class SAMIRunSpec(APIModel):
     pods: PodsSpec = Field(default_factory=PodsSpec)
     queue_name: str | None = Field(
         default=None,
-        description="Kueue LocalQueue; copied onto every child as kueue.x-k8s.io/queue-name.",
+        description="Kueue LocalQueue: set as kueue.x-k8s.io/queue-name on each stage's "
+        "workload (Job, PyTorchJob or JobSet), which Kueue admits as a whole; never on its pods.",
     )
     suspend: bool = Field(
         default=False, description="Pause the run (see suspendPolicy); false resumes it."
@@ -1101,13 +1244,17 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(
-        min_length=1,
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description=f"A DNS-1035 label of at most {MAX_RUN_NAME} characters (see "
+        "check_run_name): children and their pods are named after it."
     )
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, name: str) -> str:
+        return check_run_name(name)
 
 
 class SAMIRun(APIModel):
