@@ -874,9 +874,10 @@ class PodSpec(APIModel):
     )
     automount_service_account_token: bool | None = Field(
         default=None,
-        description="Mount the service account's API token; default false: no stage talks "
-        "to the Kubernetes API, and cloud identity (IRSA, EKS Pod Identity, Azure Workload "
-        "Identity) brings its own projected token while GKE Workload Identity needs none.",
+        description="Mount the service account's API token. Default false: no stage talks "
+        "to the Kubernetes API; IRSA, EKS Pod Identity and Azure Workload Identity inject "
+        "their own projected token and GKE Workload Identity needs none. Set true for a setup "
+        "that reads the mounted token.",
     )
     host_network: bool | None = Field(
         default=None,
