@@ -159,10 +159,11 @@ def _env(run: SAMIRun, stage: Stage) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "SAMI_SUMMARY_FILE", "value": TERMINATION_LOG},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        # Writes stay on the pod's volumes, so a read-only root filesystem works: HOME
-        # (~/.triton, ~/.nv, ...) and temporary files on /tmp, ~/.cache on the cache volume.
+        # Writes go to the pod's volumes, not to the image's filesystem (which a cluster may
+        # make read-only): HOME (~/.triton, ~/.nv, ...) to the /tmp volume, where temporary
+        # files go by default, and ~/.cache to the cache volume. TMPDIR stays unset: vLLM
+        # puts its IPC sockets there, whose paths must stay short.
         {"name": "HOME", "value": TMP_DIR},
-        {"name": "TMPDIR", "value": TMP_DIR},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
     ]
     creds = run.spec.storage.credentials
