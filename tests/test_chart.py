@@ -462,9 +462,10 @@ def walk_stages(cp: ControlPlane, operator: OperatorProcess, ns: str, run: str) 
         (f"{jobs}/{run}-it1-evaluate", None),
     ]
     first = None
-    # The first wait includes the operator's start (imports and first list/watch), which
-    # takes tens of seconds on a loaded 2-core machine.
-    timeouts = [120] + [60] * (len(steps) - 1)
+    # Waits follow progress: a dead operator fails the wait at once (`created`), a live one
+    # may take minutes on a loaded machine (its start alone, imports and the first
+    # list/watch, takes tens of seconds on 2 busy cores), so the bound is only a backstop.
+    timeouts = [600] * len(steps)
     with cp.client() as api:
 
         def created(path: str) -> dict:
