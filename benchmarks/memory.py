@@ -33,14 +33,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import entry
+from benchmarks.common import CPU_MALLOC_ENV, entry
 from benchmarks.scaling import _Run
 
 PROMPT_TOKENS, RESPONSE_TOKENS, N_BLOCKS, VOCAB = 24, 8, 8, 8192
-# Every allocation above 128 KiB its own mapping, returned to the kernel when freed, so that the
-# resident set follows the live tensors (README: Peak memory on CPU) and a phase cannot look
-# small by reusing memory glibc kept from the phase before.
-HONEST_RSS = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def build_model(target: Path) -> int:
@@ -129,7 +125,9 @@ def run(quick: bool, device: str) -> list[dict]:
         memory = {}
         for tag, nproc in (("one", 1), ("two", 2)):
             print(f"  memory: {nproc} process(es), load + 2 steps + export", file=sys.stderr)
-            run_ = _Run(task_doc, workdir, tag, nproc, device, env=HONEST_RSS)
+            # glibc returns freed memory at once, so no phase looks small by reusing the last
+            # phase's (README: Peak memory on CPU).
+            run_ = _Run(task_doc, workdir, tag, nproc, device, env=CPU_MALLOC_ENV)
             run_.rows()
             summary = json.loads((run_.output / "summary.json").read_text())
             memory[nproc] = summary["memory"]["ranks"]

@@ -96,14 +96,8 @@ def safetensors_header(entries: list[tuple[str, torch.Size, torch.dtype]]) -> by
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {dtype} cannot be written to safetensors")
         end = offset + math.prod(shape) * dtype.itemsize
-        header[name] = {
-            "dtype": _DTYPE_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [
-                offset,
-                end,
-            ],
-        }
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape)}
+        header[name]["data_offsets"] = [offset, end]
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

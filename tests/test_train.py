@@ -436,45 +436,30 @@ def test_activation_checkpointing_keeps_fewer_activations_for_the_same_gradients
         assert torch.allclose(grads[True][name], grad, atol=1e-6), name
 
 
-def _tiny_mixtral(target: Path, tokenizer_from: Path) -> Path:
-    """A tiny random Mixtral: transformers 5 fuses its experts in memory and splits them per
-    expert on disk, so its checkpoint's tensors are not the model's own."""
+def _save_random(target: Path, tokenizer_from: Path, kind: str) -> Path:
+    """A tiny random model beside the tiny Llama's tokenizer: "mixtral" (transformers 5 fuses
+    its experts in memory and splits them per expert on disk, so its checkpoint's tensors are
+    not the model's own) or "qwen2-tied" (tied embeddings: no lm_head.weight on disk)."""
     import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-    )
-    MixtralForCausalLM(config).save_pretrained(target)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(target)
-    return target
-
-
-def _tiny_qwen2_tied(target: Path, tokenizer_from: Path) -> Path:
-    """A tiny random Qwen2 with tied embeddings: its checkpoint has no lm_head.weight."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
+    extra = {
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen2-tied": {"tie_word_embeddings": True},
+    }[kind]
+    config = AutoConfig.for_model(
+        kind.split("-")[0],
         vocab_size=512,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        **extra,
     )
-    Qwen2ForCausalLM(config).save_pretrained(target)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(target)
     AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(target)
     return target
 
@@ -492,11 +477,7 @@ def test_sharded_loading_gives_the_checkpoints_weights(
 
     from sami_worker.export import export_weights
 
-    model_dir = tiny_llama
-    if kind == "qwen2-tied":
-        model_dir = _tiny_qwen2_tied(tmp_path / "qwen2", tiny_llama)
-    elif kind == "mixtral":
-        model_dir = _tiny_mixtral(tmp_path / "mixtral", tiny_llama)
+    model_dir = tiny_llama if kind == "llama" else _save_random(tmp_path / kind, tiny_llama, kind)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with caplog.at_level("WARNING", logger="sami_worker.train"):
         scorer = _scorer(model_dir, world_of_one)
