@@ -10,7 +10,13 @@ import pytest
 from sami_operator.builders import MAX_NAME, build_children, child_name, summary_from_message
 from sami_operator.models import Launcher, StagePhase
 from sami_operator.planner import plan
-from sami_operator.reconcile import ChildState, decide, records_from_status
+from sami_operator.reconcile import (
+    ChildState,
+    CreateRefused,
+    create_refused,
+    decide,
+    records_from_status,
+)
 from sami_operator.settings import OperatorSettings, from_env
 from sami_operator.status import derive_status
 from sami_operator.validate import parse_samirun
@@ -195,6 +201,97 @@ def test_suspend_and_deadlines(run):
     late = T0 + timedelta(seconds=601)
     decision = decide(run, "uid-1", records, observed, SETTINGS, late, T0)
     assert decision.failure == "StartDeadlineExceeded"
+
+
+def test_the_start_deadline_counts_until_each_stage_runs(run):
+    """Every stage's pods must run within startSeconds of when its child began waiting, not
+    only the first stage's; a running stage is never late."""
+    run.spec.deadlines.start_seconds = 600
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    records = _succeed(run, records, "mistral-hh-it0-evaluate").records  # creates generate
+    later = T0 + timedelta(hours=5)
+    stuck = "pod mistral-hh-it1-generate-x: ImagePullBackOff: not found"
+    waiting = ChildState(
+        StagePhase.pending, message=stuck, waiting_since=later, stalled="ImagePullBackOff"
+    )
+    observed = {"mistral-hh-it1-generate": waiting}
+    on_time = decide(run, "uid-1", records, observed, SETTINGS, later + timedelta(seconds=599), T0)
+    assert on_time.failure is None
+    late = decide(run, "uid-1", records, observed, SETTINGS, later + timedelta(seconds=601), T0)
+    assert late.failure == "StartDeadlineExceeded"
+    assert "did not run within 600s" in late.records["generate-1"].message
+    assert "ImagePullBackOff" in late.records["generate-1"].message
+    running = {"mistral-hh-it1-generate": ChildState(StagePhase.running)}
+    hours = decide(run, "uid-1", records, running, SETTINGS, later + timedelta(hours=9), T0)
+    assert hours.failure is None
+
+
+def test_stuck_pods_set_the_stalled_condition_and_one_event(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    stuck = "Job mistral-hh-it0-evaluate: Error creating: pods is forbidden: exceeded quota"
+    state = ChildState(StagePhase.pending, message=stuck, waiting_since=T0, stalled="FailedCreate")
+    observed = {"mistral-hh-it0-evaluate": state}
+    first = decide(run, "uid-1", records, observed, SETTINGS, T0, T0)
+    assert first.events == [("Warning", "FailedCreate", f"evaluate-0: {stuck}")]
+    status = derive_status(run, "uid-1", first.records, "t")
+    stalled = next(c for c in status.conditions if c.type == "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "FailedCreate")
+    assert stuck in stalled.message and stuck in status.message
+    again = decide(
+        run, "uid-1", records_from_status(run, "uid-1", status), observed, SETTINGS, T0, T0
+    )
+    assert again.events == []  # the same news: no second event
+    running = {"mistral-hh-it0-evaluate": ChildState(StagePhase.running)}
+    later = decide(run, "uid-1", again.records, running, SETTINGS, T0, T0)
+    status = derive_status(run, "uid-1", later.records, "t", status)
+    assert next(c for c in status.conditions if c.type == "Stalled").status == "False"
+
+
+def test_disruptions_are_retried_without_spending_max_restarts(run):
+    run.spec.training.max_restarts = 0
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    drained = ChildState(StagePhase.failed, 143, None, "Error", disrupted=True)
+    decision = decide(run, "uid-1", records, {"mistral-hh-it0-evaluate": drained}, SETTINGS, T0, T0)
+    assert decision.failure is None
+    record = decision.records["evaluate-0"]
+    assert (record.child, record.attempts, record.disruptions) == (
+        "mistral-hh-it0-evaluate-r2",
+        2,
+        1,
+    )
+    restored = _status_round_trip(run, decision.records)
+    assert restored["evaluate-0"].disruptions == 1
+    # A failure of its own afterwards spends the (empty) budget.
+    failed = {"mistral-hh-it0-evaluate-r2": ChildState(StagePhase.failed, 75, None)}
+    final = decide(run, "uid-1", restored, failed, SETTINGS, T0, T0)
+    assert final.failure == "RetriesExhausted"
+
+
+def test_a_refused_child_waits_for_quota_and_fails_on_invalid(run):
+    before = {}
+    decision = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0)
+    quota = 'jobs.batch "mistral-hh-it0-evaluate" is forbidden: exceeded quota: q, requested: ...'
+    refused = CreateRefused("Job", "mistral-hh-it0-evaluate", 403, quota)
+    create_refused(decision, refused, before, T0)
+    record = decision.records["evaluate-0"]
+    assert decision.failure is None and (record.child, record.attempts) == (None, 0)
+    assert [e[1] for e in decision.events] == ["QuotaExceeded"]
+    status = derive_status(run, "uid-1", decision.records, "t")
+    stalled = next(c for c in status.conditions if c.type == "Stalled")
+    assert stalled.reason == "QuotaExceeded" and "exceeded quota" in status.message
+    # The next pass creates it again under the same name; the same refusal: no new event.
+    records = records_from_status(run, "uid-1", status)
+    before = {k: r.message for k, r in records.items()}
+    again = decide(run, "uid-1", records, {}, SETTINGS, T0, T0)
+    assert again.records["evaluate-0"].child == "mistral-hh-it0-evaluate"
+    create_refused(again, refused, before, T0)
+    assert again.events == []
+
+    invalid = CreateRefused("ConfigMap", "mistral-hh-it0-evaluate", 422, "data: Too long")
+    decision = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0)
+    create_refused(decision, invalid, {}, T0)
+    assert decision.failure == "CreateRefused"
+    assert "data: Too long" in derive_status(run, "uid-1", decision.records, "t").message
 
 
 def test_summary_parsing_and_settings():

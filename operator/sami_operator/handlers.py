@@ -30,7 +30,7 @@ from sami_operator.models import (
     StagePhase,
 )
 from sami_operator.planner import cleanup_stage
-from sami_operator.reconcile import decide, error_text, records_from_status
+from sami_operator.reconcile import create_refused, decide, error_text, records_from_status
 from sami_operator.settings import from_env
 from sami_operator.status import derive_status
 from sami_operator.validate import SpecError, parse_samirun
@@ -177,14 +177,20 @@ def _reconcile(body, patch, logger) -> None:
     uid = meta["uid"]
     previous = SAMIRunStatus.model_validate(status_doc) if status_doc.get("phase") else None
     records = records_from_status(run, uid, previous)
+    before = {stage_id: record.message for stage_id, record in records.items()}
     kube: kube_module.Kube = _state["kube"]
     observed = kube.observe_children(meta["namespace"], meta["name"])
     now = _now()
     created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
     decision = decide(run, uid, records, observed, SETTINGS, now, created)
     for obj in decision.create:
-        if not kube.create(obj):
-            logger.info("%s %s already exists; adopting it", obj["kind"], obj["metadata"]["name"])
+        try:
+            if not kube.create(obj):
+                name = obj["metadata"]["name"]
+                logger.info("%s %s already exists; adopting it", obj["kind"], name)
+        except kube_module.CreateRefusedError as err:
+            create_refused(decision, err.refused, before, now)
+            break
     for name in decision.delete:
         kube.delete_child(meta["namespace"], name)
     for kind, reason, message in decision.events:

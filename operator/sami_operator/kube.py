@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -10,16 +12,15 @@ from kubernetes.client.exceptions import ApiException
 
 from sami_operator.builders import JOB_API, JOBSET_API, MANAGED_BY, PYTORCHJOB_API
 from sami_operator.models import GROUP, StagePhase
-from sami_operator.reconcile import ChildState
+from sami_operator.reconcile import ChildState, CreateRefused
 
 log = logging.getLogger(__name__)
 
-# How each workload kind labels its pods, and which pod speaks for it (rank 0).
+# How each workload kind labels its pods (rank 0's pod sorts first by name: <job>-master-0,
+# <jobset>-node-0-0).
 _POD_SELECTORS = {
     JOB_API: "job-name={name}",
-    PYTORCHJOB_API: (
-        "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
-    ),
+    PYTORCHJOB_API: "training.kubeflow.org/job-name={name}",
     JOBSET_API: "jobset.sigs.k8s.io/jobset-name={name}",
 }
 # Waiting reasons that do not go away by themselves: shown in the run's status.
@@ -31,6 +32,26 @@ STUCK_REASONS = {
     "InvalidImageName",
     "CrashLoopBackOff",
 }
+# Events of a workload controller that could not create a pod (the Job and JobSet
+# controllers': FailedCreate; Kubeflow's training operator: FailedCreatePod).
+FAILED_CREATE = ("FailedCreate", "FailedCreatePod")
+# Pod status reasons of pods taken away rather than failed: node-pressure eviction, graceful
+# node shutdown, a lost node, preemption.
+DISRUPTION_REASONS = {"Evicted", "Shutdown", "NodeShutdown", "Terminated", "NodeLost", "Preempting"}
+
+
+class CreateRefusedError(Exception):
+    def __init__(self, refused: CreateRefused):
+        super().__init__(f"{refused.code}: {refused.message}")
+        self.refused = refused
+
+
+def _api_message(err: ApiException) -> str:
+    """The Status message the API server sent with an error (its body), else the reason."""
+    try:
+        return json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(err.reason)
 
 
 class Kube:
@@ -62,7 +83,8 @@ class Kube:
     # --- children ----------------------------------------------------------------------------
 
     def create(self, obj: dict[str, Any]) -> bool:
-        """Create an object; False when it already exists (created by an earlier pass)."""
+        """Create an object; False when it already exists (created by an earlier pass).
+        Raises CreateRefusedError with the API server's message when it refuses it."""
         ns = obj["metadata"]["namespace"]
         kind = obj["kind"]
         try:
@@ -77,7 +99,9 @@ class Kube:
         except ApiException as err:
             if err.status == 409:
                 return False
-            raise
+            raise CreateRefusedError(
+                CreateRefused(kind, obj["metadata"]["name"], err.status, _api_message(err))
+            ) from err
         return True
 
     def delete_child(self, namespace: str, name: str) -> None:
@@ -121,65 +145,160 @@ class Kube:
                 found[obj["metadata"]["name"]] = self._custom_state(namespace, api, obj)
         return found
 
-    def _waiting(self, namespace: str, api, name: str) -> str | None:
-        """Why a child's pods are stuck, if they are: a container waiting for a reason a
-        user must act on (a missing Secret, an image that cannot be pulled), or a pod the
-        scheduler cannot place. None while they are merely starting or running."""
+    def _pods(self, namespace: str, api, name: str) -> list:
         selector = _POD_SELECTORS[api].format(name=name)
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        for pod in sorted(pods, key=lambda p: p.metadata.name):
-            for status in pod.status.container_statuses or []:
-                waiting = status.state.waiting if status.state else None
-                if waiting is not None and waiting.reason in STUCK_REASONS:
-                    return f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}"
-            for condition in pod.status.conditions or []:
-                if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
-                    return f"pod {pod.metadata.name}: Unschedulable: {condition.message or ''}"
-        return None
+        return sorted(pods, key=lambda p: p.metadata.name)
+
+    def _unfinished(
+        self, namespace: str, api, name: str, created: datetime | None, since: datetime | None
+    ) -> ChildState:
+        """A child still waiting for or running its pods. Running once every pod of it runs
+        (a Job's `active` and a JobSet's active Jobs count Pending pods too); else waiting
+        since its oldest Pending pod was created, or since the child was (`since`: when it
+        was queued, if it was), with what stalls it, if anything does."""
+        pods = self._pods(namespace, api, name)
+        pending = [p for p in pods if p.status.phase in (None, "Pending")]
+        if pods and not pending:
+            return ChildState(StagePhase.running)
+        if pending:
+            since = min(p.metadata.creation_timestamp for p in pending)
+        stalled, message = stuck(pending)
+        if not pods:
+            stalled, message = self._failed_create(namespace, name)
+        return ChildState(
+            StagePhase.pending, message=message, waiting_since=since or created, stalled=stalled
+        )
+
+    def _failed_create(self, namespace: str, name: str) -> tuple[str | None, str | None]:
+        """The latest event saying a workload controller could not create the child's pods
+        (a quota, Pod Security or a webhook refusing them, a missing ServiceAccount)."""
+        events = self.core.list_namespaced_event(namespace, field_selector="type=Warning").items
+        mine = [
+            e
+            for e in events
+            if e.reason in FAILED_CREATE
+            and (e.involved_object.name == name or e.involved_object.name.startswith(f"{name}-"))
+        ]
+        if not mine:
+            return None, None
+        latest = max(
+            mine, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp
+        )
+        return (
+            "FailedCreate",
+            f"{latest.involved_object.kind} {latest.involved_object.name}: {latest.message}",
+        )
 
     def _job_state(self, namespace: str, job) -> ChildState:
-        conditions = {c.type: c.status for c in (job.status.conditions or [])}
-        if conditions.get("Complete") == "True":
-            return self._terminal(namespace, JOB_API, job.metadata.name, StagePhase.succeeded)
-        if conditions.get("Failed") == "True":
-            return self._terminal(namespace, JOB_API, job.metadata.name, StagePhase.failed)
+        conditions = {c.type: c for c in (job.status.conditions or [])}
+        name = job.metadata.name
+        if _true(conditions.get("Complete")):
+            return self._terminal(namespace, JOB_API, name, StagePhase.succeeded)
+        if _true(conditions.get("Failed")):
+            return self._terminal(namespace, JOB_API, name, StagePhase.failed)
+        created = job.metadata.creation_timestamp
         if job.spec.suspend:
-            return ChildState(StagePhase.queued)
-        phase = StagePhase.running if job.status.active else StagePhase.pending
-        return ChildState(phase, message=self._waiting(namespace, JOB_API, job.metadata.name))
+            return ChildState(StagePhase.queued, waiting_since=_since(conditions, created))
+        return self._unfinished(namespace, JOB_API, name, created, None)
 
     def _custom_state(self, namespace: str, api, obj: dict[str, Any]) -> ChildState:
-        conditions = {
-            c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", []) or []
-        }
+        conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", []) or []}
         name = obj["metadata"]["name"]
-        if conditions.get("Succeeded") == "True" or conditions.get("Completed") == "True":
+        if _true(conditions.get("Succeeded")) or _true(conditions.get("Completed")):
             return self._terminal(namespace, api, name, StagePhase.succeeded)
-        if conditions.get("Failed") == "True":
+        if _true(conditions.get("Failed")):
             return self._terminal(namespace, api, name, StagePhase.failed)
-        if conditions.get("Suspended") == "True":
-            return ChildState(StagePhase.queued)
-        if api == JOBSET_API:
-            # JobSet has no Running condition: it runs while it has active child Jobs (as a
-            # Job runs while it has active pods).
-            status = obj.get("status", {}).get("replicatedJobsStatus") or []
-            running = any(r.get("active", 0) > 0 for r in status)
-        else:
-            running = conditions.get("Running") == "True"
-        phase = StagePhase.running if running else StagePhase.pending
-        return ChildState(phase, message=self._waiting(namespace, api, name))
+        created = _parse_time(obj["metadata"].get("creationTimestamp"))
+        since = _since(conditions, created)
+        if _true(conditions.get("Suspended")):
+            return ChildState(StagePhase.queued, waiting_since=since)
+        # Resumed (admitted again): its wait starts when it was.
+        resumed = since if "Suspended" in conditions else None
+        return self._unfinished(namespace, api, name, created, resumed)
 
     def _terminal(self, namespace: str, api, name: str, phase: StagePhase) -> ChildState:
-        selector = _POD_SELECTORS[api].format(name=name)
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        pods = self._pods(namespace, api, name)
+        disrupted = phase == StagePhase.failed and disruption(pods)
         # Pods being deleted (a launcher stopping the survivors of a failure) were killed:
         # their exit code would hide the one that says why the workload failed.
         pods = [p for p in pods if p.metadata.deletion_timestamp is None] or pods
-        for pod in sorted(pods, key=lambda p: p.metadata.name):
+        for pod in pods:
             for status in pod.status.container_statuses or []:
                 terminated = status.state.terminated if status.state else None
                 if terminated is not None:
                     return ChildState(
-                        phase, terminated.exit_code, terminated.message, terminated.reason
+                        phase,
+                        terminated.exit_code,
+                        terminated.message,
+                        terminated.reason,
+                        disrupted=disrupted,
                     )
-        return ChildState(phase)
+        return ChildState(phase, disrupted=disrupted)
+
+
+def stuck(pods: list) -> tuple[str | None, str | None]:
+    """(reason, message) of the first pod stuck for a reason someone must act on: a
+    container (or init container) that cannot start, or a pod the scheduler cannot place."""
+    for pod in pods:
+        statuses = [
+            *(pod.status.init_container_statuses or []),
+            *(pod.status.container_statuses or []),
+        ]
+        for status in statuses:
+            waiting = status.state.waiting if status.state else None
+            if waiting is not None and waiting.reason in STUCK_REASONS:
+                return (
+                    waiting.reason,
+                    f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".rstrip(
+                        ": "
+                    ),
+                )
+        for condition in pod.status.conditions or []:
+            if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
+                return (
+                    "Unschedulable",
+                    f"pod {pod.metadata.name}: Unschedulable: {condition.message or ''}",
+                )
+    return None, None
+
+
+def disruption(pods: list) -> bool:
+    """Whether a failed child's pods were taken away rather than failing: none is left, or
+    every one left is being deleted (a node drained or lost on clusters without disruption
+    conditions; a pod that failed on its own stays), or one carries Kubernetes' DisruptionTarget
+    condition (1.26+: eviction, preemption, taint manager, node shutdown) or a kubelet
+    eviction's reason."""
+    if all(p.metadata.deletion_timestamp is not None for p in pods):
+        return True
+    for pod in pods:
+        if pod.status.reason in DISRUPTION_REASONS:
+            return True
+        for condition in pod.status.conditions or []:
+            if condition.type == "DisruptionTarget" and condition.status == "True":
+                return True
+    return False
+
+
+def _true(condition) -> bool:
+    if condition is None:
+        return False
+    status = condition["status"] if isinstance(condition, dict) else condition.status
+    return status == "True"
+
+
+def _since(conditions: dict, created: datetime | None) -> datetime | None:
+    """When the Suspended condition last changed (queued, or admitted again), else `created`."""
+    suspended = conditions.get("Suspended")
+    if suspended is None:
+        return created
+    when = (
+        suspended.get("lastTransitionTime")
+        if isinstance(suspended, dict)
+        else suspended.last_transition_time
+    )
+    return _parse_time(when) if isinstance(when, str) else (when or created)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None

@@ -946,8 +946,11 @@ class DeadlinesSpec(APIModel):
     start_seconds: int | None = Field(
         default=None,
         ge=60,
-        description="Fail when the first stage has not started this long after creation "
-        "(image pull errors, unschedulable pods).",
+        description="Fail when a stage's pods do not all run within this many seconds of "
+        "its workload's creation (the clock restarts when a pod is replaced or a queue "
+        "suspends or admits the workload), or when the first stage has not started this long after the run's creation: image "
+        "pull errors, unschedulable pods, pods that admission refuses, a queue that never "
+        "admits the run. Unset: wait forever (the Stalled condition says why).",
     )
     active_seconds: int | None = Field(
         default=None, ge=60, description="Fail when the run takes longer."
@@ -1123,9 +1126,21 @@ class StageStatus(APIModel):
     )
     child: str | None = Field(default=None, description="Name of the child workload.")
     attempts: int = Field(default=0, ge=0, description="Children created for this stage.")
+    disruptions: int = Field(
+        default=0,
+        ge=0,
+        description="Attempts whose pods were taken away (a drained or lost node, "
+        "preemption, eviction): retried without counting against training.maxRestarts.",
+    )
     start_time: str | None = Field(default=None, description="When the stage started.")
     completion_time: str | None = Field(default=None, description="When the stage finished.")
     message: str | None = Field(default=None, description="Why the stage is where it is.")
+    reason: str | None = Field(
+        default=None,
+        description="Why the stage failed, as the Failed condition's reason: StageFailed (the "
+        "worker's own error), RetriesExhausted, CreateRefused (the API server refused its "
+        "workload), StartDeadlineExceeded, ActiveDeadlineExceeded.",
+    )
 
 
 class Estimate(APIModel):

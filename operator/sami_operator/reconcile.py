@@ -29,12 +29,42 @@ EXIT_RETRYABLE = 75
 class ChildState:
     """What the API server shows of a stage's workload."""
 
-    phase: StagePhase  # pending, queued, running, succeeded or failed
+    # pending, queued, running (every pod of it runs: Pending pods do not count), succeeded
+    # or failed
+    phase: StagePhase
     exit_code: int | None = None  # of the (rank 0) worker container, once terminated
     # Terminated: the termination message (the worker's JSON result line). Not yet: why its
-    # pods are stuck (a missing Secret, an image pull error), if they are.
+    # pods are stuck (a missing Secret, an image pull error, a refused pod), if they are.
     message: str | None = None
     reason: str | None = None  # the container's termination reason (OOMKilled, Error, ...)
+    # Not running yet: since when it has waited for its pods to run (the oldest Pending pod,
+    # or the workload itself while it has no pods). Drives deadlines.startSeconds.
+    waiting_since: datetime | None = None
+    # Why it is stuck, as a condition reason (ImagePullBackOff, Unschedulable, FailedCreate,
+    # ...), when it is stuck for a reason someone must act on.
+    stalled: str | None = None
+    # Failed because its pods were taken away (a node drained or lost, preemption, eviction),
+    # not because the worker failed: retried without spending spec.training.maxRestarts.
+    disrupted: bool = False
+
+
+@dataclass(frozen=True)
+class CreateRefused:
+    """The API server refused to create a child (a 4xx or 5xx on create)."""
+
+    kind: str
+    name: str
+    code: int  # the HTTP status
+    message: str  # the API server's
+
+    def waiting_helps(self) -> bool:
+        """Quota, throttling and server errors may pass; an invalid object, a webhook's or
+        Pod Security's denial and a missing permission do not until someone changes them."""
+        quota = self.code == 403 and "exceeded quota" in self.message
+        return quota or self.code in (404, 429) or self.code >= 500
+
+    def reason(self) -> str:
+        return "QuotaExceeded" if "exceeded quota" in self.message else "CreateRefused"
 
 
 @dataclass
@@ -126,17 +156,13 @@ def _walk(run, uid, records, observed, settings, now, created) -> Decision:
             r.phase in (StagePhase.running, StagePhase.succeeded) or r.attempts > 1
             for r in records.values()
         )
-        if deadlines.start_seconds and never_started and age > deadlines.start_seconds:
-            return _fail(
-                decision,
-                record,
-                stamp,
-                "StartDeadlineExceeded",
-                f"no stage started within {deadlines.start_seconds}s (image pull "
-                "errors or unschedulable pods?)",
-            )
-
         state = observed.get(record.child) if record.child else None
+        late = _start_overdue(run, now, age, never_started, state)
+        if late is not None:
+            detail = (state.message if state else None) or record.message
+            why = f" ({detail})" if detail else " (image pull errors or unschedulable pods?)"
+            return _fail(decision, record, stamp, "StartDeadlineExceeded", late + why)
+
         if record.child is None or state is None:
             if run.spec.suspend:
                 return decision
@@ -149,8 +175,11 @@ def _walk(run, uid, records, observed, settings, now, created) -> Decision:
                 decision.events.append(("Normal", "StageStopped", f"{stage.id}: suspended"))
                 record.child, record.phase, record.message = None, StagePhase.pending, None
                 return decision
+            if state.stalled and state.message != record.message:
+                decision.events.append(("Warning", state.stalled, f"{stage.id}: {state.message}"))
             record.phase = state.phase
             record.message = state.message
+            record.stalled = state.stalled
             return decision
         if state.phase == StagePhase.succeeded:
             record.phase = StagePhase.succeeded
@@ -159,10 +188,14 @@ def _walk(run, uid, records, observed, settings, now, created) -> Decision:
             record.message = None
             decision.events.append(("Normal", "StageSucceeded", f"{stage.id} ({record.child})"))
             continue
-        # Failed: retry what a retry can fix, within the budget.
+        # Failed: retry what a retry can fix, within the budget; a disruption (a drained
+        # node, preemption) is no fault of the stage and spends none of it.
         error = error_text(state)
-        retryable = _retryable(state)
-        if retryable and record.attempts <= run.spec.training.max_restarts:
+        retryable = state.disrupted or _retryable(state)
+        if state.disrupted:
+            record.disruptions += 1
+            error = f"{error}; its pods were disrupted (not counted against maxRestarts)"
+        if retryable and record.attempts - record.disruptions <= run.spec.training.max_restarts:
             decision.events.append(("Warning", "StageRetrying", f"{stage.id}: {error}"))
             if run.spec.suspend:
                 record.child = None
@@ -174,12 +207,32 @@ def _walk(run, uid, records, observed, settings, now, created) -> Decision:
     return decision
 
 
+def _start_overdue(run, now, age, never_started, state) -> str | None:
+    """deadlines.startSeconds: a stage's pods must run within it, counted from when the
+    current child began waiting for them (a retry or a replaced pod starts the clock again);
+    and the run's first stage must start within it of the run's creation (a child the API
+    server keeps refusing never waits at all). Not while suspended."""
+    limit = run.spec.deadlines.start_seconds
+    if not limit or run.spec.suspend:
+        return None
+    waiting = state.waiting_since if state and state.phase in _WAITING else None
+    if waiting is not None:
+        late = (now - waiting).total_seconds() > limit
+        return f"its pods did not run within {limit}s" if late else None
+    if never_started and age > limit:
+        return f"no stage started within {limit}s"
+    return None
+
+
+_WAITING = (StagePhase.pending, StagePhase.queued)
+
+
 def _create(decision, run, stage, uid, settings, record, stamp) -> None:
     record.attempts += 1
     record.child = child_name(run.metadata.name, stage, record.attempts)
     record.phase = StagePhase.pending
     record.start_time = record.start_time or stamp
-    record.message = None
+    record.message = record.stalled = None
     decision.create.extend(build_children(run, stage, uid, settings, record.attempts))
     decision.events.append(("Normal", "StageCreated", f"{stage.id}: created {record.child}"))
 
@@ -188,9 +241,37 @@ def _fail(decision, record, stamp, reason, message) -> Decision:
     record.phase = StagePhase.failed
     record.completion_time = stamp
     record.message = message
+    record.reason = reason
     decision.failure = reason
     decision.events.append(("Warning", reason, message))
     return decision
+
+
+def create_refused(
+    decision: Decision, refused: CreateRefused, before: dict[str, str | None], now: datetime
+) -> None:
+    """A child this pass created was refused: the stage fails with the API server's message,
+    or, where waiting can help (quota), it is created again on a later pass without spending
+    an attempt. Either way the message reaches the status, and an event is emitted once per
+    new message (`before`: each stage's message before this pass)."""
+    stage_id, record = next(
+        (sid, r) for sid, r in decision.records.items() if r.child == refused.name
+    )
+    message = f"creating {refused.kind} {refused.name} was refused: {refused.message}"
+    decision.events = [e for e in decision.events if e[1] != "StageCreated"]
+    if not refused.waiting_helps():
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        _fail(decision, record, stamp, "CreateRefused", f"{stage_id}: {message}")
+        return
+    record.attempts -= 1
+    record.child = None
+    if record.attempts == 0:
+        record.start_time = None  # it has not started yet
+    record.phase = StagePhase.pending
+    record.message = f"{message} (retrying)"
+    record.stalled = refused.reason()
+    if record.message != before.get(stage_id):
+        decision.events.append(("Warning", record.stalled, f"{stage_id}: {record.message}"))
 
 
 def _result_line(state: ChildState) -> dict[str, Any]:

@@ -23,6 +23,9 @@ from sami_operator.models import (
 from sami_operator.planner import checkpoint_uri, plan, run_prefix
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
+# Besides the phase conditions: True while the current stage cannot progress until someone
+# acts (pods that cannot pull or be placed, a refused child), with the reason and message.
+STALLED = "Stalled"
 
 
 @dataclass
@@ -32,10 +35,13 @@ class StageRecord:
     phase: StagePhase = StagePhase.pending
     child: str | None = None
     attempts: int = 0
+    disruptions: int = 0  # attempts that ended in a disruption (not counted as failures)
     start_time: str | None = None
     completion_time: str | None = None
     message: str | None = None
+    reason: str | None = None  # why it failed, as a condition reason
     meta: dict[str, Any] = field(default_factory=dict)  # the stage manifest's summary
+    stalled: str | None = None  # observed on this pass, not kept: a condition reason
 
     @classmethod
     def from_status(cls, s: StageStatus) -> StageRecord:
@@ -44,9 +50,11 @@ class StageRecord:
             phase=s.phase,
             child=s.child,
             attempts=s.attempts,
+            disruptions=s.disruptions,
             start_time=s.start_time,
             completion_time=s.completion_time,
             message=s.message,
+            reason=s.reason,
         )
 
     def as_status(self) -> StageStatus:
@@ -54,9 +62,11 @@ class StageRecord:
             phase=self.phase,
             child=self.child,
             attempts=self.attempts,
+            disruptions=self.disruptions,
             start_time=self.start_time,
             completion_time=self.completion_time,
             message=self.message,
+            reason=self.reason,
         )
 
 
@@ -75,7 +85,7 @@ def derive_status(
     current = next((s for s in stages if get(s.id).phase != StagePhase.succeeded), None)
     started = [r.start_time for r in records.values() if r.start_time]
     if failed is not None:
-        phase, reason = Phase.failed, "StageFailed"
+        phase, reason = Phase.failed, get(failed.id).reason or "StageFailed"
         message = f"{failed.id} failed: {get(failed.id).message or 'see its logs'}"
     elif current is None:
         phase, reason, message = Phase.succeeded, "AllStagesSucceeded", "all stages succeeded"
@@ -85,8 +95,11 @@ def derive_status(
         phase, reason, message = Phase.running, "StageRunning", f"running {current.id}"
     else:
         phase, reason, message = Phase.pending, "Pending", "waiting for the first stage"
+    stalled = None
     if phase in (Phase.running, Phase.pending) and get(current.id).message:
         message += f" ({get(current.id).message})"  # e.g. why its pods are stuck
+        if get(current.id).stalled:
+            stalled = (get(current.id).stalled, f"{current.id}: {get(current.id).message}")
 
     iterations: dict[int, IterationStatus] = {}
     for stage in stages:
@@ -112,7 +125,7 @@ def derive_status(
         phase=phase,
         message=message,
         observed_generation=(run.metadata.model_extra or {}).get("generation"),
-        conditions=_conditions(phase, reason, message, now, previous, run),
+        conditions=_conditions(phase, reason, message, now, previous, run, stalled),
         iteration=(current.iteration or 0) if current else run.spec.training.iterations,
         stage=current.id if current and phase != Phase.failed else None,
         latest_mi_lower_bound=latest.metrics.mi_lower_bound.value if latest else None,
@@ -135,20 +148,24 @@ def _completion_time(phase: Phase, now: str, previous: SAMIRunStatus | None) -> 
     return now
 
 
-def _conditions(phase, reason, message, now, previous, run) -> list[Condition]:
+def _conditions(phase, reason, message, now, previous, run, stalled) -> list[Condition]:
+    """One condition per phase (True for the current one) and Stalled; `stalled`: (reason,
+    message) while the current stage is stuck."""
     before = {c.type: c for c in (previous.conditions if previous else [])}
     generation = (run.metadata.model_extra or {}).get("generation")
+    states = [(kind, phase.value == kind, reason, message) for kind in CONDITION_TYPES]
+    states.append((STALLED, stalled is not None, *(stalled or (None, None))))
     out = []
-    for kind in CONDITION_TYPES:
-        status = "True" if phase.value == kind else "False"
+    for kind, true, why, text in states:
+        status = "True" if true else "False"
         old = before.get(kind)
         changed = old is None or old.status != status
         out.append(
             Condition(
                 type=kind,
                 status=status,
-                reason=reason if status == "True" else (old.reason if old else "NotApplicable"),
-                message=message if status == "True" else "",
+                reason=why if true else (old.reason if old else "NotApplicable"),
+                message=text if true else "",
                 last_transition_time=now if changed else old.last_transition_time,
                 observed_generation=generation,
             )

@@ -8,10 +8,11 @@ What runs:
 - etcd on two free loopback ports, data under ``<tmpdir>/etcd``;
 - kube-apiserver on a free loopback secure port (no insecure port) with a generated CA and serving
   certificate, a static admin token (user ``sami-admin`` in ``system:masters``), RBAC
-  authorization, service-account signing keys and the admission plugins that need no nodes;
-- kube-controller-manager with the job, garbagecollector, namespace, serviceaccount and
-  serviceaccount-token controllers (so Jobs create Pods, ownerReferences cascade, namespaces
-  finalize and every ServiceAccount gets a token Secret).
+  authorization, service-account signing keys and the admission plugins that need no nodes
+  (ResourceQuota and ValidatingAdmissionWebhook among them);
+- kube-controller-manager with the job, garbagecollector, namespace, serviceaccount,
+  serviceaccount-token and resourcequota controllers (so Jobs create Pods, ownerReferences
+  cascade, namespaces finalize, every ServiceAccount gets a token Secret and quotas count).
 
 There is no scheduler and no kubelet: Pods stay Pending unless ``tests.k8s.kubelet.LocalKubelet``
 runs them. Each process logs to ``<tmpdir>/<name>.log``.
@@ -461,12 +462,14 @@ class ControlPlane:
                 "--api-audiences=https://kubernetes.default.svc.cluster.local",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 # Plugins that need no nodes; ServiceAccount mounts the SA token Secret.
+                # Validating webhooks do nothing until a test registers one (tests/k8s/
+                # admission.py enforces Pod Security 'restricted' that way).
                 "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,"
-                "DefaultTolerationSeconds,Priority,ResourceQuota",
+                "DefaultTolerationSeconds,Priority,ResourceQuota,ValidatingAdmissionWebhook",
                 "--disable-admission-plugins=DefaultStorageClass,StorageObjectInUseProtection,"
                 "PersistentVolumeClaimResize,RuntimeClass,TaintNodesByCondition,"
                 "CertificateApproval,CertificateSigning,CertificateSubjectRestriction,"
-                "DefaultIngressClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+                "DefaultIngressClass,MutatingAdmissionWebhook",
                 # The "kubernetes" Service's endpoints would be 127.0.0.1, which validation
                 # rejects (loopback): do not reconcile them.
                 "--endpoint-reconciler-type=none",
@@ -542,7 +545,8 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig}",
                 f"--authentication-kubeconfig={self.kubeconfig}",
                 f"--authorization-kubeconfig={self.kubeconfig}",
-                "--controllers=job,garbagecollector,namespace,serviceaccount,serviceaccount-token",
+                "--controllers=job,garbagecollector,namespace,serviceaccount,serviceaccount-token,"
+                "resourcequota",
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=false",

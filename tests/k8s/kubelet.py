@@ -37,6 +37,10 @@ pods a test creates (directly or through the real Job controller):
    A missing ConfigMap/Secret (or key) that is not optional, for a volume or for env, keeps the
    pod Pending with a waiting ``CreateContainerConfigError`` status, retried every second, as a
    kubelet does.
+   Images are not pulled, except that an image whose registry host is under ``.invalid`` (a
+   top-level domain reserved never to resolve, so no kubelet could pull it) keeps the pod
+   Pending with a waiting ``ErrImagePull`` then ``ImagePullBackOff`` status, as a kubelet
+   shows an image that cannot be pulled.
 4. Patches pod status: Running (startTime, podIP/hostIP 127.0.0.1, Ready conditions,
    containerStatuses[0].state.running) when the container starts; Succeeded/Failed with
    ``state.terminated`` (exitCode, reason Completed/Error, message from the termination message
@@ -103,6 +107,12 @@ def default_command_map() -> dict[str, str]:
             m[tool] = str(VENV_BIN / tool)
             m[f"/usr/local/bin/{tool}"] = str(VENV_BIN / tool)
     return m
+
+
+def unpullable_image(image: str) -> bool:
+    """An image whose registry host is under the reserved .invalid top-level domain."""
+    host = image.split("/", 1)[0] if "/" in image else ""
+    return host.split(":", 1)[0].endswith(".invalid")
 
 
 def now() -> str:
@@ -445,6 +455,27 @@ class LocalKubelet:
         pod = run.pod
         spec = pod["spec"]
         start_time = run.start_time = now()
+        containers = [*(spec.get("initContainers") or []), *spec["containers"]]
+        unpullable = [c for c in containers if unpullable_image(c.get("image", ""))]
+        reason = "ErrImagePull"
+        while unpullable:
+            image = unpullable[0]["image"]
+            message = f'Failed to pull image "{image}": no such host'
+            self._patch(
+                api,
+                run,
+                {
+                    "phase": "Pending",
+                    "containerStatuses": [
+                        self._waiting_status(c, reason, message) for c in spec["containers"]
+                    ],
+                },
+            )
+            reason = "ImagePullBackOff"
+            run.wake.wait(1.0)
+            run.wake.clear()
+            if self._cancelled(run):
+                return
         # Volumes and env: retried while a referenced object is missing, as a kubelet does.
         while True:
             try:

@@ -11,6 +11,8 @@
   Kubeflow PyTorchJob controller running (tests/k8s/training_operators.py).
 - ``jobset_controller`` (session): the JobSet CRD stand-in installed and an emulated JobSet
   controller running (tests/k8s/training_operators.py).
+- ``restricted_admission`` (session): Pod Security 'restricted' enforced on namespaces labelled
+  ``pod-security.kubernetes.io/enforce=restricted`` by a webhook (tests/k8s/admission.py).
 
 Tests using any of these get the ``k8s`` marker automatically.
 """
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.k8s.admission import RestrictedWebhook
 from tests.k8s.controlplane import (
     BUILD_SCRIPT,
     ROOT,
@@ -47,6 +50,7 @@ K8S_FIXTURES = {
     "kubelet",
     "pytorchjob_controller",
     "jobset_controller",
+    "restricted_admission",
 }
 
 
@@ -129,6 +133,15 @@ def jobset_controller(control_plane: ControlPlane) -> Iterator[JobSetController]
         yield controller
     finally:
         controller.stop()
+
+
+@pytest.fixture(scope="session")
+def restricted_admission(control_plane: ControlPlane) -> Iterator[RestrictedWebhook]:
+    webhook = RestrictedWebhook(control_plane).start()
+    try:
+        yield webhook
+    finally:
+        webhook.stop()
 
 
 @pytest.fixture
