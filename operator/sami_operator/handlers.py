@@ -179,7 +179,13 @@ def _reconcile(body, patch, logger) -> None:
     records = records_from_status(run, uid, previous)
     before = {stage_id: record.message for stage_id, record in records.items()}
     kube: kube_module.Kube = _state["kube"]
-    observed = kube.observe_children(meta["namespace"], meta["name"])
+    # Only the children whose outcome is not yet recorded need their pods looked at.
+    unsettled = {
+        r.child
+        for r in records.values()
+        if r.child and r.phase not in (StagePhase.succeeded, StagePhase.failed)
+    }
+    observed = kube.observe_children(meta["namespace"], meta["name"], unsettled)
     now = _now()
     created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
     decision = decide(run, uid, records, observed, SETTINGS, now, created)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -125,11 +126,18 @@ class Kube:
                 if err.status != 404:  # 404: not of this kind, already gone, or not served
                     raise
 
-    def observe_children(self, namespace: str, run: str) -> dict[str, ChildState]:
-        """Every workload of a run, by name, with its phase and rank-0 exit."""
+    def observe_children(
+        self, namespace: str, run: str, look_into: Collection[str] | None = None
+    ) -> dict[str, ChildState]:
+        """Every workload of a run, by name, with its phase; with its pods' story (rank 0's
+        exit, why they wait) only for those in `look_into` (None: all), so that children
+        whose outcome is already recorded cost no pod listing."""
         selector = f"{GROUP}/run={run},app.kubernetes.io/managed-by={MANAGED_BY}"
         found: dict[str, ChildState] = {}
         for job in self.batch.list_namespaced_job(namespace, label_selector=selector).items:
+            if look_into is not None and job.metadata.name not in look_into:
+                found[job.metadata.name] = ChildState(_job_phase(job))
+                continue
             found[job.metadata.name] = self._job_state(namespace, job)
         for api in (PYTORCHJOB_API, JOBSET_API):
             group, version, plural = api
@@ -142,7 +150,11 @@ class Kube:
                     continue  # the API is not served here
                 raise
             for obj in items:
-                found[obj["metadata"]["name"]] = self._custom_state(namespace, api, obj)
+                name = obj["metadata"]["name"]
+                if look_into is not None and name not in look_into:
+                    found[name] = ChildState(_custom_phase(obj))
+                    continue
+                found[name] = self._custom_state(namespace, api, obj)
         return found
 
     def _pods(self, namespace: str, api, name: str) -> list:
@@ -192,27 +204,23 @@ class Kube:
 
     def _job_state(self, namespace: str, job) -> ChildState:
         conditions = {c.type: c for c in (job.status.conditions or [])}
-        name = job.metadata.name
-        if _true(conditions.get("Complete")):
-            return self._terminal(namespace, JOB_API, name, StagePhase.succeeded)
-        if _true(conditions.get("Failed")):
-            return self._terminal(namespace, JOB_API, name, StagePhase.failed)
+        name, phase = job.metadata.name, _job_phase(job)
+        if phase in (StagePhase.succeeded, StagePhase.failed):
+            return self._terminal(namespace, JOB_API, name, phase)
         created = job.metadata.creation_timestamp
-        if job.spec.suspend:
-            return ChildState(StagePhase.queued, waiting_since=_since(conditions, created))
+        if phase == StagePhase.queued:
+            return ChildState(phase, waiting_since=_since(conditions, created))
         return self._unfinished(namespace, JOB_API, name, created, None)
 
     def _custom_state(self, namespace: str, api, obj: dict[str, Any]) -> ChildState:
         conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", []) or []}
-        name = obj["metadata"]["name"]
-        if _true(conditions.get("Succeeded")) or _true(conditions.get("Completed")):
-            return self._terminal(namespace, api, name, StagePhase.succeeded)
-        if _true(conditions.get("Failed")):
-            return self._terminal(namespace, api, name, StagePhase.failed)
+        name, phase = obj["metadata"]["name"], _custom_phase(obj)
+        if phase in (StagePhase.succeeded, StagePhase.failed):
+            return self._terminal(namespace, api, name, phase)
         created = _parse_time(obj["metadata"].get("creationTimestamp"))
         since = _since(conditions, created)
-        if _true(conditions.get("Suspended")):
-            return ChildState(StagePhase.queued, waiting_since=since)
+        if phase == StagePhase.queued:
+            return ChildState(phase, waiting_since=since)
         # Resumed (admitted again): its wait starts when it was.
         resumed = since if "Suspended" in conditions else None
         return self._unfinished(namespace, api, name, created, resumed)
@@ -278,6 +286,26 @@ def disruption(pods: list) -> bool:
             if condition.type == "DisruptionTarget" and condition.status == "True":
                 return True
     return False
+
+
+def _job_phase(job) -> StagePhase:
+    """What a Job's conditions say (pending: not finished; its pods tell whether it runs)."""
+    conditions = {c.type: c for c in (job.status.conditions or [])}
+    if _true(conditions.get("Complete")):
+        return StagePhase.succeeded
+    if _true(conditions.get("Failed")):
+        return StagePhase.failed
+    return StagePhase.queued if job.spec.suspend else StagePhase.pending
+
+
+def _custom_phase(obj: dict[str, Any]) -> StagePhase:
+    """The same for a training launcher's workload (PyTorchJob, JobSet)."""
+    conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", []) or []}
+    if _true(conditions.get("Succeeded")) or _true(conditions.get("Completed")):
+        return StagePhase.succeeded
+    if _true(conditions.get("Failed")):
+        return StagePhase.failed
+    return StagePhase.queued if _true(conditions.get("Suspended")) else StagePhase.pending
 
 
 def _true(condition) -> bool:

@@ -948,9 +948,10 @@ class DeadlinesSpec(APIModel):
         ge=60,
         description="Fail when a stage's pods do not all run within this many seconds of "
         "its workload's creation (the clock restarts when a pod is replaced or a queue "
-        "suspends or admits the workload), or when the first stage has not started this long after the run's creation: image "
-        "pull errors, unschedulable pods, pods that admission refuses, a queue that never "
-        "admits the run. Unset: wait forever (the Stalled condition says why).",
+        "suspends or admits the workload), or when the first stage has not started this "
+        "long after the run's creation: image pull errors, unschedulable pods, pods that "
+        "admission refuses, a queue that never admits the run. Unset: wait forever (the "
+        "Stalled condition says why).",
     )
     active_seconds: int | None = Field(
         default=None, ge=60, description="Fail when the run takes longer."
