@@ -49,6 +49,10 @@ def test_child_names_are_deterministic_dns_labels(run):
 def test_generation_job_carries_task_labels_and_pod_knobs(run):
     config_map, job = build_children(run, stages(run)["generate-1"], "uid-1", SETTINGS)
     assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
+    # Pods taken away by a drain or preemption are replaced, not counted as failures.
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    condition = {"type": "DisruptionTarget", "status": "True"}
+    assert rule == {"action": "Ignore", "onPodConditions": [condition]}
     task = json.loads(config_map["data"]["task.json"])
     assert task["kind"] == "generate" and task["output"].endswith("/iterations/1/generate")
     labels = job["metadata"]["labels"]

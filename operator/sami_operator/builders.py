@@ -295,14 +295,24 @@ def _torchrun(settings: OperatorSettings, *args: str) -> list[str]:
     return ["torchrun", *args, "-m", "sami_worker", "train", "--task", TASK_FILE]
 
 
+# A pod taken away (drained or lost node, preemption, eviction: Kubernetes 1.26+ marks it with
+# the DisruptionTarget condition) is replaced by the Job controller without counting as a
+# failure; older API servers drop the field, and the operator retries such a stage itself.
+IGNORE_DISRUPTIONS = {
+    "rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ]
+}
+
+
 def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     # Retries are the operator's (it tells retryable exit codes from bad input), so the
-    # Job itself never retries a pod.
+    # Job itself never retries a pod that failed.
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": metadata,
-        "spec": {"backoffLimit": 0, "template": template},
+        "spec": {"backoffLimit": 0, "podFailurePolicy": IGNORE_DISRUPTIONS, "template": template},
     }
 
 
