@@ -450,3 +450,69 @@ def test_only_an_endpoint_judge_with_a_secret_gets_an_api_key(samirun_doc, judge
     _, job = build_children(run, stages(run)["evaluate-1"], "uid-1", SETTINGS)
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert any(e["name"] == "SAMI_API_KEY" for e in env) == key
+
+
+def test_result_lines_from_newer_or_broken_workers_never_crash_a_pass(run):
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    newer = json.dumps(
+        {
+            "exit_code": 0,
+            "new_field": [1, 2],
+            "summary": {"metrics": {"miLowerBound": {"value": 0.3, "ci": [0.2, 0.4]}, "x": 1}},
+        }
+    )
+    ok = decide(
+        run,
+        "uid-1",
+        records,
+        {"mistral-hh-it0-evaluate": ChildState(StagePhase.succeeded, 0, newer)},
+        SETTINGS,
+        T0,
+        T0,
+    )
+    assert ok.records["evaluate-0"].phase == StagePhase.succeeded
+    status = derive_status(run, "uid-1", ok.records, "t")
+    assert status.iterations[0].metrics.mi_lower_bound.value == 0.3  # unknown fields dropped
+
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    broken = json.dumps({"summary": {"metrics": {"miLowerBound": {"value": "high"}}}})
+    bad = decide(
+        run,
+        "uid-1",
+        records,
+        {"mistral-hh-it0-evaluate": ChildState(StagePhase.succeeded, 0, broken)},
+        SETTINGS,
+        T0,
+        T0,
+    )
+    assert bad.failure == "StageFailed"
+    assert "metrics.miLowerBound.value" in bad.records["evaluate-0"].message
+    derive_status(run, "uid-1", bad.records, "t")  # and the status still derives
+
+    for line in ('{"exit_code": "75"}', '{"summary": [1]}', "[]", '{"exit_code": null}'):
+        records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+        state = ChildState(StagePhase.failed, 1, line, "Error")
+        decision = decide(
+            run, "uid-1", records, {"mistral-hh-it0-evaluate": state}, SETTINGS, T0, T0
+        )
+        assert decision.failure == "StageFailed"  # the container's own exit code, 1: not retried
+        assert "exit code 1" in decision.records["evaluate-0"].message
+
+
+def test_a_malformed_default_storage_annotation_is_an_invalid_spec(samirun_doc):
+    import kopf
+
+    from sami_operator import handlers
+    from sami_operator.validate import SpecError
+
+    samirun_doc["spec"].pop("storage")
+    body = {
+        **samirun_doc,
+        "metadata": {
+            "name": "mistral-hh",
+            "namespace": "team-a",
+            "annotations": {"sami.dev/default-storage": "{not json"},
+        },
+    }
+    with pytest.raises(SpecError, match=r"metadata.annotations\[sami.dev/default-storage\]"):
+        handlers._parse(body, kopf.Patch())

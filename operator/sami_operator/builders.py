@@ -418,4 +418,5 @@ def summary_from_message(message: str | None) -> dict[str, Any]:
         data = json.loads(message)
     except json.JSONDecodeError:
         return {}
-    return data.get("summary", {}) if isinstance(data, dict) else {}
+    summary = data.get("summary") if isinstance(data, dict) else None
+    return summary if isinstance(summary, dict) else {}

@@ -143,7 +143,16 @@ def _parse(body, patch) -> SAMIRun:
                     "(SAMI_DEFAULT_STORAGE, the chart's operator.defaultStorage)"
                 ]
             )
-        manifest["spec"] = {**manifest["spec"], "storage": json.loads(recorded)}
+        try:
+            storage = json.loads(recorded)
+        except json.JSONDecodeError as err:
+            raise SpecError(
+                [
+                    f"metadata.annotations[{annotation}]: not JSON ({err}); remove it to use "
+                    "the operator's default storage again"
+                ]
+            ) from None
+        manifest["spec"] = {**manifest["spec"], "storage": storage}
     return parse_samirun(manifest, f"SAMIRun {meta['namespace']}/{meta['name']}")
 
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from sami_operator.builders import build_children, child_name, summary_from_message
-from sami_operator.models import SAMIRun, SAMIRunStatus, StagePhase
+from sami_operator.models import Metrics, SAMIRun, SAMIRunStatus, StagePhase
 from sami_operator.planner import plan
 from sami_operator.settings import OperatorSettings
 from sami_operator.status import StageRecord
@@ -182,9 +184,13 @@ def _walk(run, uid, records, observed, settings, now, created) -> Decision:
             record.stalled = state.stalled
             return decision
         if state.phase == StagePhase.succeeded:
+            try:
+                record.meta = stage_results(summary_from_message(state.message))
+            except ValueError as err:
+                why = f"{stage.id}: its result line does not parse: {err}"
+                return _fail(decision, record, stamp, "StageFailed", why)
             record.phase = StagePhase.succeeded
             record.completion_time = stamp
-            record.meta = summary_from_message(state.message)
             record.message = None
             decision.events.append(("Normal", "StageSucceeded", f"{stage.id} ({record.child})"))
             continue
@@ -284,8 +290,27 @@ def _result_line(state: ChildState) -> dict[str, Any]:
 
 def _exit_code(state: ChildState) -> int | None:
     """The worker's own exit code: launchers such as torchrun exit 1 whatever their child
-    returned, so the result line the worker left is the better witness."""
-    return _result_line(state).get("exit_code", state.exit_code)
+    returned, so the result line the worker left is the better witness (when it is one)."""
+    code = _result_line(state).get("exit_code")
+    return code if type(code) is int else state.exit_code
+
+
+def stage_results(summary: dict[str, Any]) -> dict[str, Any]:
+    """A stage's summary with its metrics checked against the API: fields this operator does
+    not know (a newer worker's) are dropped; a value of the wrong type raises ValueError
+    naming it."""
+    out = dict(summary)
+    for key in ("metrics", "heldOutMetrics"):
+        if out.get(key) is None:
+            out.pop(key, None)
+            continue
+        try:
+            out[key] = Metrics.model_validate(out[key], extra="ignore").to_api()
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in (key, *first["loc"]))
+            raise ValueError(f"{where}: {first['msg']}") from None
+    return out
 
 
 def _retryable(state: ChildState) -> bool:
