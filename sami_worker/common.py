@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 from sami_operator.models import GenerationSpec, ModelSpec, Principle, QuerySource, StorageSpec
 from sami_worker import storage
 from sami_worker.backends import Backend, open_backend, resolve_model_dir
-from sami_worker.datasets import load_queries
+from sami_worker.datasets import DatasetError, load_queries, parse_principles
 from sami_worker.settings import cache_dir
 from sami_worker.tasks import PrinciplesRef, TaskError
 
@@ -65,7 +64,12 @@ def load_principles(ref: PrinciplesRef, spec: StorageSpec | None) -> list[Princi
         principles = ref.inline
     elif ref.uri is not None:
         data = storage.read_stage_file(open_uri(ref.uri, spec), "", PRINCIPLES_FILE)
-        principles = [Principle.model_validate(p) for p in json.loads(data)]
+        name = f"{ref.uri.rstrip('/')}/{PRINCIPLES_FILE}"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"{name}: not UTF-8 text ({err})") from None
+        principles = parse_principles(text, name=name)
     else:
         raise TaskError("principles: set 'inline' or 'uri'")
     if not principles:

@@ -11,7 +11,7 @@ The hh-rlhf and tldr adapters ignore `source.field`. Empty queries are skipped a
 dropped (the TL;DR comparison sets hold each post once per comparison), then `count` queries are
 taken from `offset` on, so successive iterations can rotate through one file.
 
-Parsing (`parse_records`, `build_queries`, `load_principles`) is pure; only `load_queries` reads
+Parsing (`parse_records`, `build_queries`, `parse_principles`) is pure; only `load_queries` reads
 files or the hub. S3 stays with the caller, which passes storage's reader as `read_bytes`.
 """
 
@@ -208,7 +208,7 @@ def select_queries(queries: list[str], source: QuerySource, offset: int = 0) -> 
     return queries[offset:needed]
 
 
-def load_principles(text: str, *, name: str = "principle file") -> list[Principle]:
+def parse_principles(text: str, *, name: str = "principle file") -> list[Principle]:
     """Principles of a YAML list of {name, definition, antithesis} mappings."""
     try:
         entries = yaml.safe_load(text)

@@ -14,8 +14,8 @@ from sami_operator.models import QuerySource
 from sami_worker.datasets import (
     DatasetError,
     first_human_turn,
-    load_principles,
     load_queries,
+    parse_principles,
 )
 
 pa = pytest.importorskip("pyarrow")
@@ -292,9 +292,9 @@ def test_hub_subset_is_a_config_name_or_a_data_dir(monkeypatch, subset, expected
 # Principle files
 
 
-def test_load_principles():
+def test_parse_principles():
     text = "- name: concise\n  definition: Short.\n  antithesis: Long.\n"
-    [principle] = load_principles(text)
+    [principle] = parse_principles(text)
     assert (principle.name, principle.definition, principle.antithesis) == (
         "concise",
         "Short.",
@@ -317,7 +317,7 @@ def test_load_principles():
 )
 def test_load_principles_errors(text, match):
     with pytest.raises(DatasetError, match=match):
-        load_principles(text)
+        parse_principles(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,12 +364,36 @@ def test_example_posts_are_short_reddit_posts():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PRINCIPLES.glob("*.yaml")))
 def test_example_principle_files_parse(name):
-    principles = load_principles((PRINCIPLES / name).read_text(), name=name)
+    principles = parse_principles((PRINCIPLES / name).read_text(), name=name)
     assert len(principles) == 2
 
 
 def test_held_out_principles_are_not_training_principles():
     def names(name: str) -> set[str]:
-        return {p.name for p in load_principles((PRINCIPLES / name).read_text())}
+        return {p.name for p in parse_principles((PRINCIPLES / name).read_text())}
 
     assert names("heldout-dialogue.yaml").isdisjoint(names("helpful-harmless.yaml"))
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b'{"name": "a"}', "expected a non-empty YAML list"),
+        (b"[1, 2]", "entry 0 is not a mapping"),
+        (b'[{"name": "a"}]', "entry 0: definition"),
+        (b"\xff\xfe[", "not UTF-8 text"),
+    ],
+)
+def test_a_malformed_published_principles_file_is_bad_input(tmp_path, content, match):
+    """The worker reads a principle writer's output as it reads any principle file: a wrong
+    shape is bad input (exit 65) with the file named, never a traceback."""
+    from sami_worker import storage
+    from sami_worker.common import PRINCIPLES_FILE, load_principles
+    from sami_worker.tasks import PrinciplesRef
+
+    store = storage.open_storage(str(tmp_path))
+    storage.write_stage_files(store, "principles", {PRINCIPLES_FILE: content}, stage="principles")
+    ref = PrinciplesRef(uri=str(tmp_path / "principles"))
+    with pytest.raises(DatasetError, match=match) as err:
+        load_principles(ref, None)
+    assert "principles/principles.json" in str(err.value)
