@@ -87,3 +87,51 @@ def test_validate_refuses_run_names_the_launchers_would_refuse(tmp_path):
     assert "metadata.name: '7b-hh' is not a DNS-1035 label" in result.output
     shown = f"mistral-hh-{'x' * 26}..."  # the first 37 characters
     assert f"metadata.name: '{shown}' is 41 characters; at most 31, so that" in result.output
+
+
+def _validate(tmp_path, content: bytes | str):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result
+
+
+def _example_with(old: str, new: str) -> str:
+    text = (ROOT / "examples" / "samirun.yaml").read_text()
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def test_validate_refuses_hostile_files_clearly_and_quickly(tmp_path):
+    """Each used to end in a traceback or take seconds and hundreds of MB."""
+    bomb = "a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n"
+    for level in "bcdefghij":
+        previous = chr(ord(level) - 1)
+        bomb += f"{level}: &{level} [{', '.join([f'*{previous}'] * 9)}]\n"
+    cases = {
+        b"apiVersion: \xff\n": "not UTF-8 text: byte 0xff at offset 12",
+        "a: " + "[" * 20000 + "]" * 20000: "nested deeper than 64 levels",
+        "? [a, b]\n: c\n": "a key must be a string, not a list or mapping",
+        bomb: "expands to more than 200000 values",
+        "a: &a [*a]\n": "an alias refers to itself",
+    }
+    for content, message in cases.items():
+        result = _validate(tmp_path, content)
+        assert result.exit_code == 1 and message in result.output, (message, result.output)
+
+
+def test_validate_reads_scalars_and_names_as_the_api_server_does(tmp_path):
+    cases = {
+        ("iterations: 3", 'iterations: "3"'): "spec.training.iterations: Input should be a "
+        "valid integer",
+        ("iterations: 3", 'iterations: 3\n    activationCheckpointing: "yes"'): (
+            "spec.training.activationCheckpointing: Input should be a valid boolean"
+        ),
+        ("name: mistral-hh", "name: mistral-hh\n  namespace: ../../../tmp/x"): (
+            "metadata.namespace: '../../../tmp/x' is not a namespace name"
+        ),
+    }
+    for (old, new), message in cases.items():
+        result = _validate(tmp_path, _example_with(old, new))
+        assert result.exit_code == 1 and message in result.output, (message, result.output)

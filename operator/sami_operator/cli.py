@@ -9,7 +9,7 @@ import click
 import yaml
 
 from sami_operator import __version__, crd
-from sami_operator.validate import SpecError, load_manifests, parse_samirun
+from sami_operator.validate import SpecError, decode_manifest, load_manifests, parse_samirun
 
 REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
 REPO_CHART_CRD = (
@@ -48,37 +48,43 @@ def validate(files: tuple[Path, ...]) -> None:
     sys.exit(1 if failed else 0)
 
 
-def _validate_file(path: Path) -> list[str]:
+def _parse_file(path: Path) -> tuple[list, list[str]]:
+    """(the SAMIRuns in a file, the problems found); one problem per bad document."""
     try:
-        docs = load_manifests(path.read_text())
+        docs = load_manifests(decode_manifest(path.read_bytes(), str(path)))
     except OSError as err:
-        return [f"{path}: cannot read: {err.strerror}"]
+        return [], [f"{path}: cannot read: {err.strerror}"]
+    except SpecError as err:
+        return [], [str(err)]
     except yaml.YAMLError as err:
-        return [f"{path}: not valid YAML: {err}"]
+        return [], [f"{path}: not valid YAML: {err}"]
     if not docs:
-        return [f"{path}: no YAML documents"]
-    problems = []
+        return [], [f"{path}: no YAML documents"]
+    runs, problems = [], []
     for i, doc in enumerate(docs):
         source = f"{path}" if len(docs) == 1 else f"{path} (document {i + 1})"
         try:
-            parse_samirun(doc, source)
+            runs.append(parse_samirun(doc, source))
         except SpecError as err:
             problems.append(str(err))
-    return problems
+    return runs, problems
+
+
+def _validate_file(path: Path) -> list[str]:
+    return _parse_file(path)[1]
 
 
 def _load_one(path: Path):
     """The single SAMIRun in a file, or exit with the validation message."""
-    problems = _validate_file(path)
+    runs, problems = _parse_file(path)
     if problems:
         for problem in problems:
             click.echo(problem, err=True)
         sys.exit(1)
-    docs = load_manifests(path.read_text())
-    if len(docs) != 1:
-        click.echo(f"{path}: expected one SAMIRun, found {len(docs)} documents", err=True)
+    if len(runs) != 1:
+        click.echo(f"{path}: expected one SAMIRun, found {len(runs)} documents", err=True)
         sys.exit(1)
-    return parse_samirun(docs[0], str(path))
+    return runs[0]
 
 
 @main.command()

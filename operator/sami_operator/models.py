@@ -78,6 +78,8 @@ MAX_NODES = 1024
 DNS_LABEL_MAX = 63
 DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _DNS_1035_RE = re.compile(DNS_1035_LABEL)
+# A namespace's name: a DNS-1123 label.
+_DNS_1123_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # attempt: the first try and up to training.maxRestarts retries.
 _LONGEST_ATTEMPT = f"-r{MAX_RESTARTS + 1}"
 # What a launcher appends to a training child's name (builders.build_pytorchjob/build_jobset).
@@ -1272,6 +1274,20 @@ class ObjectMeta(BaseModel):
     @classmethod
     def _run_name(cls, name: str) -> str:
         return check_run_name(name)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, namespace: str | None) -> str | None:
+        if namespace is not None and (
+            len(namespace) > DNS_LABEL_MAX or not _DNS_1123_RE.match(namespace)
+        ):
+            shown = repr(namespace if len(namespace) <= 40 else namespace[:37] + "...")
+            raise ValueError(
+                f"{shown} is not a namespace name: a DNS-1123 label of at most {DNS_LABEL_MAX} "
+                "characters (lower-case letters, digits and '-', starting and ending with a "
+                "letter or digit)"
+            )
+        return namespace
 
 
 class SAMIRun(APIModel):

@@ -6,6 +6,7 @@ a bad spec gets the same message everywhere: the field path, the bad value, what
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -25,12 +26,41 @@ class SpecError(ValueError):
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {p}" for p in problems))
 
 
+# Bounds on what a manifest may make the parser do: a SAMIRun nests about 10 levels and has a
+# few thousand nodes; aliases may repeat a subtree, but not blow it up (the "billion laughs").
+MAX_DEPTH = 64
+MAX_NODES = 200_000
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects repeated keys (plain YAML keeps the last one silently)."""
+    """SafeLoader that rejects repeated keys (plain YAML keeps the last one silently), keys
+    that are lists or mappings, and nesting deeper than MAX_DEPTH."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a string, not a list or mapping", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -40,9 +70,58 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many nodes `node` stands for once aliases are expanded (each shared subtree counted
+    once per reference, computed once); raises past MAX_NODES or on an alias to itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to itself", node.start_mark)
+    open_.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(key)
+    if size > MAX_NODES:
+        raise yaml.composer.ComposerError(
+            None, None, f"expands to more than {MAX_NODES} values (aliases?)", node.start_mark
+        )
+    sizes[key] = size
+    return size
+
+
 def load_manifests(text: str) -> list[Any]:
-    """The non-empty YAML documents in `text`; raises yaml.YAMLError on bad or repeated keys."""
-    return [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc is not None]
+    """The non-empty YAML documents in `text`; raises yaml.YAMLError on bad or repeated keys,
+    complex keys, and documents too deep or too large once aliases are expanded."""
+    loader = _StrictLoader(text)
+    docs = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            _expanded_size(node, {}, set())
+            doc = loader.construct_document(node)
+            if doc is not None:
+                docs.append(doc)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply (through aliases)") from None
+    finally:
+        loader.dispose()
+    return docs
+
+
+def decode_manifest(data: bytes, source: str) -> str:
+    """A manifest file's text; SpecError when it is not UTF-8 (as Kubernetes requires)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            [f"not UTF-8 text: byte {data[err.start]:#04x} at offset {err.start}"], source
+        ) from None
 
 
 def parse_samirun(obj: Any, source: str = "SAMIRun") -> SAMIRun:
@@ -51,7 +130,13 @@ def parse_samirun(obj: Any, source: str = "SAMIRun") -> SAMIRun:
         got = type(obj).__name__
         raise SpecError([f"expected a mapping with apiVersion, kind and spec, got {got}"], source)
     try:
-        return SAMIRun.model_validate(obj, by_alias=True, by_name=False)
+        # As JSON, strictly: the API server takes neither "3" for an integer nor "yes" for a
+        # boolean. YAML's own scalars (dates) go in as the strings they were written as.
+        text = json.dumps(obj, default=str, allow_nan=False)
+    except ValueError as err:
+        raise SpecError([f"not representable as JSON: {err}"], source) from None
+    try:
+        return SAMIRun.model_validate_json(text, strict=True, by_alias=True, by_name=False)
     except ValidationError as err:
         raise SpecError([describe_error(e) for e in err.errors()], source) from None
 
