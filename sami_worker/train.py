@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import random
 import resource
 import shutil
@@ -45,6 +46,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -390,6 +392,41 @@ def _newest(states, n: int) -> set[int]:
     return set(done[-n:])
 
 
+# What a torch.distributed.checkpoint .metadata file (a pickle) may refer to: the classes that
+# describe a checkpoint, dtypes, sizes and layouts; nothing that runs code.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if module in _ALLOWED_MODULES else None
+        described = module == _DCP_METADATA_MODULE and isinstance(found, type)
+        dtype = module == "torch" and isinstance(found, torch.dtype)
+        if (module, name) in _DCP_METADATA_GLOBALS or described or dtype:
+            return found
+        raise TaskError(f"{module}.{name} has no place in a training state's metadata")
+
+
+_ALLOWED_MODULES = {_DCP_METADATA_MODULE} | {module for module, _ in _DCP_METADATA_GLOBALS}
+
+
+def load_dcp_metadata(path: Path):
+    """A checkpoint's .metadata, unpickled with only the globals a checkpoint description
+    uses: whoever can write the run's storage cannot run code in the trainer (TaskError)."""
+    with open(path, "rb") as f:
+        try:
+            return _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+            raise TaskError(f"{path.name}: not a training state's metadata: {err}") from None
+
+
 class StateReader(FileSystemReader):
     """Reads a training state from storage, fetching only what this rank's shards need.
 
@@ -418,7 +455,11 @@ class StateReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs):
         self.fetch([".metadata"])
-        return super().read_metadata(*args, **kwargs)
+        metadata = load_dcp_metadata(self.local / ".metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def read_data(self, plan, planner):
         items: dict[str, list] = {}
@@ -465,7 +506,10 @@ def load_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -
     if distributed.is_main():
         shutil.copy(local / METRICS_FILE, workdir / METRICS_FILE)
     if (local / mine).exists():
-        rng = torch.load(local / mine, weights_only=False)
+        try:
+            rng = torch.load(local / mine, weights_only=True)  # never code from storage
+        except pickle.UnpicklingError as err:
+            raise TaskError(f"{reader.remote.uri()}/{mine}: not a random state: {err}") from None
         torch.set_rng_state(rng["rng"])
         random.setstate(rng["py_rng"])
     shutil.rmtree(local, ignore_errors=True)

@@ -527,3 +527,35 @@ def test_two_processes_resume_reading_only_their_own_shards(tiny_llama, dataset,
         # Step counters and the like: a few KiB, against the whole file of the other rank.
         assert ranged < 0.05 * (state / f"__{other}_0.distcp").stat().st_size, line
     assert losses(tmp_path / "out") == pytest.approx(reference, abs=1e-6)
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that code from storage ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_training_state_metadata_is_read_without_running_code(tmp_path):
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from sami_worker.tasks import TaskError
+    from sami_worker.train import load_dcp_metadata
+
+    model = torch.nn.Linear(3, 2)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "state"), no_dist=True)
+    metadata = load_dcp_metadata(tmp_path / "state" / ".metadata")
+    assert set(metadata.state_dict_metadata) == {"model.weight", "model.bias"}
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / ".metadata"
+    evil.write_bytes(pickle.dumps({"state": _Payload(marker)}))
+    with pytest.raises(TaskError, match="has no place in a training state's metadata"):
+        load_dcp_metadata(evil)
+    assert not marker.exists()
