@@ -450,6 +450,10 @@ def test_only_an_endpoint_judge_with_a_secret_gets_an_api_key(samirun_doc, judge
     _, job = build_children(run, stages(run)["evaluate-1"], "uid-1", SETTINGS)
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert any(e["name"] == "SAMI_API_KEY" for e in env) == key
+    # The base model's evaluation has nothing to judge against: no key.
+    _, job = build_children(run, stages(run)["evaluate-0"], "uid-1", SETTINGS)
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not any(e["name"] == "SAMI_API_KEY" for e in env)
 
 
 def test_result_lines_from_newer_or_broken_workers_never_crash_a_pass(run):

@@ -187,7 +187,8 @@ def _api_key_secret(run: SAMIRun, stage: Stage):
     if stage.name == "principles" and run.spec.principles.writer is not None:
         endpoint = run.spec.principles.writer.endpoint
         return endpoint.api_key_secret if endpoint else None
-    if stage.name == "evaluate" and run.spec.evaluation.judge is not None:
+    # evaluate-0 (the base model's) has nothing to compare with: it never judges.
+    if stage.name == "evaluate" and stage.iteration and run.spec.evaluation.judge is not None:
         endpoint = run.spec.evaluation.judge.endpoint  # None: a judge model, loaded in the pod
         return endpoint.api_key_secret if endpoint else None
     return None
