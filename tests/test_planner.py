@@ -180,3 +180,27 @@ def test_status_shows_the_reference_stage(samirun_doc):
 
     samirun_doc["spec"]["evaluation"]["judge"] = JUDGE  # no reference: no such status
     assert derive_status(parse_samirun(samirun_doc), "u1", records, now="t3").reference is None
+
+
+def test_runs_stay_in_their_namespace_of_the_shared_storage(samirun_doc):
+    from sami_operator.planner import foreign_uris
+
+    samirun_doc["metadata"]["namespace"] = "team-a"
+    samirun_doc["spec"]["storage"]["uri"] = "s3://shared/runs"
+    samirun_doc["spec"]["model"]["uri"] = "s3://models/mistral-7b/"  # another bucket: fine
+    samirun_doc["spec"]["data"]["train"] = {"uri": "s3://shared/runs/team-a/x.jsonl", "count": 8}
+    run = parse_samirun(samirun_doc)
+    assert foreign_uris(run, "s3://shared/runs/") == []
+    assert foreign_uris(run, "s3://shared/run") == []  # a sibling prefix is not the root
+
+    samirun_doc["spec"]["data"]["train"]["uri"] = "s3://shared/runs/team-b/r/u/x.jsonl"
+    samirun_doc["spec"]["model"]["uri"] = "s3://shared/"
+    problems = foreign_uris(parse_samirun(samirun_doc), "s3://shared/runs")
+    assert len(problems) == 2
+    assert problems[0].startswith("spec.model.uri: 's3://shared/' reaches outside")
+    assert "spec.data.train.uri" in problems[1] and "s3://shared/runs/team-a/" in problems[1]
+    samirun_doc["spec"]["model"]["uri"] = "s3://models/m/"
+    samirun_doc["spec"]["data"]["train"]["uri"] = "s3://elsewhere/x.jsonl"
+    samirun_doc["spec"]["storage"]["uri"] = "s3://shared/runs/team-b"  # writes into team-b's part
+    [problem] = foreign_uris(parse_samirun(samirun_doc), "s3://shared/runs")
+    assert problem.startswith("spec.storage.uri: 's3://shared/runs/team-b/team-a/mistral-hh/uid'")

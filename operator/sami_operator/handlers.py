@@ -29,7 +29,7 @@ from sami_operator.models import (
     SAMIRunStatus,
     StagePhase,
 )
-from sami_operator.planner import cleanup_stage
+from sami_operator.planner import cleanup_stage, foreign_uris
 from sami_operator.reconcile import create_refused, decide, error_text, records_from_status
 from sami_operator.settings import from_env
 from sami_operator.status import derive_status
@@ -182,6 +182,13 @@ def _reconcile(body, patch, logger) -> None:
         )
         _count(key, Phase.failed.value)
         return
+
+    if SETTINGS.default_storage is not None:
+        trespass = foreign_uris(run, SETTINGS.default_storage.uri)
+        if trespass:
+            _invalid(body, patch, "; ".join(trespass), reason="ForeignStorage")
+            _count(key, Phase.failed.value)
+            return
 
     uid = meta["uid"]
     previous = SAMIRunStatus.model_validate(status_doc) if status_doc.get("phase") else None

@@ -63,6 +63,40 @@ def run_prefix(run: SAMIRun, uid: str) -> str:
     return f"{run.spec.storage.uri.rstrip('/')}/{namespace}/{run.metadata.name}/{uid}"
 
 
+def foreign_uris(run: SAMIRun, shared_root: str) -> list[str]:
+    """Tenancy on shared storage: under `shared_root` (the operator's default storage, where
+    each namespace's runs live under <root>/<namespace>/), a run may read and write only its
+    own namespace's part. One problem per URI of the spec that reaches into another
+    namespace's part, or spans the whole shared root."""
+    root = shared_root.rstrip("/")
+    own = f"{root}/{run.metadata.namespace or 'default'}/"
+    problems = []
+    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # The run writes under <storage uri>/<namespace>/...: that is what must stay its own.
+    spec["storage"]["uri"] = run_prefix(run, "uid")
+    for path, uri in _uris(spec):
+        u = uri.rstrip("/")
+        spans = root == u or root.startswith(f"{u}/")
+        if spans or (u.startswith(f"{root}/") and not f"{u}/".startswith(own)):
+            problems.append(
+                f"spec.{path}: {uri!r} reaches outside this namespace's part of the shared "
+                f"storage ({own}): runs may use only their own namespace's prefix there"
+            )
+    return problems
+
+
+def _uris(value, path: str = ""):
+    """(path, uri) of every s3:// string in a spec document."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _uris(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _uris(item, f"{path}[{i}]")
+    elif isinstance(value, str) and value.startswith("s3://"):
+        yield path, value
+
+
 def cleanup_stage(run: SAMIRun, uid: str) -> Stage:
     """Not part of the pipeline: deleting a run whose cleanup.storageOnDelete is `delete`
     runs this to remove its storage prefix."""
