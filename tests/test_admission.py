@@ -227,3 +227,32 @@ def test_a_drained_node_does_not_spend_an_attempt(
     assert status["phase"] == "Running", status
     stage = first_stage(status)
     assert stage["attempts"] - stage.get("disruptions", 0) == 1, stage
+
+
+def test_a_run_reaching_into_another_namespaces_storage_is_refused(
+    control_plane, k8s_namespace, kubelet, tmp_path
+):
+    """With a shared default storage, team-a's run naming team-b's data fails at once, with
+    nothing created."""
+    cp, ns = control_plane, k8s_namespace
+    op = Operator(cp, ns, tmp_path / "operator.log")
+    op.env["SAMI_DEFAULT_STORAGE"] = json.dumps({"uri": "s3://shared/runs"})
+    op.start()
+    try:
+        doc = run_doc("trespass", "http://127.0.0.1:1")
+        doc["spec"].pop("storage")
+        doc["spec"]["data"]["train"]["uri"] = "s3://shared/runs/team-b/r/u/generate/x.jsonl"
+        cp.apply(doc, namespace=ns)
+        status = wait_status(
+            cp, ns, "trespass", "was refused", lambda s: s.get("phase") == "Failed", op
+        )
+        failed = condition(status, "Failed")
+        assert failed["reason"] == "ForeignStorage"
+        assert (
+            "spec.data.train.uri" in failed["message"]
+            and f"s3://shared/runs/{ns}/" in failed["message"]
+        )
+        jobs = cp.kubectl_json("get", "jobs,configmaps", "-n", ns, "-l", "sami.dev/run=trespass")
+        assert jobs["items"] == []
+    finally:
+        op.kill()
