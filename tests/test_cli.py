@@ -135,3 +135,30 @@ def test_validate_reads_scalars_and_names_as_the_api_server_does(tmp_path):
     for (old, new), message in cases.items():
         result = _validate(tmp_path, _example_with(old, new))
         assert result.exit_code == 1 and message in result.output, (message, result.output)
+
+
+def test_report_on_a_folder_that_is_no_run_fails_and_names_the_runs_below(tmp_path):
+    from sami_worker import storage
+
+    runs = tmp_path / "runs" / "default" / "mini"
+    store = storage.open_storage(str(runs / "1234"))
+    storage.write_stage_files(
+        store, "iterations/1/train", {"x": b"1"}, stage="train_1", meta={"final_loss": 1.0}
+    )
+    result = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "no finished stage of a SAMI run here" in result.output
+    assert f"runs below it: file://{runs / '1234'}" in result.output
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_report_on_s3_without_credentials_is_one_line(tmp_path, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    args = ["report", "s3://bucket/runs/x", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*args, "--endpoint-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("sami report: ") and result.output.count("\n") == 1

@@ -100,6 +100,7 @@ def run(file: Path, workdir: Path | None) -> None:
     import logging
 
     from sami_operator.local import LocalRunner, default_workdir, run_uid
+    from sami_operator.report import NotARun
 
     logging.basicConfig(level=logging.WARNING)
     samirun = _load_one(file)
@@ -112,10 +113,14 @@ def run(file: Path, workdir: Path | None) -> None:
             "interrupted: the running stage was stopped; run the same command to resume", err=True
         )
         sys.exit(130)
-    report = runner.write_report()
-    click.echo("")
-    click.echo((report / "summary.md").read_text())
-    click.echo(f"report: {report}")
+    try:
+        report = runner.write_report()
+    except NotARun:
+        report = None  # no stage finished: nothing to report
+    if report is not None:
+        click.echo("")
+        click.echo((report / "summary.md").read_text())
+        click.echo(f"report: {report}")
     if status.phase.value != "Succeeded":
         click.echo(f"run {status.phase.value}: {status.message}", err=True)
         sys.exit(1)
@@ -132,15 +137,20 @@ def run(file: Path, workdir: Path | None) -> None:
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// runs.")
 def report(location: str, out: Path | None, endpoint_url: str | None) -> None:
     """Rebuild a run's report from its stored results (a run directory or s3:// prefix)."""
-    from sami_operator.report import build_report
-    from sami_worker.storage import StorageSettings, open_storage
+    from sami_operator.report import NotARun, build_report
+    from sami_worker.storage import StorageError, StorageSettings, open_storage
 
-    store = open_storage(location, StorageSettings(endpoint_url=endpoint_url))
     if out is None:
         if location.startswith("s3://"):
             raise click.UsageError("--out is required for s3:// locations")
         out = Path(location.removeprefix("file://")) / "report"
-    click.echo(build_report(store, out))
+    try:
+        store = open_storage(location, StorageSettings(endpoint_url=endpoint_url))
+        markdown = build_report(store, out)
+    except (NotARun, StorageError) as err:
+        click.echo(f"sami report: {err}", err=True)
+        sys.exit(1)
+    click.echo(markdown)
     click.echo(f"report: {out}")
 
 

@@ -252,11 +252,18 @@ def write_win_rate_plot(
     return path
 
 
+class NotARun(ValueError):
+    """The location holds no stage results of a SAMI run."""
+
+
 def build_report(run: storage.Storage, directory: Path) -> str:
-    """Write summary.md and the plots into `directory`; return the markdown."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write summary.md and the plots into `directory`; return the markdown. NotARun when
+    `run` holds no finished stage (nothing is written then)."""
     results = collect_results(run)
     reference = collect_reference(run)
+    if not results and reference is None:
+        raise NotARun(_not_a_run(run))
+    directory.mkdir(parents=True, exist_ok=True)
     table = render_table(results, reference)
     plots = write_plots(results, directory)
     checkpoints = [
@@ -309,3 +316,16 @@ def build_report(run: storage.Storage, directory: Path) -> str:
     )
     (directory / "summary.md").write_text(markdown)
     return markdown
+
+
+def _not_a_run(run: storage.Storage) -> str:
+    """Why `run` is no run, with the run folders below it when it is their parent (a run's
+    results live in <storage uri>/<namespace>/<name>/<uid>/)."""
+    below = sorted(
+        {info.key.split("/")[0] for info in run.list("") if "/iterations/" in f"/{info.key}"}
+    )
+    hint = "; runs below it: " + ", ".join(run.uri(b) for b in below[:5]) if below else ""
+    return (
+        f"{run.uri()}: no finished stage of a SAMI run here (no iterations/<t>/evaluate or "
+        f"/train manifests); give a run's folder, <storage uri>/<namespace>/<name>/<uid>{hint}"
+    )
