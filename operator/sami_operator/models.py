@@ -383,7 +383,23 @@ class DataSpec(APIModel):
     train: QuerySource = Field(
         description="Training queries; each iteration generates responses for `count` of them."
     )
-    eval: QuerySource = Field(description="Held-out queries for evaluation (the paper uses 250).")
+    eval: QuerySource = Field(
+        description="Held-out queries for evaluation (the paper uses 250): another file, or "
+        "another split of the dataset (split defaults to train), than data.train."
+    )
+
+    @model_validator(mode="after")
+    def _held_out(self) -> DataSpec:
+        def source(q: QuerySource):
+            return (q.uri.rstrip("/"),) if q.uri else (q.dataset, q.subset, q.split)
+
+        if source(self.train) == source(self.eval):
+            where = self.eval.uri or f"{self.eval.dataset} split {self.eval.split!r}"
+            raise ValueError(
+                f"eval: reads the same queries as data.train ({where}), so the evaluation "
+                "would not be held out: name another file or split (e.g. split: test)"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
