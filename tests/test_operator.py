@@ -204,6 +204,65 @@ def test_an_invalid_spec_fails_with_the_field_and_the_operator_keeps_running(
     assert run["status"]["message"] == "suspended before evaluate-0"
 
 
+def follow(control_plane, operator, what: str, predicate, backstop: float = 600):
+    """Waits for predicate() while the operator lives: its exit, or a handler failing with an
+    exception, fails the wait at once; a live operator on a loaded machine may be slow (its
+    start alone takes tens of seconds on 2 busy cores), so the bound is only a backstop."""
+
+    def progress():
+        log = operator.log.read_text(errors="replace")
+        if operator.proc.poll() is not None or "failed with an exception" in log:
+            pytest.fail(f"the operator, waiting for {what}:\n{log[-4000:]}")
+        return predicate()
+
+    try:
+        return control_plane.wait_for(what, progress, timeout=backstop, interval=0.5)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\noperator log:\n{operator.log.read_text()[-4000:]}")
+
+
+def test_storage_cleanup_gives_up_in_a_namespace_being_deleted(
+    control_plane, k8s_namespace, operator
+):
+    """cleanup.storageOnDelete: delete, and the namespace is deleted: the API server refuses
+    the cleanup Job there, so the operator lets the SAMIRun go, saying which prefix is left
+    (in its log: a namespace being deleted takes no events), and the namespace goes too."""
+    cp, ns = control_plane, k8s_namespace
+    doc = yaml.safe_load((EXAMPLES / "samirun.yaml").read_text())
+    doc["spec"]["suspend"] = True  # nothing runs; its prefix would still be deleted
+    doc["spec"]["cleanup"] = {"storageOnDelete": "delete"}
+    cp.apply(doc, namespace=ns)
+
+    def handled():
+        run = get_run(cp, ns, "mistral-hh")
+        phase = run.get("status", {}).get("phase")
+        return phase == "Suspended" and run["metadata"].get("finalizers") and run
+
+    run = follow(cp, operator, "the run's finalizer", handled)
+    assert run["metadata"]["finalizers"] == ["sami.dev/finalizer"]
+    prefix = f"s3://sami-runs/experiments/{ns}/mistral-hh/{run['metadata']['uid']}"
+
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+    def gone() -> bool:
+        got = cp.kubectl("get", "samirun", "mistral-hh", "-n", ns, "-o", "json", check=False)
+        if got.returncode == 0:
+            # Kopf's record of the delete handler: a retry means it did not let go at once.
+            annotations = json.loads(got.stdout)["metadata"].get("annotations", {})
+            progress = json.loads(annotations.get("sami.dev/delete_storage", "{}"))
+            if progress.get("retries"):
+                log = operator.log.read_text()[-4000:]
+                pytest.fail(f"the storage cleanup is retried: {progress}\n{log}")
+        return "NotFound" in cp.kubectl("get", "namespace", ns, check=False).stderr
+
+    follow(cp, operator, f"namespace {ns} to go", gone)
+    log = operator.log.read_text()
+    assert (
+        f"SAMIRun {ns}/mistral-hh: StorageNotDeleted: {prefix} left in storage (namespace {ns} "
+        "is being deleted, so no cleanup Job can be created there); delete it by hand"
+    ) in log, log[-4000:]
+
+
 def pods_of(control_plane, namespace: str, selector: str) -> list[dict]:
     return control_plane.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
 

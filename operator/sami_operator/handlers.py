@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from sami_operator import kube as kube_module
 from sami_operator.builders import build_children, child_name
 from sami_operator.models import (
     GROUP,
+    MAX_RESTARTS,
     PLURAL,
     VERSION,
     Condition,
@@ -222,11 +224,19 @@ def _deletes_storage(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_storage)
-def delete_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def delete_storage(body: kopf.Body, patch: kopf.Patch, runtime: timedelta, **_: Any) -> None:
     """cleanup.storageOnDelete: delete. Kopf holds the SAMIRun (a finalizer) until this
     returns: first the run's workloads are deleted (nothing may write under the prefix
     meanwhile), then a Job empties the prefix with the run's own credentials (the operator
-    never touches the bucket), then the SAMIRun goes and its children with it."""
+    never touches the bucket), then the SAMIRun goes and its children with it.
+
+    Bounded: a failed cleanup Job is kept (for its logs) and the next attempt is a new Job,
+    `<run>-cleanup-r<N>`. The operator gives up when the Job cannot be created (the API server
+    refuses it: the namespace is being deleted, RBAC, an invalid pod spec), when
+    SETTINGS.storage_cleanup_attempts Jobs have failed, or after
+    SETTINGS.storage_cleanup_seconds: a Warning event StorageNotDeleted (and a log line, as a
+    namespace being deleted takes no events) names the prefix left behind, and the SAMIRun
+    goes."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     try:
@@ -235,22 +245,71 @@ def delete_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         return  # an invalid run never ran: nothing of it is in storage
     kube: kube_module.Kube = _state["kube"]
     stage = cleanup_stage(run, meta["uid"])
-    cleanup = child_name(name, stage)
+    if runtime.total_seconds() > SETTINGS.storage_cleanup_seconds:
+        _storage_not_deleted(
+            body, stage.prefix, f"not deleted within {SETTINGS.storage_cleanup_seconds:g} s"
+        )
+        return
+    cleanups = [child_name(name, stage, attempt) for attempt in range(1, MAX_RESTARTS + 2)]
     observed = kube.observe_children(namespace, name)
-    workloads = sorted(n for n in observed if n != cleanup)
+    workloads = sorted(n for n in observed if n not in cleanups)
     for child in workloads:
         kube.delete_child(namespace, child)
     if workloads:
         raise kopf.TemporaryError(f"waiting for {len(workloads)} workloads to stop", delay=2)
-    state = observed.get(cleanup)
-    if state is None:
-        for obj in build_children(run, stage, meta["uid"], SETTINGS):
+    tried = [(a, observed[n]) for a, n in enumerate(cleanups, 1) if n in observed]
+    if any(state.phase == StagePhase.succeeded for _, state in tried):
+        return
+    if any(state.phase != StagePhase.failed for _, state in tried):
+        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+    attempt = max((a for a, _ in tried), default=0) + 1
+    if tried and (len(tried) >= SETTINGS.storage_cleanup_attempts or attempt > MAX_RESTARTS + 1):
+        last, state = tried[-1]
+        _storage_not_deleted(
+            body,
+            stage.prefix,
+            f"the cleanup failed {len(tried)} times, last {cleanups[last - 1]}: "
+            f"{error_text(state)}",
+        )
+        return
+    if tried:
+        last, state = tried[-1]
+        kopf.event(
+            body,
+            type="Warning",
+            reason="DeleteStorageFailed",
+            message=f"{cleanups[last - 1]}: {error_text(state)}; trying again "
+            f"({attempt} of {SETTINGS.storage_cleanup_attempts})",
+        )
+    try:
+        for obj in build_children(run, stage, meta["uid"], SETTINGS, attempt):
             kube.create(obj)
-        kopf.event(body, type="Normal", reason="DeletingStorage", message=stage.prefix)
-        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
-    if state.phase == StagePhase.failed:
-        kopf.event(body, type="Warning", reason="DeleteStorageFailed", message=error_text(state))
-        kube.delete_child(namespace, cleanup)  # and try again
-        raise kopf.TemporaryError(f"deleting {stage.prefix} failed: {error_text(state)}", delay=30)
-    if state.phase != StagePhase.succeeded:
-        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+    except ApiException as err:
+        if err.status in (409, 429) or err.status >= 500:
+            raise  # a conflict or a passing server trouble: Kopf tries again
+        _storage_not_deleted(body, stage.prefix, _refusal(err, namespace))
+        return
+    kopf.event(body, type="Normal", reason="DeletingStorage", message=stage.prefix)
+    raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+
+
+def _refusal(err: ApiException, namespace: str) -> str:
+    """Why the API server refused the cleanup Job, in words."""
+    text = err.body or ""
+    if "NamespaceTerminating" in text or "being terminated" in text:
+        return f"namespace {namespace} is being deleted, so no cleanup Job can be created there"
+    try:
+        message = json.loads(text)["message"]
+    except (ValueError, KeyError, TypeError):
+        message = err.reason
+    return f"the cleanup Job was refused: {err.status} {message}"
+
+
+def _storage_not_deleted(body, prefix: str, why: str) -> None:
+    """Gives up on the storage cleanup, saying what is left behind where users look."""
+    meta = body["metadata"]
+    message = f"{prefix} left in storage ({why}); delete it by hand"
+    logging.getLogger(__name__).warning(
+        "SAMIRun %s/%s: StorageNotDeleted: %s", meta["namespace"], meta["name"], message
+    )
+    kopf.event(body, type="Warning", reason="StorageNotDeleted", message=message)
