@@ -17,7 +17,9 @@ import yaml
 
 from sami_worker import storage
 from tests.conftest import EXAMPLES
-from tests.k8s.controlplane import free_port
+from tests.k8s.controlplane import ControlPlane, free_port
+from tests.k8s.plugin import ensure_binaries
+from tests.k8s.training_operators import PYTORCHJOB_CRD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,6 +263,85 @@ def test_storage_cleanup_gives_up_in_a_namespace_being_deleted(
         f"SAMIRun {ns}/mistral-hh: StorageNotDeleted: {prefix} left in storage (namespace {ns} "
         "is being deleted, so no cleanup Job can be created there); delete it by hand"
     ) in log, log[-4000:]
+
+
+@pytest.fixture
+def bare_control_plane(tmp_path):
+    """A control plane of its own with the SAMIRun CRD only: no training-operator CRDs, which
+    a test installs while the operator runs (the shared one has them from the start)."""
+    ensure_binaries()
+    cp = ControlPlane(crds=sorted((ROOT / "crds").glob("*.yaml"))).start(tmp_path / "k8s")
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.mark.k8s
+def test_a_run_waits_for_its_launcher_and_proceeds_once_it_is_served(bare_control_plane, tmp_path):
+    """launcher PyTorchJob where the PyTorchJob API is not served: the run waits, creating
+    nothing, its status saying why (LauncherUnavailable, the served launchers) and one Warning
+    event; once the CRD is installed the operator rediscovers it and the run goes on to its
+    training PyTorchJob (each stage before it marked finished, as its controller would)."""
+    cp, ns = bare_control_plane, "runs"
+    cp.kubectl("create", "namespace", ns)
+    cp.apply(yaml.safe_load((EXAMPLES / "samirun.yaml").read_text()), namespace=ns)
+    operator = Operator(cp, ns, tmp_path / "operator.log").start()
+    try:
+
+        def launcher_condition():
+            status = get_run(cp, ns, "mistral-hh").get("status", {})
+            if status.get("phase") == "Failed":
+                pytest.fail(f"the run failed: {status.get('message')}")
+            conditions = {c["type"]: c for c in status.get("conditions", [])}
+            return conditions.get("LauncherAvailable") and status
+
+        status = follow(cp, operator, "the LauncherAvailable condition", launcher_condition)
+        message = (
+            "spec.training.launcher: PyTorchJob is not served by this cluster (served: Job); "
+            "waiting for its API (CRD) to be installed"
+        )
+        assert (status["phase"], status["message"]) == ("Pending", message)
+        condition = next(c for c in status["conditions"] if c["type"] == "LauncherAvailable")
+        assert (condition["status"], condition["reason"]) == ("False", "LauncherUnavailable")
+        time.sleep(3)  # a few more passes: still waiting, nothing created
+        assert get_run(cp, ns, "mistral-hh")["status"]["conditions"][-1] == condition
+        assert (
+            cp.kubectl(
+                "get", "jobs,configmaps", "-n", ns, "-l", "sami.dev/run", "-o", "name"
+            ).stdout
+            == ""
+        )
+
+        cp.kubectl("apply", "--validate=false", "-f", str(PYTORCHJOB_CRD))
+        cp.kubectl(
+            "wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org", "--timeout=30s"
+        )
+        jobs = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        steps = [
+            (f"{jobs}/mistral-hh-it0-evaluate", "Complete"),
+            (f"{jobs}/mistral-hh-it1-generate", "Complete"),
+            (f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs/mistral-hh-it1-train", None),
+        ]
+        with cp.client() as api:
+            for path, finished in steps:
+                follow(cp, operator, path.rsplit("/", 1)[-1], lambda p=path: api.get(p))
+                if finished:
+                    done = {"type": finished, "status": "True", "reason": "TestFinished"}
+                    api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
+
+        def training():
+            status = get_run(cp, ns, "mistral-hh")["status"]
+            return status.get("stage") == "train-1" and status
+
+        status = follow(cp, operator, "the status to show training", training)
+        assert status["phase"] == "Running", status
+        assert "LauncherAvailable" not in {c["type"] for c in status["conditions"]}, status
+        events = cp.kubectl_json("get", "events", "-n", ns)["items"]
+        warned = [e for e in events if e["reason"] == "LauncherUnavailable"]
+        assert [(e["type"], e["message"]) for e in warned] == [("Warning", message)]
+    finally:
+        operator.kill()
 
 
 def pods_of(control_plane, namespace: str, selector: str) -> list[dict]:

@@ -489,3 +489,43 @@ def test_storage_cleanup_attempts_setting():
     assert from_env({"SAMI_STORAGE_CLEANUP_ATTEMPTS": "101"}).storage_cleanup_attempts == 101
     with pytest.raises(ValueError, match="SAMI_STORAGE_CLEANUP_ATTEMPTS: 0 is not between 1"):
         from_env({"SAMI_STORAGE_CLEANUP_ATTEMPTS": "0"})
+
+
+def test_served_launchers_are_rediscovered(monkeypatch):
+    """Discovery is cached for LAUNCHERS_TTL_SECONDS, looked up again after
+    LAUNCHERS_RECHECK_SECONDS while a wanted launcher is missing, and a failed lookup keeps
+    the last answer."""
+    from sami_operator import handlers
+
+    answers = [frozenset({"Job", "PyTorchJob"}), RuntimeError("discovery down")]
+
+    class Discovery:
+        calls = 0
+
+        def served_launchers(self):
+            Discovery.calls += 1
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(
+        handlers,
+        "_state",
+        {"kube": Discovery(), "launchers": frozenset({"Job"}), "launchers_at": 1000.0},
+    )
+    clock[0] += handlers.LAUNCHERS_RECHECK_SECONDS - 1
+    assert handlers._served_launchers("PyTorchJob") == {"Job"}  # asked too recently
+    assert handlers._served_launchers("Job") == {"Job"}
+    clock[0] += 1
+    assert handlers._served_launchers("Job") == {"Job"}  # nothing missing: the cache holds
+    assert Discovery.calls == 0
+    assert handlers._served_launchers("PyTorchJob") == {"Job", "PyTorchJob"}
+    assert Discovery.calls == 1
+    clock[0] += handlers.LAUNCHERS_TTL_SECONDS - 1
+    assert handlers._served_launchers("JobSet") == {"Job", "PyTorchJob"}  # rechecked...
+    assert Discovery.calls == 2  # ...and failed: the last answer stands
+    assert handlers._served_launchers("PyTorchJob") == {"Job", "PyTorchJob"}
+    assert Discovery.calls == 2

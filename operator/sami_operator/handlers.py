@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -64,11 +65,78 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube = kube_module.Kube()
     _state["kube"] = kube
     _state["launchers"] = kube.served_launchers()
+    _state["launchers_at"] = time.monotonic()
     logging.getLogger(__name__).info("training launchers served: %s", sorted(_state["launchers"]))
     if SETTINGS.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(SETTINGS.metrics_port)
+
+
+# How long the served launchers (API discovery) are trusted, and how often they are looked up
+# again while a run waits for one that is missing, so that it proceeds soon after its
+# launcher's CRD is installed.
+LAUNCHERS_TTL_SECONDS = 60.0
+LAUNCHERS_RECHECK_SECONDS = 10.0
+LAUNCHER_CONDITION = "LauncherAvailable"
+
+
+def _served_launchers(wanted: str) -> frozenset[str]:
+    """The training launchers this cluster serves: discovered at startup and again once the
+    answer is LAUNCHERS_TTL_SECONDS old, or LAUNCHERS_RECHECK_SECONDS old when it lacks
+    `wanted`. A failed lookup keeps the last answer (and is tried again on the next call)."""
+    age = time.monotonic() - _state["launchers_at"]
+    missing = wanted not in _state["launchers"]
+    if age < LAUNCHERS_TTL_SECONDS and not (missing and age >= LAUNCHERS_RECHECK_SECONDS):
+        return _state["launchers"]
+    log = logging.getLogger(__name__)
+    try:
+        served = _state["kube"].served_launchers()
+    except Exception as err:  # the API server's discovery, briefly unavailable
+        log.warning("training launchers not rediscovered, keeping %s: %s", _state["launchers"], err)
+        return _state["launchers"]
+    if served != _state["launchers"]:
+        log.info(
+            "training launchers served: %s (were %s)", sorted(served), sorted(_state["launchers"])
+        )
+    _state["launchers"], _state["launchers_at"] = served, time.monotonic()
+    return served
+
+
+def _await_launcher(body, patch, run: SAMIRun, launcher: str) -> str:
+    """A run whose training launcher this cluster does not serve waits (nothing is created) until
+    it does: its status is what its stages say, with the served launchers in status.message and
+    a LauncherAvailable condition, False with reason LauncherUnavailable; a Warning event when
+    the wait begins. Returns the phase."""
+    meta = body["metadata"]
+    uid = meta["uid"]
+    status_doc = body.get("status") or {}
+    previous = SAMIRunStatus.model_validate(status_doc) if status_doc.get("phase") else None
+    now = _stamp(_now())
+    status = derive_status(run, uid, records_from_status(run, uid, previous), now, previous)
+    status.message = (
+        f"spec.training.launcher: {launcher} is not served by this cluster (served: "
+        f"{', '.join(sorted(_state['launchers']))}); waiting for its API (CRD) to be installed"
+    )
+    before = next(
+        (c for c in (previous.conditions if previous else []) if c.type == LAUNCHER_CONDITION),
+        None,
+    )
+    waiting = before is not None and before.status == "False"
+    status.conditions.append(
+        Condition(
+            type=LAUNCHER_CONDITION,
+            status="False",
+            reason="LauncherUnavailable",
+            message=status.message,
+            last_transition_time=before.last_transition_time if waiting else now,
+            observed_generation=meta.get("generation"),
+        )
+    )
+    patch.status.update(status.model_dump(mode="json", by_alias=True))
+    if not waiting:
+        kopf.event(body, type="Warning", reason="LauncherUnavailable", message=status.message)
+    return status.phase.value
 
 
 def _now() -> datetime:
@@ -165,15 +233,8 @@ def _reconcile(body, patch, logger) -> None:
         _count(key, Phase.failed.value)
         return
     launcher = run.spec.training.launcher
-    if launcher != Launcher.job and launcher.value not in _state["launchers"]:
-        _invalid(
-            body,
-            patch,
-            f"spec.training.launcher: {launcher.value} is not served by this "
-            f"cluster; served: {sorted(_state['launchers'])}",
-            reason="LauncherUnavailable",
-        )
-        _count(key, Phase.failed.value)
+    if launcher != Launcher.job and launcher.value not in _served_launchers(launcher.value):
+        _count(key, _await_launcher(body, patch, run, launcher.value))
         return
 
     uid = meta["uid"]
