@@ -231,6 +231,8 @@ def test_default_install(chart):
     text = notes(chart)
     assert "kubectl -n sami-system rollout status deployment/sami-sami-operator" in text
     assert "kubectl -n sami-system get samiruns -w" in text
+    assert "carries the finalizer sami.dev/finalizer" in text
+    assert """--type=merge -p '{"metadata":{"finalizers":null}}'""" in text
 
 
 def test_namespaced_install(chart):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sami_operator.models import DNS_1035_LABEL, MAX_RUN_NAME
 from tests.k8s.controlplane import ApiError, ControlPlane
 from tests.k8s.kubelet import LocalKubelet
 
@@ -107,6 +108,29 @@ def test_samirun_crd_validates_and_defaults(control_plane, samirun_crd, k8s_name
     cp.kubectl("create", "-n", ns, "--validate=false", "-f", "-", input=json.dumps(both))
     crd = cp.kubectl_json("get", "crd", samirun_crd)
     assert "x-kubernetes-validations" not in json.dumps(crd["spec"])
+
+
+def test_run_names_are_refused_at_apply_time(control_plane, samirun_crd, k8s_namespace):
+    """The CRD holds metadata.name to the run-name rule (models.check_run_name): the API server
+    refuses other names, saying which rule, before the operator ever sees them."""
+    cp, ns = control_plane, k8s_namespace
+    refused = {
+        "r" * 200: f"metadata.name in body should be at most {MAX_RUN_NAME} chars long",
+        "1st-run": f"metadata.name in body should match '{DNS_1035_LABEL}'",
+    }
+    for name, rule in refused.items():
+        doc = example()
+        doc["metadata"]["name"] = name
+        proc = cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc), check=False)
+        assert proc.returncode != 0, proc.stdout
+        assert rule in proc.stderr, proc.stderr
+    longest = ("run-" + "0123456789" * 3)[:31]
+    assert len(longest) == MAX_RUN_NAME
+    doc = example()
+    doc["metadata"]["name"] = longest
+    cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+    names = cp.kubectl("get", "samiruns", "-n", ns, "-o", "name").stdout.split()
+    assert names == [f"samirun.sami.dev/{longest}"]
 
 
 def test_kubectl_explain(control_plane, samirun_crd):

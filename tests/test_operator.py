@@ -17,7 +17,9 @@ import yaml
 
 from sami_worker import storage
 from tests.conftest import EXAMPLES
-from tests.k8s.controlplane import free_port
+from tests.k8s.controlplane import ControlPlane, free_port
+from tests.k8s.plugin import ensure_binaries
+from tests.k8s.training_operators import PYTORCHJOB_CRD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,6 +204,147 @@ def test_an_invalid_spec_fails_with_the_field_and_the_operator_keeps_running(
     control_plane.apply(good, namespace=k8s_namespace)
     run = wait_for_phase(control_plane, k8s_namespace, "mistral-hh", {"Suspended"}, 60, operator)
     assert run["status"]["message"] == "suspended before evaluate-0"
+
+
+def follow(control_plane, operator, what: str, predicate, backstop: float = 600):
+    """Waits for predicate() while the operator lives: its exit, or a handler failing with an
+    exception, fails the wait at once; a live operator on a loaded machine may be slow (its
+    start alone takes tens of seconds on 2 busy cores), so the bound is only a backstop."""
+
+    def progress():
+        log = operator.log.read_text(errors="replace")
+        if operator.proc.poll() is not None or "failed with an exception" in log:
+            pytest.fail(f"the operator, waiting for {what}:\n{log[-4000:]}")
+        return predicate()
+
+    try:
+        return control_plane.wait_for(what, progress, timeout=backstop, interval=0.5)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\noperator log:\n{operator.log.read_text()[-4000:]}")
+
+
+def test_storage_cleanup_gives_up_in_a_namespace_being_deleted(
+    control_plane, k8s_namespace, operator
+):
+    """cleanup.storageOnDelete: delete, and the namespace is deleted: the API server refuses
+    the cleanup Job there, so the operator lets the SAMIRun go, saying which prefix is left
+    (in its log: a namespace being deleted takes no events), and the namespace goes too."""
+    cp, ns = control_plane, k8s_namespace
+    doc = yaml.safe_load((EXAMPLES / "samirun.yaml").read_text())
+    doc["spec"]["suspend"] = True  # nothing runs; its prefix would still be deleted
+    doc["spec"]["cleanup"] = {"storageOnDelete": "delete"}
+    cp.apply(doc, namespace=ns)
+
+    def handled():
+        run = get_run(cp, ns, "mistral-hh")
+        phase = run.get("status", {}).get("phase")
+        return phase == "Suspended" and run["metadata"].get("finalizers") and run
+
+    run = follow(cp, operator, "the run's finalizer", handled)
+    assert run["metadata"]["finalizers"] == ["sami.dev/finalizer"]
+    prefix = f"s3://sami-runs/experiments/{ns}/mistral-hh/{run['metadata']['uid']}"
+
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+    def gone() -> bool:
+        got = cp.kubectl("get", "samirun", "mistral-hh", "-n", ns, "-o", "json", check=False)
+        if got.returncode == 0:
+            # Kopf's record of the delete handler: a retry means it did not let go at once.
+            annotations = json.loads(got.stdout)["metadata"].get("annotations", {})
+            progress = json.loads(annotations.get("sami.dev/delete_storage", "{}"))
+            if progress.get("retries"):
+                log = operator.log.read_text()[-4000:]
+                pytest.fail(f"the storage cleanup is retried: {progress}\n{log}")
+        return "NotFound" in cp.kubectl("get", "namespace", ns, check=False).stderr
+
+    follow(cp, operator, f"namespace {ns} to go", gone)
+    log = operator.log.read_text()
+    assert (
+        f"SAMIRun {ns}/mistral-hh: StorageNotDeleted: {prefix} left in storage (namespace {ns} "
+        "is being deleted, so no cleanup Job can be created there); delete it by hand"
+    ) in log, log[-4000:]
+
+
+@pytest.fixture
+def bare_control_plane(tmp_path):
+    """A control plane of its own with the SAMIRun CRD only: no training-operator CRDs, which
+    a test installs while the operator runs (the shared one has them from the start)."""
+    ensure_binaries()
+    cp = ControlPlane(crds=sorted((ROOT / "crds").glob("*.yaml"))).start(tmp_path / "k8s")
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.mark.k8s
+def test_a_run_waits_for_its_launcher_and_proceeds_once_it_is_served(bare_control_plane, tmp_path):
+    """launcher PyTorchJob where the PyTorchJob API is not served: the run waits, creating
+    nothing, its status saying why (LauncherUnavailable, the served launchers) and one Warning
+    event; once the CRD is installed the operator rediscovers it and the run goes on to its
+    training PyTorchJob (each stage before it marked finished, as its controller would)."""
+    cp, ns = bare_control_plane, "runs"
+    cp.kubectl("create", "namespace", ns)
+    cp.apply(yaml.safe_load((EXAMPLES / "samirun.yaml").read_text()), namespace=ns)
+    operator = Operator(cp, ns, tmp_path / "operator.log").start()
+    try:
+
+        def launcher_condition():
+            status = get_run(cp, ns, "mistral-hh").get("status", {})
+            if status.get("phase") == "Failed":
+                pytest.fail(f"the run failed: {status.get('message')}")
+            conditions = {c["type"]: c for c in status.get("conditions", [])}
+            stalled = conditions.get("Stalled", {})
+            return stalled.get("reason") == "LauncherUnavailable" and status
+
+        status = follow(cp, operator, "the Stalled condition", launcher_condition)
+        message = (
+            "spec.training.launcher: PyTorchJob is not served by this cluster (served: Job); "
+            "waiting for its API (CRD) to be installed"
+        )
+        assert (status["phase"], status["message"]) == ("Pending", message)
+        condition = next(c for c in status["conditions"] if c["type"] == "Stalled")
+        assert (condition["status"], condition["reason"]) == ("True", "LauncherUnavailable")
+        time.sleep(3)  # a few more passes: still waiting, nothing created
+        again = get_run(cp, ns, "mistral-hh")["status"]["conditions"]
+        assert next(c for c in again if c["type"] == "Stalled") == condition
+        assert (
+            cp.kubectl(
+                "get", "jobs,configmaps", "-n", ns, "-l", "sami.dev/run", "-o", "name"
+            ).stdout
+            == ""
+        )
+
+        cp.kubectl("apply", "--validate=false", "-f", str(PYTORCHJOB_CRD))
+        cp.kubectl(
+            "wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org", "--timeout=30s"
+        )
+        jobs = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        steps = [
+            (f"{jobs}/mistral-hh-it0-evaluate", "Complete"),
+            (f"{jobs}/mistral-hh-it1-generate", "Complete"),
+            (f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs/mistral-hh-it1-train", None),
+        ]
+        with cp.client() as api:
+            for path, finished in steps:
+                follow(cp, operator, path.rsplit("/", 1)[-1], lambda p=path: api.get(p))
+                if finished:
+                    done = {"type": finished, "status": "True", "reason": "TestFinished"}
+                    api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
+
+        def training():
+            status = get_run(cp, ns, "mistral-hh")["status"]
+            return status.get("stage") == "train-1" and status
+
+        status = follow(cp, operator, "the status to show training", training)
+        assert status["phase"] == "Running", status
+        stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+        assert stalled["status"] == "False", status
+        events = cp.kubectl_json("get", "events", "-n", ns)["items"]
+        warned = [e for e in events if e["reason"] == "LauncherUnavailable"]
+        assert [(e["type"], e["message"]) for e in warned] == [("Warning", message)]
+    finally:
+        operator.kill()
 
 
 def pods_of(control_plane, namespace: str, selector: str) -> list[dict]:

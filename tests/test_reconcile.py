@@ -520,3 +520,183 @@ def test_a_malformed_default_storage_annotation_is_an_invalid_spec(samirun_doc):
     }
     with pytest.raises(SpecError, match=r"metadata.annotations\[sami.dev/default-storage\]"):
         handlers._parse(body, kopf.Patch())
+
+
+class _CleanupKube:
+    """What delete_storage sees of the API server: the run's children, and creates that are
+    refused with `refusal` when set."""
+
+    def __init__(self, observed: dict[str, ChildState], refusal=None):
+        self.observed, self.refusal, self.created = observed, refusal, []
+
+    def observe_children(self, namespace, run):
+        return dict(self.observed)
+
+    def delete_child(self, namespace, name):
+        self.observed.pop(name, None)
+
+    def create(self, obj):
+        if self.refusal is not None:
+            raise self.refusal
+        self.created.append((obj["kind"], obj["metadata"]["name"]))
+        return True
+
+
+@pytest.fixture
+def cleanup(samirun_doc, monkeypatch):
+    """delete_storage against a _CleanupKube: (call, events, kubes); call(observed, runtime=0,
+    refusal=None) runs it (raising what it raises), its kube last in kubes."""
+    import kopf
+
+    from sami_operator import handlers
+
+    samirun_doc["metadata"].update(namespace="team-a", uid="u1", generation=1)
+    samirun_doc["spec"]["cleanup"] = {"storageOnDelete": "delete"}
+    events: list[tuple[str, str, str]] = []
+    kubes: list[_CleanupKube] = []
+    monkeypatch.setattr(handlers, "SETTINGS", OperatorSettings(storage_cleanup_seconds=600))
+    monkeypatch.setattr(
+        kopf, "event", lambda body, type, reason, message: events.append((type, reason, message))
+    )
+
+    def call(observed, runtime=0.0, refusal=None):
+        kubes.append(_CleanupKube(dict(observed), refusal))
+        monkeypatch.setitem(handlers._state, "kube", kubes[-1])
+        handlers.delete_storage(
+            body=samirun_doc, patch=kopf.Patch(), runtime=timedelta(seconds=runtime)
+        )
+        return kubes[-1]
+
+    return call, events, kubes
+
+
+PREFIX = "s3://sami-runs/experiments/team-a/mistral-hh/u1"
+FAILED = ChildState(StagePhase.failed, 1, '{"error": "AccessDenied"}')
+
+
+def test_storage_cleanup_retries_as_new_jobs_then_gives_up(cleanup):
+    import kopf
+
+    call, events, kubes = cleanup
+    running = {"mistral-hh-it1-generate": ChildState(StagePhase.running)}
+    with pytest.raises(kopf.TemporaryError, match="waiting for 1 workloads"):
+        call(running)
+    with pytest.raises(kopf.TemporaryError, match=f"deleting {PREFIX}"):
+        call({})
+    assert kubes[-1].created == [("ConfigMap", "mistral-hh-cleanup"), ("Job", "mistral-hh-cleanup")]
+    assert events.pop() == ("Normal", "DeletingStorage", PREFIX)
+
+    # A failed attempt is kept (its logs) and the next one is a new Job.
+    with pytest.raises(kopf.TemporaryError):
+        call({"mistral-hh-cleanup": FAILED})
+    assert kubes[-1].created[-1] == ("Job", "mistral-hh-cleanup-r2")
+    assert events[0] == (
+        "Warning",
+        "DeleteStorageFailed",
+        "mistral-hh-cleanup: exit code 1: AccessDenied; trying again (2 of 3)",
+    )
+    events.clear()
+    with pytest.raises(kopf.TemporaryError, match=f"deleting {PREFIX}"):
+        call(
+            {"mistral-hh-cleanup": FAILED, "mistral-hh-cleanup-r2": ChildState(StagePhase.running)}
+        )
+    assert events == []
+
+    # Three failures (the default): the run goes, its storage left behind and said so.
+    three = {
+        n: FAILED for n in ("mistral-hh-cleanup", "mistral-hh-cleanup-r2", "mistral-hh-cleanup-r3")
+    }
+    assert call(three).created == []
+    assert events == [
+        (
+            "Warning",
+            "StorageNotDeleted",
+            f"{PREFIX} left in storage (the cleanup failed 3 times, last mistral-hh-cleanup-r3: "
+            "exit code 1: AccessDenied); delete it by hand",
+        )
+    ]
+    events.clear()
+    assert call({"mistral-hh-cleanup-r2": ChildState(StagePhase.succeeded)}).created == []
+    assert events == []
+
+
+def test_storage_cleanup_gives_up_when_refused_or_too_slow(cleanup):
+    from kubernetes.client.exceptions import ApiException
+
+    call, events, _ = cleanup
+    terminating = ApiException(status=403, reason="Forbidden")
+    terminating.body = json.dumps(
+        {
+            "message": 'configmaps "x" is forbidden: unable to create new content in namespace '
+            "team-a because it is being terminated",
+            "details": {"causes": [{"reason": "NamespaceTerminating"}]},
+        }
+    )
+    call({}, refusal=terminating)
+    assert events.pop() == (
+        "Warning",
+        "StorageNotDeleted",
+        f"{PREFIX} left in storage (namespace team-a is being deleted, so no cleanup Job can be "
+        "created there); delete it by hand",
+    )
+    denied = ApiException(status=403, reason="Forbidden")
+    denied.body = json.dumps({"message": 'jobs.batch is forbidden: User "op" cannot create'})
+    call({}, refusal=denied)
+    assert "(the cleanup Job was refused: 403 jobs.batch is forbidden" in events.pop()[2]
+    with pytest.raises(ApiException):  # a passing server trouble: tried again
+        call({}, refusal=ApiException(status=503, reason="Unavailable"))
+
+    running = {"mistral-hh-cleanup": ChildState(StagePhase.running)}
+    call(running, runtime=601)
+    assert events.pop() == (
+        "Warning",
+        "StorageNotDeleted",
+        f"{PREFIX} left in storage (not deleted within 600 s); delete it by hand",
+    )
+
+
+def test_storage_cleanup_attempts_setting():
+    assert from_env({}).storage_cleanup_attempts == 3
+    assert from_env({"SAMI_STORAGE_CLEANUP_ATTEMPTS": "101"}).storage_cleanup_attempts == 101
+    with pytest.raises(ValueError, match="SAMI_STORAGE_CLEANUP_ATTEMPTS: 0 is not between 1"):
+        from_env({"SAMI_STORAGE_CLEANUP_ATTEMPTS": "0"})
+
+
+def test_served_launchers_are_rediscovered(monkeypatch):
+    """Discovery is cached for LAUNCHERS_TTL_SECONDS, looked up again after
+    LAUNCHERS_RECHECK_SECONDS while a wanted launcher is missing, and a failed lookup keeps
+    the last answer."""
+    from sami_operator import handlers
+
+    answers = [frozenset({"Job", "PyTorchJob"}), RuntimeError("discovery down")]
+
+    class Discovery:
+        calls = 0
+
+        def served_launchers(self):
+            Discovery.calls += 1
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(
+        handlers,
+        "_state",
+        {"kube": Discovery(), "launchers": frozenset({"Job"}), "launchers_at": 1000.0},
+    )
+    clock[0] += handlers.LAUNCHERS_RECHECK_SECONDS - 1
+    assert handlers._served_launchers("PyTorchJob") == {"Job"}  # asked too recently
+    assert handlers._served_launchers("Job") == {"Job"}
+    clock[0] += 1
+    assert handlers._served_launchers("Job") == {"Job"}  # nothing missing: the cache holds
+    assert Discovery.calls == 0
+    assert handlers._served_launchers("PyTorchJob") == {"Job", "PyTorchJob"}
+    assert Discovery.calls == 1
+    clock[0] += handlers.LAUNCHERS_TTL_SECONDS - 1
+    assert handlers._served_launchers("JobSet") == {"Job", "PyTorchJob"}  # rechecked...
+    assert Discovery.calls == 2  # ...and failed: the last answer stands
+    assert handlers._served_launchers("PyTorchJob") == {"Job", "PyTorchJob"}
+    assert Discovery.calls == 2

@@ -136,6 +136,27 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
     return {k: node[k] for k in first + middle + last}
 
 
+def build_metadata_schema() -> dict[str, Any]:
+    """metadata, restricted to the run-name rule (models.check_run_name): a structural schema
+    may restrict metadata.name, and the API server then refuses other names at apply time."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {
+                "type": "string",
+                "description": (
+                    f"The run's name: a DNS-1035 label (lower-case letters, digits and '-', "
+                    f"starting with a letter, ending with a letter or digit) of at most "
+                    f"{models.MAX_RUN_NAME} characters, as its children and their pods are "
+                    "named after it."
+                ),
+                "maxLength": models.MAX_RUN_NAME,
+                "pattern": models.DNS_1035_LABEL,
+            }
+        },
+    }
+
+
 def build_openapi_schema() -> dict[str, Any]:
     """The SAMIRun version's openAPIV3Schema."""
     raw = models.SAMIRun.model_json_schema(by_alias=True, mode="validation")
@@ -148,7 +169,7 @@ def build_openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "sami.dev/v1alpha1"},
             "kind": {"type": "string", "description": "SAMIRun"},
-            "metadata": {"type": "object"},
+            "metadata": build_metadata_schema(),
             "spec": build_structural_schema(props["spec"], defs),
             "status": build_structural_schema(props["status"], defs),
         },

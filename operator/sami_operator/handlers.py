@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from sami_operator import kube as kube_module
 from sami_operator.builders import build_children, child_name
 from sami_operator.models import (
     GROUP,
+    MAX_RESTARTS,
     PLURAL,
     VERSION,
     Condition,
@@ -32,7 +35,7 @@ from sami_operator.models import (
 from sami_operator.planner import cleanup_stage, foreign_uris
 from sami_operator.reconcile import create_refused, decide, error_text, records_from_status
 from sami_operator.settings import from_env
-from sami_operator.status import derive_status
+from sami_operator.status import STALLED, derive_status
 from sami_operator.validate import SpecError, parse_samirun
 
 SETTINGS = from_env()
@@ -62,11 +65,72 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube = kube_module.Kube()
     _state["kube"] = kube
     _state["launchers"] = kube.served_launchers()
+    _state["launchers_at"] = time.monotonic()
     logging.getLogger(__name__).info("training launchers served: %s", sorted(_state["launchers"]))
     if SETTINGS.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(SETTINGS.metrics_port)
+
+
+# How long the served launchers (API discovery) are trusted, and how often they are looked up
+# again while a run waits for one that is missing, so that it proceeds soon after its
+# launcher's CRD is installed.
+LAUNCHERS_TTL_SECONDS = 60.0
+LAUNCHERS_RECHECK_SECONDS = 10.0
+LAUNCHER_UNAVAILABLE = "LauncherUnavailable"
+
+
+def _served_launchers(wanted: str) -> frozenset[str]:
+    """The training launchers this cluster serves: discovered at startup and again once the
+    answer is LAUNCHERS_TTL_SECONDS old, or LAUNCHERS_RECHECK_SECONDS old when it lacks
+    `wanted`. A failed lookup keeps the last answer (and is tried again on the next call)."""
+    age = time.monotonic() - _state["launchers_at"]
+    missing = wanted not in _state["launchers"]
+    if age < LAUNCHERS_TTL_SECONDS and not (missing and age >= LAUNCHERS_RECHECK_SECONDS):
+        return _state["launchers"]
+    log = logging.getLogger(__name__)
+    try:
+        served = _state["kube"].served_launchers()
+    except Exception as err:  # the API server's discovery, briefly unavailable
+        log.warning("training launchers not rediscovered, keeping %s: %s", _state["launchers"], err)
+        return _state["launchers"]
+    if served != _state["launchers"]:
+        log.info(
+            "training launchers served: %s (were %s)", sorted(served), sorted(_state["launchers"])
+        )
+    _state["launchers"], _state["launchers_at"] = served, time.monotonic()
+    return served
+
+
+def _await_launcher(body, patch, run: SAMIRun, launcher: str) -> str:
+    """A run whose training launcher this cluster does not serve waits (nothing is created) until
+    it does: its status is what its stages say, with the served launchers in status.message and
+    the Stalled condition True with reason LauncherUnavailable; a Warning event when the wait
+    begins. Returns the phase."""
+    meta = body["metadata"]
+    uid = meta["uid"]
+    status_doc = body.get("status") or {}
+    previous = SAMIRunStatus.model_validate(status_doc) if status_doc.get("phase") else None
+    now = _stamp(_now())
+    status = derive_status(run, uid, records_from_status(run, uid, previous), now, previous)
+    status.message = (
+        f"spec.training.launcher: {launcher} is not served by this cluster (served: "
+        f"{', '.join(sorted(_state['launchers']))}); waiting for its API (CRD) to be installed"
+    )
+    before = next((c for c in (previous.conditions if previous else []) if c.type == STALLED), None)
+    waiting = (
+        before is not None and before.status == "True" and before.reason == LAUNCHER_UNAVAILABLE
+    )
+    stalled = next(c for c in status.conditions if c.type == STALLED)
+    stalled.status, stalled.reason, stalled.message = "True", LAUNCHER_UNAVAILABLE, status.message
+    stalled.last_transition_time = (
+        before.last_transition_time if before is not None and before.status == "True" else now
+    )
+    patch.status.update(status.model_dump(mode="json", by_alias=True))
+    if not waiting:
+        kopf.event(body, type="Warning", reason=LAUNCHER_UNAVAILABLE, message=status.message)
+    return status.phase.value
 
 
 def _now() -> datetime:
@@ -172,15 +236,8 @@ def _reconcile(body, patch, logger) -> None:
         _count(key, Phase.failed.value)
         return
     launcher = run.spec.training.launcher
-    if launcher != Launcher.job and launcher.value not in _state["launchers"]:
-        _invalid(
-            body,
-            patch,
-            f"spec.training.launcher: {launcher.value} is not served by this "
-            f"cluster; served: {sorted(_state['launchers'])}",
-            reason="LauncherUnavailable",
-        )
-        _count(key, Phase.failed.value)
+    if launcher != Launcher.job and launcher.value not in _served_launchers(launcher.value):
+        _count(key, _await_launcher(body, patch, run, launcher.value))
         return
 
     if SETTINGS.default_storage is not None:
@@ -250,11 +307,19 @@ def _deletes_storage(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_storage)
-def delete_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def delete_storage(body: kopf.Body, patch: kopf.Patch, runtime: timedelta, **_: Any) -> None:
     """cleanup.storageOnDelete: delete. Kopf holds the SAMIRun (a finalizer) until this
     returns: first the run's workloads are deleted (nothing may write under the prefix
     meanwhile), then a Job empties the prefix with the run's own credentials (the operator
-    never touches the bucket), then the SAMIRun goes and its children with it."""
+    never touches the bucket), then the SAMIRun goes and its children with it.
+
+    Bounded: a failed cleanup Job is kept (for its logs) and the next attempt is a new Job,
+    `<run>-cleanup-r<N>`. The operator gives up when the Job cannot be created (the API server
+    refuses it: the namespace is being deleted, RBAC, an invalid pod spec), when
+    SETTINGS.storage_cleanup_attempts Jobs have failed, or after
+    SETTINGS.storage_cleanup_seconds: a Warning event StorageNotDeleted (and a log line, as a
+    namespace being deleted takes no events) names the prefix left behind, and the SAMIRun
+    goes."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     try:
@@ -263,22 +328,71 @@ def delete_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         return  # an invalid run never ran: nothing of it is in storage
     kube: kube_module.Kube = _state["kube"]
     stage = cleanup_stage(run, meta["uid"])
-    cleanup = child_name(name, stage)
+    if runtime.total_seconds() > SETTINGS.storage_cleanup_seconds:
+        _storage_not_deleted(
+            body, stage.prefix, f"not deleted within {SETTINGS.storage_cleanup_seconds:g} s"
+        )
+        return
+    cleanups = [child_name(name, stage, attempt) for attempt in range(1, MAX_RESTARTS + 2)]
     observed = kube.observe_children(namespace, name)
-    workloads = sorted(n for n in observed if n != cleanup)
+    workloads = sorted(n for n in observed if n not in cleanups)
     for child in workloads:
         kube.delete_child(namespace, child)
     if workloads:
         raise kopf.TemporaryError(f"waiting for {len(workloads)} workloads to stop", delay=2)
-    state = observed.get(cleanup)
-    if state is None:
-        for obj in build_children(run, stage, meta["uid"], SETTINGS):
+    tried = [(a, observed[n]) for a, n in enumerate(cleanups, 1) if n in observed]
+    if any(state.phase == StagePhase.succeeded for _, state in tried):
+        return
+    if any(state.phase != StagePhase.failed for _, state in tried):
+        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+    attempt = max((a for a, _ in tried), default=0) + 1
+    if tried and (len(tried) >= SETTINGS.storage_cleanup_attempts or attempt > MAX_RESTARTS + 1):
+        last, state = tried[-1]
+        _storage_not_deleted(
+            body,
+            stage.prefix,
+            f"the cleanup failed {len(tried)} times, last {cleanups[last - 1]}: "
+            f"{error_text(state)}",
+        )
+        return
+    if tried:
+        last, state = tried[-1]
+        kopf.event(
+            body,
+            type="Warning",
+            reason="DeleteStorageFailed",
+            message=f"{cleanups[last - 1]}: {error_text(state)}; trying again "
+            f"({attempt} of {SETTINGS.storage_cleanup_attempts})",
+        )
+    try:
+        for obj in build_children(run, stage, meta["uid"], SETTINGS, attempt):
             kube.create(obj)
-        kopf.event(body, type="Normal", reason="DeletingStorage", message=stage.prefix)
-        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
-    if state.phase == StagePhase.failed:
-        kopf.event(body, type="Warning", reason="DeleteStorageFailed", message=error_text(state))
-        kube.delete_child(namespace, cleanup)  # and try again
-        raise kopf.TemporaryError(f"deleting {stage.prefix} failed: {error_text(state)}", delay=30)
-    if state.phase != StagePhase.succeeded:
-        raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+    except ApiException as err:
+        if err.status in (409, 429) or err.status >= 500:
+            raise  # a conflict or a passing server trouble: Kopf tries again
+        _storage_not_deleted(body, stage.prefix, _refusal(err, namespace))
+        return
+    kopf.event(body, type="Normal", reason="DeletingStorage", message=stage.prefix)
+    raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
+
+
+def _refusal(err: ApiException, namespace: str) -> str:
+    """Why the API server refused the cleanup Job, in words."""
+    text = err.body or ""
+    if "NamespaceTerminating" in text or "being terminated" in text:
+        return f"namespace {namespace} is being deleted, so no cleanup Job can be created there"
+    try:
+        message = json.loads(text)["message"]
+    except (ValueError, KeyError, TypeError):
+        message = err.reason
+    return f"the cleanup Job was refused: {err.status} {message}"
+
+
+def _storage_not_deleted(body, prefix: str, why: str) -> None:
+    """Gives up on the storage cleanup, saying what is left behind where users look."""
+    meta = body["metadata"]
+    message = f"{prefix} left in storage ({why}); delete it by hand"
+    logging.getLogger(__name__).warning(
+        "SAMIRun %s/%s: StorageNotDeleted: %s", meta["namespace"], meta["name"], message
+    )
+    kopf.event(body, type="Warning", reason="StorageNotDeleted", message=message)

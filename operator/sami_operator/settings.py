@@ -11,6 +11,11 @@ SAMI_PYTHON              the Python command in stage pods (default python)
 SAMI_DEFAULT_STORAGE     storage for runs without spec.storage: a JSON object with the fields of
                          spec.storage, e.g. {"uri": "s3://bucket/runs", "credentials":
                          {"secretName": "sami-s3"}}; unset: spec.storage is required
+SAMI_STORAGE_CLEANUP_ATTEMPTS  cleanup.storageOnDelete: delete: how many cleanup Jobs may fail
+                         before the operator gives up and lets the SAMIRun go, its storage left
+                         behind (default 3; 1 to 101)
+SAMI_STORAGE_CLEANUP_SECONDS   how long the storage cleanup may hold a deleted SAMIRun before the
+                         operator gives up the same way (default 3600)
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from sami_operator.models import StorageSpec
+from sami_operator.models import MAX_RESTARTS, StorageSpec
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class OperatorSettings:
     python: str = "python"
     launchers: frozenset[str] = field(default_factory=lambda: frozenset({"Job"}))
     default_storage: StorageSpec | None = None
+    storage_cleanup_attempts: int = 3
+    storage_cleanup_seconds: float = 3600.0
 
     @property
     def finalizer(self) -> str:
@@ -56,7 +63,24 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         prefix=env.get("SAMI_PREFIX", defaults.prefix),
         python=env.get("SAMI_PYTHON", defaults.python),
         default_storage=_storage(env.get("SAMI_DEFAULT_STORAGE", "").strip()),
+        storage_cleanup_attempts=_cleanup_attempts(
+            env.get("SAMI_STORAGE_CLEANUP_ATTEMPTS", str(defaults.storage_cleanup_attempts))
+        ),
+        storage_cleanup_seconds=float(
+            env.get("SAMI_STORAGE_CLEANUP_SECONDS", defaults.storage_cleanup_seconds)
+        ),
     )
+
+
+def _cleanup_attempts(text: str) -> int:
+    """Cleanup Jobs are named like a stage's retries (`<run>-cleanup-r<attempt>`), so the run
+    name's length budget allows MAX_RESTARTS + 1 of them."""
+    attempts = int(text)
+    if not 1 <= attempts <= MAX_RESTARTS + 1:
+        raise ValueError(
+            f"SAMI_STORAGE_CLEANUP_ATTEMPTS: {attempts} is not between 1 and {MAX_RESTARTS + 1}"
+        )
+    return attempts
 
 
 def _storage(text: str) -> StorageSpec | None:
