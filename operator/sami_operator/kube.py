@@ -8,20 +8,16 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from sami_operator.builders import JOB_API, JOBSET_API, MANAGED_BY, PYTORCHJOB_API
+from sami_operator.builders import MANAGED_BY
+from sami_operator.launchers import BY_API, BY_KIND, CUSTOM, JOB, LAUNCHERS
 from sami_operator.models import GROUP, StagePhase
 from sami_operator.reconcile import ChildState
 
 log = logging.getLogger(__name__)
 
+JOB_API = JOB.api
 # How each workload kind labels its pods, and which pod speaks for it (rank 0).
-_POD_SELECTORS = {
-    JOB_API: "job-name={name}",
-    PYTORCHJOB_API: (
-        "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
-    ),
-    JOBSET_API: "jobset.sigs.k8s.io/jobset-name={name}",
-}
+_POD_SELECTORS = {w.api: w.pod_selector for w in LAUNCHERS.values()}
 # Waiting reasons that do not go away by themselves: shown in the run's status.
 STUCK_REASONS = {
     "CreateContainerConfigError",
@@ -52,11 +48,8 @@ class Kube:
         """Which training launchers this cluster can run (their APIs are served)."""
         groups = client.ApisApi(self.api).get_api_versions().groups
         versions = {(g.name, v.version) for g in groups for v in g.versions}
-        served = {"Job"}
-        if PYTORCHJOB_API[:2] in versions:
-            served.add("PyTorchJob")
-        if JOBSET_API[:2] in versions:
-            served.add("JobSet")
+        served = {JOB.kind}
+        served.update(w.launcher.value for w in CUSTOM if (w.group, w.version) in versions)
         return frozenset(served)
 
     # --- children ----------------------------------------------------------------------------
@@ -71,8 +64,7 @@ class Kube:
             elif kind == "Job":
                 self.batch.create_namespaced_job(ns, obj)
             else:
-                group, version = obj["apiVersion"].split("/")
-                plural = {"PyTorchJob": "pytorchjobs", "JobSet": "jobsets"}[kind]
+                group, version, plural = BY_KIND[kind].api
                 self.custom.create_namespaced_custom_object(group, version, ns, plural, obj)
         except ApiException as err:
             if err.status == 409:
@@ -88,7 +80,7 @@ class Kube:
             lambda: self.batch.delete_namespaced_job(name, namespace, body=background),
             lambda: self.core.delete_namespaced_config_map(name, namespace),
         ]
-        for group, version, plural in (PYTORCHJOB_API, JOBSET_API):
+        for group, version, plural in (w.api for w in CUSTOM):
             calls.append(
                 lambda g=group, v=version, p=plural: self.custom.delete_namespaced_custom_object(
                     g, v, namespace, p, name, body=background
@@ -107,7 +99,7 @@ class Kube:
         found: dict[str, ChildState] = {}
         for job in self.batch.list_namespaced_job(namespace, label_selector=selector).items:
             found[job.metadata.name] = self._job_state(namespace, job)
-        for api in (PYTORCHJOB_API, JOBSET_API):
+        for api in (w.api for w in CUSTOM):
             group, version, plural = api
             try:
                 items = self.custom.list_namespaced_custom_object(
@@ -153,20 +145,16 @@ class Kube:
             c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", []) or []
         }
         name = obj["metadata"]["name"]
-        if conditions.get("Succeeded") == "True" or conditions.get("Completed") == "True":
+        workload = BY_API[api]
+        if any(conditions.get(c) == "True" for c in workload.succeeded):
             return self._terminal(namespace, api, name, StagePhase.succeeded)
-        if conditions.get("Failed") == "True":
+        if any(conditions.get(c) == "True" for c in workload.failed):
             return self._terminal(namespace, api, name, StagePhase.failed)
-        if conditions.get("Suspended") == "True":
+        if any(conditions.get(c) == "True" for c in workload.suspended):
             return ChildState(StagePhase.queued)
-        if api == JOBSET_API:
-            # JobSet has no Running condition: it runs while it has active child Jobs (as a
-            # Job runs while it has active pods).
-            status = obj.get("status", {}).get("replicatedJobsStatus") or []
-            running = any(r.get("active", 0) > 0 for r in status)
-        else:
-            running = conditions.get("Running") == "True"
-        phase = StagePhase.running if running else StagePhase.pending
+        # JobSet and TrainJob have no Running condition: they run while they have active
+        # child Jobs (launchers.py).
+        phase = StagePhase.running if workload.running(obj) else StagePhase.pending
         return ChildState(phase, message=self._waiting(namespace, api, name))
 
     def _terminal(self, namespace: str, api, name: str, phase: StagePhase) -> ChildState:
