@@ -518,6 +518,28 @@ def test_the_rendezvous_window_reaches_torchrun(samirun_doc, launcher):
         assert command[:2] == ["torchrun", "--rdzv-conf=timeout=3600"], command
 
 
+def test_pytorchjob_workers_wait_for_the_master_within_the_window(samirun_doc):
+    """Training Operator v1 gives each worker an init container that gives up on the master's
+    Service name after about 200 s; ours, ahead of it, waits rendezvousSeconds."""
+    samirun_doc["spec"]["training"]["rendezvousSeconds"] = 2400
+    replicas = _train_workload(run_with(samirun_doc, "team-a", "PyTorchJob"))["spec"][
+        "pytorchReplicaSpecs"
+    ]
+    assert "initContainers" not in replicas["Master"]["template"]["spec"]
+    (init,) = replicas["Worker"]["template"]["spec"]["initContainers"]
+    (worker,) = replicas["Worker"]["template"]["spec"]["containers"]
+    assert init["name"] == "wait-for-master" and init["image"] == worker["image"]
+    assert {e["name"]: e["value"] for e in init["env"]} == {
+        "SAMI_MASTER_HOST": "mistral-hh-it1-train-master-0",
+        "SAMI_RENDEZVOUS_SECONDS": "2400",
+    }
+    assert init["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def test_launcher_job_trains_standalone(samirun_doc):
     run = run_with(samirun_doc, "team-a", "Job")
     (template,) = pod_templates(_train_workload(run))

@@ -13,6 +13,7 @@ for more (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -329,6 +330,46 @@ def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, A
     }
 
 
+# Kubeflow Training Operator v1 gives every Worker pod of a PyTorchJob with a Master an init
+# container, init-pytorch, appended after the template's own, that looks up the master's
+# Service name 100 times 2 s apart (its --pytorch-init-container-max-tries) and fails the pod
+# when the name does not resolve in time: about 200 s, less than a GPU node's autoscaling plus
+# a large image pull on the master's node. The master's headless Service resolves once the
+# master pod runs. This init container, ahead of theirs, waits for the name for the run's
+# rendezvousSeconds, so theirs then finds it at once.
+WAIT_FOR_MASTER = "wait-for-master"
+_WAIT_FOR_HOST = """\
+import os, socket, sys, time
+host, seconds = os.environ["SAMI_MASTER_HOST"], int(os.environ["SAMI_RENDEZVOUS_SECONDS"])
+deadline = time.monotonic() + seconds
+while True:
+    try:
+        socket.getaddrinfo(host, None)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(f"{host} did not resolve within {seconds} s (training.rendezvousSeconds)")
+        time.sleep(2)
+"""
+
+
+def _wait_for_master(
+    settings: OperatorSettings, run: SAMIRun, worker: dict[str, Any], host: str
+) -> dict[str, Any]:
+    return {
+        "name": WAIT_FOR_MASTER,
+        "image": worker["image"],
+        "command": [settings.python, "-c", _WAIT_FOR_HOST],
+        "env": [
+            {"name": "SAMI_MASTER_HOST", "value": host},
+            {"name": "SAMI_RENDEZVOUS_SECONDS", "value": str(run.spec.training.rendezvous_seconds)},
+        ],
+        # The defaults alone: a DNS lookup needs none of what spec.pods may add (IPC_LOCK).
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
 def build_pytorchjob(
     metadata: dict[str, Any],
     run: SAMIRun,
@@ -342,10 +383,15 @@ def build_pytorchjob(
     )
     replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if t.nodes > 1:
+        worker = copy.deepcopy(template)
+        (container,) = worker["spec"]["containers"]
+        # The master's Service: <job>-master-0 in the job's namespace.
+        master = f"{metadata['name']}-master-0"
+        worker["spec"]["initContainers"] = [_wait_for_master(settings, run, container, master)]
         replicas["Worker"] = {
             "replicas": t.nodes - 1,
             "restartPolicy": "Never",
-            "template": template,
+            "template": worker,
         }
     return {
         "apiVersion": "kubeflow.org/v1",

@@ -17,9 +17,12 @@ behaviour, so that the pods it creates are run by ``LocalKubelet``:
   ``RANK`` and ``PET_NODE_RANK`` (master 0, worker i -> i+1), ``PET_NPROC_PER_NODE``
   (``spec.nprocPerNode``, default ``auto``) and ``PET_NNODES`` (total replicas).
   Deviations for one machine: the master address is ``127.0.0.1`` (upstream: the master's
-  headless Service ``<job>-master-0``, not created here), and without a container port named
-  ``pytorchjob-port`` on the master's ``pytorch`` container the port is a free local port chosen
-  per job (upstream default 23456), so concurrent jobs do not collide.
+  headless Service ``<job>-master-0``, not created here; an init container's env value naming
+  that Service, optionally with ``.<namespace>[.svc[.cluster.local]]``, becomes ``127.0.0.1``
+  too), no ``init-pytorch`` init container is added to the workers (upstream: one that waits
+  for the master's Service name to resolve, 100 tries 2 s apart by default), and without a
+  container port named ``pytorchjob-port`` on the master's ``pytorch`` container the port is a
+  free local port chosen per job (upstream default 23456), so concurrent jobs do not collide.
 - ``status``: ``conditions`` (type, status, reason, message, lastUpdateTime,
   lastTransitionTime) with reasons ``PyTorchJobCreated``/``Running``/``Restarting``/
   ``Succeeded``/``Failed``: Created on first sight; Running while the master (or, without a
@@ -425,6 +428,21 @@ class PyTorchJobController(_PollingController):
             c["env"] = list(c.get("env") or []) + env
             containers.append(c)
         pod_spec["containers"] = containers
+        # One machine, no cluster DNS: init containers' env naming the master's Service (as the
+        # operator's wait-for-master does) gets 127.0.0.1, the master address given above.
+        master_dns = re.compile(
+            rf"{re.escape(name)}-master-0(?:\.{re.escape(meta['namespace'])}"
+            r"(?:\.svc(?:\.cluster\.local)?)?)?"
+        )
+        inits = []
+        for c in pod_spec.get("initContainers") or []:
+            c = copy.deepcopy(c)
+            for var in c.get("env") or []:
+                if "value" in var and master_dns.fullmatch(var["value"]):
+                    var["value"] = "127.0.0.1"
+            inits.append(c)
+        if inits:
+            pod_spec["initContainers"] = inits
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
