@@ -139,6 +139,11 @@ why; there are no wildcards (tests/test_chart.py checks both).
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
   verbs: ["list", "create", "delete"]
+# Training stages with spec.training.launcher TrainJob (Kubeflow Trainer v2); listed and
+# deleted like PyTorchJobs. Their JobSets are the Trainer's, garbage-collected with them.
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["list", "create", "delete"]
 # Events on SAMIRuns (stage started, succeeded, failed; Kopf's handler errors). Kopf posts
 # core/v1 Events only, so events.k8s.io is not needed.
 - apiGroups: [""]
