@@ -85,7 +85,7 @@ JOB = Workload(
 )
 
 # Kubeflow Training Operator v1: https://www.kubeflow.org/docs/components/trainer/legacy-v1/
-# The master pod is rank 0.
+# All the job's pods: the master, rank 0, sorts first (<name>-master-0, <name>-worker-<i>).
 PYTORCHJOB = Workload(
     launcher=Launcher.pytorchjob,
     kind="PyTorchJob",
@@ -93,9 +93,7 @@ PYTORCHJOB = Workload(
     version="v1",
     plural="pytorchjobs",
     build=builders.build_pytorchjob,
-    pod_selector=(
-        "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
-    ),
+    pod_selector="training.kubeflow.org/job-name={name}",
     succeeded=("Succeeded",),
 )
 
