@@ -296,6 +296,17 @@ def _torchrun(settings: OperatorSettings, *args: str) -> list[str]:
     return ["torchrun", *args, "-m", "sami_worker", "train", "--task", TASK_FILE]
 
 
+def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    # Retries are the operator's (it tells retryable exit codes from bad input), so the
+    # Job itself never retries a pod.
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {"backoffLimit": 0, "template": template},
+    }
+
+
 def _multinode_torchrun(settings: OperatorSettings, run: SAMIRun) -> list[str]:
     """torchrun for the multi-node launchers, which give it PET_MASTER_ADDR/PORT and no
     rendezvous endpoint: the static rendezvous, a TCPStore served by node rank 0. Its
@@ -317,17 +328,6 @@ def build_training_job(
     n = run.spec.training.procs_per_node
     command = _torchrun(settings, "--standalone", f"--nproc_per_node={n}")
     return build_job(metadata, build_pod_template(run, stage, settings, config_map, command))
-
-
-def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
-    # Retries are the operator's (it tells retryable exit codes from bad input), so the
-    # Job itself never retries a pod.
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata,
-        "spec": {"backoffLimit": 0, "template": template},
-    }
 
 
 # Kubeflow Training Operator v1 gives every Worker pod of a PyTorchJob with a Master an init

@@ -10,11 +10,11 @@
 - ``kubelet`` (session): a ``LocalKubelet`` running pods of every non-system namespace.
 - ``pytorchjob_controller`` (session): the PyTorchJob CRD stand-in installed and an emulated
   Kubeflow PyTorchJob controller running (tests/k8s/training_operators.py).
-- ``jobset_controller`` (session): the JobSet CRD stand-in installed and an emulated JobSet
-  controller running (tests/k8s/training_operators.py).
 - ``trainjob_controller`` (session): the TrainJob and ClusterTrainingRuntime CRD stand-ins
   installed and an emulated Kubeflow Trainer TrainJob controller running; it creates JobSets,
   so the ``jobset_controller`` runs too.
+- ``jobset_controller`` (session): the JobSet CRD stand-in installed and an emulated JobSet
+  controller running (tests/k8s/training_operators.py).
 
 Tests using any of these get the ``k8s`` marker automatically.
 """
@@ -52,8 +52,8 @@ K8S_FIXTURES = {
     "k8s_namespace",
     "kubelet",
     "pytorchjob_controller",
-    "jobset_controller",
     "trainjob_controller",
+    "jobset_controller",
 }
 
 
@@ -130,8 +130,10 @@ def pytorchjob_controller(control_plane: ControlPlane) -> Iterator[PyTorchJobCon
 
 
 @pytest.fixture(scope="session")
-def jobset_controller(control_plane: ControlPlane) -> Iterator[JobSetController]:
-    controller = JobSetController(control_plane).start()
+def trainjob_controller(
+    control_plane: ControlPlane, jobset_controller: JobSetController
+) -> Iterator[TrainJobController]:
+    controller = TrainJobController(control_plane).start()
     try:
         yield controller
     finally:
@@ -139,10 +141,8 @@ def jobset_controller(control_plane: ControlPlane) -> Iterator[JobSetController]
 
 
 @pytest.fixture(scope="session")
-def trainjob_controller(
-    control_plane: ControlPlane, jobset_controller: JobSetController
-) -> Iterator[TrainJobController]:
-    controller = TrainJobController(control_plane).start()
+def jobset_controller(control_plane: ControlPlane) -> Iterator[JobSetController]:
+    controller = JobSetController(control_plane).start()
     try:
         yield controller
     finally:
