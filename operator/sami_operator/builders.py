@@ -24,7 +24,6 @@ from sami_operator.models import (
     GROUP,
     KIND,
     MAX_CHILD_NAME,
-    Launcher,
     PodSpec,
     SAMIRun,
 )
@@ -80,14 +79,6 @@ def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{name[: MAX_NAME - 9].rstrip('-')}-{digest}"
-
-
-def workload_api(stage: Stage, run: SAMIRun) -> tuple[str, str, str]:
-    """(group, version, plural) of a stage's workload."""
-    from sami_operator.launchers import LAUNCHERS  # launchers.py reads this module's builders
-
-    launcher = run.spec.training.launcher if stage.name == "train" else Launcher.job
-    return LAUNCHERS[launcher].api
 
 
 def labels(run: SAMIRun, stage: Stage, workload: bool = False) -> dict[str, str]:
