@@ -1,13 +1,18 @@
 """Every object the operator's builders produce is accepted by a real kube-apiserver:
 `kubectl create --dry-run=server`, with kubectl's schema validation (unknown or mistyped
-fields of a Job or ConfigMap fail it) and the server's admission and defaulting. Every stage
-pod meets the Pod Security Standards' `restricted` profile, and Kueue's labels are on the
-workloads only."""
+fields of a Job or ConfigMap fail it) and the server's admission and defaulting. The training
+workloads of the custom launchers, which the test API server knows only by minimal CRD
+stand-ins, are checked against the upstream projects' own models: a PyTorchJob against the
+`kubeflow-training` SDK's (Training Operator v1.9), a TrainJob against `kubeflow-trainer-api`'s
+(Kubeflow Trainer v2.3). Every stage pod meets the Pod Security Standards' `restricted` profile,
+and Kueue's labels are on the workloads only."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 from kubernetes.client import ApiClient
@@ -87,13 +92,31 @@ def restricted_violations(pod: dict) -> list[str]:
     return out
 
 
+def trainjob_pod_template(trainjob: dict) -> dict:
+    """What a TrainJob sets of its trainer pods' template, as one pod template: the operator's
+    runtimePatches entry with the 'node' container completed from spec.trainer (the rest
+    comes from the ClusterTrainingRuntime)."""
+    spec = trainjob["spec"]
+    (patch,) = spec["runtimePatches"]
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    template = copy.deepcopy(rjob["template"]["spec"]["template"])
+    trainer = spec["trainer"]
+    (node,) = template["spec"]["containers"]
+    node.update({k: trainer[k] for k in ("image", "command", "env")})
+    if "resourcesPerNode" in trainer:
+        node["resources"] = trainer["resourcesPerNode"]
+    return template
+
+
 def pod_templates(workload: dict) -> list[dict]:
-    """The pod templates of a Job, PyTorchJob or JobSet."""
+    """The pod templates of a Job, PyTorchJob, JobSet or TrainJob."""
     spec = workload["spec"]
     if workload["kind"] == "PyTorchJob":
         return [r["template"] for r in spec["pytorchReplicaSpecs"].values()]
     if workload["kind"] == "JobSet":
         return [r["template"]["spec"]["template"] for r in spec["replicatedJobs"]]
+    if workload["kind"] == "TrainJob":
+        return [trainjob_pod_template(workload)]
     return [spec["template"]]
 
 
@@ -123,7 +146,7 @@ def dry_run(cp, objects: list[dict], namespace: str) -> list[dict]:
     return stored
 
 
-@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "Job"])
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "TrainJob", "Job"])
 def test_every_stage_is_accepted_by_the_api_server(
     control_plane, k8s_namespace, samirun_doc, launcher
 ):
@@ -203,7 +226,7 @@ def test_cache_size_limits_the_cache_and_requests_the_disk(samirun_doc):
     assert pod["containers"][0]["resources"] == {"requests": {"ephemeral-storage": "20Gi"}}
 
 
-@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "Job"])
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "TrainJob", "Job"])
 def test_every_stage_pod_meets_pod_security_restricted(samirun_doc, launcher):
     run = run_with(samirun_doc, "team-a", launcher, writer=True)
     for _, workload in all_children(run):
@@ -218,7 +241,8 @@ def test_every_stage_pod_meets_pod_security_restricted(samirun_doc, launcher):
                 "fsGroupChangePolicy": "OnRootMismatch",
                 "seccompProfile": {"type": "RuntimeDefault"},
             }
-            assert pod["automountServiceAccountToken"] is False
+            if workload["kind"] != "TrainJob":  # a TrainJob's runtime sets it
+                assert pod["automountServiceAccountToken"] is False
             assert not {"hostNetwork", "dnsPolicy", "runtimeClassName"} & set(pod)
             # The worker writes only under its volumes: a read-only root filesystem works.
             (worker,) = pod["containers"]
@@ -328,7 +352,7 @@ def test_pod_knobs_are_accepted_by_the_api_server(
 KUEUE = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 
-@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "Job"])
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "TrainJob", "Job"])
 def test_kueue_labels_are_on_the_workload_and_never_on_a_pod(samirun_doc, launcher):
     samirun_doc["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] = "high"
     samirun_doc["spec"]["queueName"] = "team-a-queue"
@@ -362,3 +386,183 @@ def test_the_longest_run_name_needs_no_shortening(samirun_doc):
             for pod in (f"{child}-worker-1022", f"{child}-node-1023-0", f"{child}-master-0"):
                 assert re.match(DNS_1035_LABEL, pod) and len(pod) <= 63, pod
     assert max(map(len, longest)) == MAX_NAME  # the bound is tight: one more would not fit
+
+
+# ------------------------------------------------------------------ upstream models and launchers
+def _train_workload(run) -> dict:
+    stage = next(s for s in plan(run, "uid") if s.name == "train")
+    return build_children(run, stage, "uid", SETTINGS)[1]
+
+
+def _quantities_as_strings(obj: dict) -> dict:
+    """Kubernetes quantities (resources, emptyDir sizeLimit) as strings. The API server takes
+    a JSON number for a quantity too, but the Training SDK's models (generated for the
+    kubernetes client) type quantities as strings and would turn 8 into "8"."""
+    out = copy.deepcopy(obj)
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("limits", "requests") and isinstance(value, dict):
+                    node[key] = {k: str(v) for k, v in value.items()}
+                elif key == "sizeLimit":
+                    node[key] = str(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(out)
+    return out
+
+
+def check_pytorchjob(obj: dict) -> None:
+    """A PyTorchJob against kubeflow-training's KubeflowOrgV1PyTorchJob: deserialised by the
+    SDK's ApiClient (required fields and enums checked), then serialised back to the same
+    document. The SDK's models ignore unknown keys and coerce primitives (8 -> "8"), so the
+    round trip is what catches a misspelt field or a wrong type."""
+    from kubeflow.training import ApiClient
+
+    class Client(ApiClient):
+        # kubernetes>=36's models write map types as "dict[str, X]"; the SDK's deserialiser
+        # (generated for older kubernetes clients, hence kubeflow-training 1.9.4's
+        # kubernetes<36) parses only "dict(str, X)".
+        def _ApiClient__deserialize(self, data, klass):
+            if isinstance(klass, str) and klass.startswith("dict["):
+                klass = f"dict({klass[5:-1]})"
+            return super()._ApiClient__deserialize(data, klass)
+
+    client = Client()
+    response = SimpleNamespace(data=json.dumps(obj))
+    model = client.deserialize(response, "KubeflowOrgV1PyTorchJob")
+    assert client.sanitize_for_serialization(model) == obj
+
+
+def check_trainjob(obj: dict) -> None:
+    """A TrainJob against kubeflow-trainer-api's TrainerV1alpha1TrainJob (pydantic, strict
+    types: a wrong type raises), serialised back to the same document (its from_dict ignores
+    unknown keys, so the round trip catches them)."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    assert TrainerV1alpha1TrainJob.from_dict(obj).to_dict() == obj
+
+
+@pytest.mark.parametrize("knobs", [False, True])
+def test_the_pytorchjob_matches_the_training_operator_models(samirun_doc, knobs):
+    run = (_with_knobs if knobs else run_with)(samirun_doc, "team-a", "PyTorchJob")
+    pytorchjob = _quantities_as_strings(_train_workload(run))
+    assert set(pytorchjob["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
+    check_pytorchjob(pytorchjob)
+
+    # The check can fail: a wrong type, a misspelt field, a missing required field.
+    wrong = copy.deepcopy(pytorchjob)
+    wrong["spec"]["nprocPerNode"] = 8  # a string in the API (it may be "auto")
+    with pytest.raises(AssertionError):
+        check_pytorchjob(wrong)
+    wrong = copy.deepcopy(pytorchjob)
+    wrong["spec"]["runPolicy"]["cleanPodPolicyy"] = "Running"
+    with pytest.raises(AssertionError):
+        check_pytorchjob(wrong)
+    wrong = copy.deepcopy(pytorchjob)
+    del wrong["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"]
+    with pytest.raises(ValueError, match="name"):
+        check_pytorchjob(wrong)
+
+
+def test_the_trainjob_matches_the_trainer_models(samirun_doc):
+    samirun_doc["spec"]["pods"]["train"].update(
+        nodeSelector={"gpu": "h100"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        imagePullSecrets=["registry"],
+        env=[{"name": "NCCL_DEBUG", "value": "WARN"}],
+        annotations={"team": "alignment"},
+    )
+    samirun_doc["spec"]["training"]["trainingRuntime"] = "sami-torch-distributed"
+    run = run_with(samirun_doc, "team-a", "TrainJob")
+    trainjob = _train_workload(run)
+    check_trainjob(trainjob)
+    spec = trainjob["spec"]
+    assert spec["runtimeRef"] == {
+        "name": "sami-torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
+    assert (spec["trainer"]["numNodes"], spec["trainer"]["numProcPerNode"]) == (2, 8)
+    assert spec["trainer"]["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 8}
+    # torchrun's rendezvous env is the torch runtime's (it refuses PET_* in trainer.env).
+    names = {e["name"] for e in spec["trainer"]["env"]}
+    assert "NCCL_DEBUG" in names and not {n for n in names if n.startswith("PET_")}
+    pod = trainjob_pod_template(trainjob)
+    assert pod["metadata"]["annotations"] == {"team": "alignment"}
+    assert pod["spec"]["nodeSelector"] == {"gpu": "h100"}
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["spec"]["serviceAccountName"] == "sami-worker"
+    (node,) = pod["spec"]["containers"]
+    assert node["name"] == "node"  # the torch runtime's trainer container
+    assert {m["name"] for m in node["volumeMounts"]} == {"task", "dshm", "cache", "tmp"}
+
+    # The check can fail: a wrong type, a misspelt field.
+    wrong = copy.deepcopy(trainjob)
+    wrong["spec"]["trainer"]["numProcPerNode"] = "8"
+    with pytest.raises(ValueError, match="numProcPerNode|num_proc_per_node"):
+        check_trainjob(wrong)
+    wrong = copy.deepcopy(trainjob)
+    wrong["spec"]["trainer"]["numNode"] = 2
+    with pytest.raises(AssertionError):
+        check_trainjob(wrong)
+
+
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "TrainJob"])
+def test_the_rendezvous_window_reaches_torchrun(samirun_doc, launcher):
+    """Every node's torchrun waits training.rendezvousSeconds for the others (static
+    rendezvous: the TCPStore's timeout; torchrun's own default is 900 s)."""
+    run = run_with(samirun_doc, "team-a", launcher)
+    commands = [t["spec"]["containers"][0]["command"] for t in pod_templates(_train_workload(run))]
+    assert all("--rdzv-conf=timeout=1800" in c for c in commands)
+    samirun_doc["spec"]["training"]["rendezvousSeconds"] = 3600
+    run = run_with(samirun_doc, "team-a", launcher)
+    for template in pod_templates(_train_workload(run)):
+        command = template["spec"]["containers"][0]["command"]
+        assert command[:2] == ["torchrun", "--rdzv-conf=timeout=3600"], command
+
+
+def test_pytorchjob_workers_wait_for_the_master_within_the_window(samirun_doc):
+    """Training Operator v1 gives each worker an init container that gives up on the master's
+    Service name after about 200 s; ours, ahead of it, waits rendezvousSeconds."""
+    samirun_doc["spec"]["training"]["rendezvousSeconds"] = 2400
+    replicas = _train_workload(run_with(samirun_doc, "team-a", "PyTorchJob"))["spec"][
+        "pytorchReplicaSpecs"
+    ]
+    assert "initContainers" not in replicas["Master"]["template"]["spec"]
+    (init,) = replicas["Worker"]["template"]["spec"]["initContainers"]
+    (worker,) = replicas["Worker"]["template"]["spec"]["containers"]
+    assert init["name"] == "wait-for-master" and init["image"] == worker["image"]
+    assert {e["name"]: e["value"] for e in init["env"]} == {
+        "SAMI_MASTER_HOST": "mistral-hh-it1-train-master-0",
+        "SAMI_RENDEZVOUS_SECONDS": "2400",
+    }
+    assert init["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_launcher_job_trains_standalone(samirun_doc):
+    run = run_with(samirun_doc, "team-a", "Job")
+    (template,) = pod_templates(_train_workload(run))
+    command = template["spec"]["containers"][0]["command"]
+    assert command[:3] == ["torchrun", "--standalone", "--nproc_per_node=8"]
+    assert not any(a.startswith("--rdzv-conf") for a in command)
+
+
+def test_one_table_entry_per_launcher():
+    """Every models.Launcher has an entry, and the kinds the builders make are the table's."""
+    from sami_operator.launchers import BY_KIND, LAUNCHERS
+    from sami_operator.models import Launcher
+
+    assert set(LAUNCHERS) == set(Launcher)
+    for launcher, workload in LAUNCHERS.items():
+        assert workload.launcher == launcher and BY_KIND[workload.kind] is workload
+        assert launcher.value == workload.kind

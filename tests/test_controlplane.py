@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from sami_operator.builders import _WAIT_FOR_HOST, WAIT_FOR_MASTER
 from sami_operator.models import DNS_1035_LABEL, MAX_RUN_NAME
 from tests.k8s.controlplane import ApiError, ControlPlane
 from tests.k8s.kubelet import LocalKubelet
@@ -505,6 +507,20 @@ def test_torchrun_rendezvous_across_pytorchjob_pods(
         }
     }
     replica = {"replicas": 1, "restartPolicy": "Never", "template": template}
+    # The worker waits for the master's Service name first, as the operator's workers do
+    # (builders.WAIT_FOR_MASTER; the emulation resolves the name to 127.0.0.1).
+    worker = copy.deepcopy(replica)
+    worker["template"]["spec"]["initContainers"] = [
+        {
+            "name": WAIT_FOR_MASTER,
+            "image": "sami-worker:test",
+            "command": [sys.executable, "-c", _WAIT_FOR_HOST],
+            "env": [
+                {"name": "SAMI_MASTER_HOST", "value": "allreduce-master-0"},
+                {"name": "SAMI_RENDEZVOUS_SECONDS", "value": "30"},
+            ],
+        }
+    ]
     cp.apply(
         {
             "apiVersion": "kubeflow.org/v1",
@@ -512,7 +528,7 @@ def test_torchrun_rendezvous_across_pytorchjob_pods(
             "metadata": {"name": "allreduce"},
             "spec": {
                 "nprocPerNode": "1",
-                "pytorchReplicaSpecs": {"Master": replica, "Worker": replica},
+                "pytorchReplicaSpecs": {"Master": replica, "Worker": worker},
             },
         },
         ns,

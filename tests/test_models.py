@@ -56,7 +56,8 @@ BROKEN = [
     (
         "spec.training.launcher",
         "MPIJob",
-        "spec.training.launcher: Input should be 'PyTorchJob', 'JobSet' or 'Job' (got 'MPIJob')",
+        "spec.training.launcher: Input should be 'PyTorchJob', 'JobSet', 'TrainJob' or 'Job' "
+        "(got 'MPIJob')",
     ),
     ("spec.generation.topP", 0, "spec.generation.topP: Input should be greater than 0 (got 0)"),
     (
@@ -124,8 +125,27 @@ def test_launcher_job_is_single_node(samirun_doc):
         parse_samirun(samirun_doc)
     assert info.value.problems == [
         "spec.training.nodes: launcher Job runs on a single node, got nodes=2; "
-        "use PyTorchJob or JobSet for multi-node training"
+        "use PyTorchJob, JobSet or TrainJob for multi-node training"
     ]
+
+
+def test_launcher_trainjob_refuses_pod_knobs_it_cannot_carry(samirun_doc):
+    """A TrainJob's runtimePatches cannot set these pod fields: refused, not dropped."""
+    _set(samirun_doc, "spec.training.launcher", "TrainJob")
+    _set(samirun_doc, "spec.training.nodes", 2)
+    run = parse_samirun(samirun_doc)
+    assert run.spec.training.training_runtime == "torch-distributed"
+    assert run.spec.training.rendezvous_seconds == 1800
+    _set(samirun_doc, "spec.pods.default.runtimeClassName", "nvidia")
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert info.value.problems == [
+        "spec.pods.default.runtimeClassName: launcher TrainJob cannot set runtimeClassName on "
+        "the training pods; set it in the ClusterTrainingRuntime 'torch-distributed' instead "
+        "(or set it on the other stages' pods only)"
+    ]
+    _set(samirun_doc, "spec.training.launcher", "JobSet")
+    assert parse_samirun(samirun_doc).spec.pods.default.runtime_class_name == "nvidia"
 
 
 def test_judge_needs_the_base_model_evaluated(samirun_doc):

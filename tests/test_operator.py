@@ -561,6 +561,91 @@ def test_the_operator_reads_jobset_state(control_plane, k8s_namespace, kubelet, 
     )
 
 
+# ----------------------------------------------------------------------- TrainJob launcher
+def _training_trainjob(name: str, script: str) -> dict:
+    """A TrainJob labelled as a SAMIRun's training child: 2 nodes running `script` with the
+    node rank the torch runtime gives each in $PET_NODE_RANK, on the example runtime."""
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {
+            "name": name,
+            "labels": {"sami.dev/run": "r", "app.kubernetes.io/managed-by": "sami-operator"},
+        },
+        "spec": {
+            "runtimeRef": {"name": "sami-torch-distributed"},
+            "trainer": {
+                "numNodes": 2,
+                "image": "sami-worker:test",
+                "command": ["sh", "-c", script],
+            },
+        },
+    }
+
+
+def test_the_operator_reads_trainjob_state(
+    control_plane, k8s_namespace, kubelet, trainjob_controller
+):
+    """kube.Kube against the emulated TrainJob controller (a JobSet underneath) and the example
+    ClusterTrainingRuntime: no Running condition, so active Jobs in status.jobsStatus mean
+    running; Complete is success with rank 0's termination message; Failed carries the exit
+    code and message of the pod that failed."""
+    from kubernetes import config
+
+    from sami_operator.kube import Kube
+    from sami_operator.models import StagePhase
+
+    cp, ns = control_plane, k8s_namespace
+    cp.apply((ROOT / "examples" / "clustertrainingruntime-sami.yaml").read_text())
+    kube = Kube(config.new_client_from_config(config_file=str(cp.kubeconfig)))
+    assert "TrainJob" in kube.served_launchers()
+    done = "sleep 4; echo rank-$PET_NODE_RANK > /dev/termination-log"
+    bad = 'if [ "$PET_NODE_RANK" = 1 ]; then echo bad input > /dev/termination-log; exit 65; fi; '
+    bad += "sleep 60"
+    cp.apply([_training_trainjob("r-it1-train", done), _training_trainjob("r-it2-train", bad)], ns)
+
+    running = cp.wait_for(
+        "the TrainJob to run",
+        lambda: kube.observe_children(ns, "r").get("r-it1-train"),
+        timeout=30,
+    )
+    while running.phase == StagePhase.pending:
+        time.sleep(0.3)
+        running = kube.observe_children(ns, "r")["r-it1-train"]
+    assert running.phase == StagePhase.running, running
+    # The TrainJob's JobSet has its name but not the run's labels: one child per name.
+    assert set(kube.observe_children(ns, "r")) <= {"r-it1-train", "r-it2-train"}
+
+    def finished(name):
+        state = kube.observe_children(ns, "r").get(name)
+        return state if state and state.phase in (StagePhase.succeeded, StagePhase.failed) else None
+
+    state = cp.wait_for("the first TrainJob to finish", lambda: finished("r-it1-train"), timeout=60)
+    assert (state.phase, state.exit_code, state.message.strip()) == (
+        StagePhase.succeeded,
+        0,
+        "rank-0",
+    )
+    state = cp.wait_for(
+        "the second TrainJob to finish", lambda: finished("r-it2-train"), timeout=60
+    )
+    assert (state.phase, state.exit_code, state.message.strip()) == (
+        StagePhase.failed,
+        65,
+        "bad input",
+    )
+    trainjob = cp.kubectl_json("get", "trainjob", "r-it2-train", "-n", ns, "-o", "json")
+    failed = next(c for c in trainjob["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True"
+
+    kube.delete_child(ns, "r-it1-train")
+    cp.wait_for(
+        "the TrainJob to go",
+        lambda: "r-it1-train" not in kube.observe_children(ns, "r"),
+        timeout=30,
+    )
+
+
 @pytest.mark.vllm
 @pytest.mark.s3
 @pytest.mark.slow

@@ -11,6 +11,9 @@ from sami_operator.settings import from_env
 
 def main() -> None:
     settings = from_env()
+    # Kopf's own messages (handler errors, retries) and the operator's, at INFO, on stderr;
+    # kopf.run alone configures no logging (the `kopf run` command line does).
+    kopf.configure(verbose=False, quiet=False)
     kopf.run(
         standalone=True,
         clusterwide=not settings.namespaces,

@@ -2,7 +2,8 @@
 
 Each stage becomes a ConfigMap holding its task JSON and one workload owned by the SAMIRun:
 a batch/v1 Job for principles, generation and evaluation; for training a Kubeflow PyTorchJob
-(default), a JobSet, or a single-node Job, as `spec.training.launcher` says. Names are
+(default), a JobSet, a Kubeflow Trainer TrainJob, or a single-node Job, as
+`spec.training.launcher` says (the table of launchers: launchers.py). Names are
 deterministic (`<run>-it<N>-<stage>`, `-r<attempt>` for retries), valid DNS-1035 labels, and
 short enough for the pod names launchers derive from them (models.MAX_RUN_NAME).
 
@@ -12,6 +13,7 @@ for more (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -22,7 +24,6 @@ from sami_operator.models import (
     GROUP,
     KIND,
     MAX_CHILD_NAME,
-    Launcher,
     PodSpec,
     SAMIRun,
 )
@@ -63,9 +64,10 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
     "capabilities": {"drop": ["ALL"]},
 }
 
-JOB_API = ("batch", "v1", "jobs")
-PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")
-JOBSET_API = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+# Kubeflow Trainer: the container its torch runtimes run torchrun in (and name their trainer
+# Job after), and the manager of the operator's entry in a TrainJob's spec.runtimePatches.
+TRAINER_CONTAINER = "node"
+RUNTIME_PATCH_MANAGER = f"{GROUP}/sami-operator"
 
 
 def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
@@ -79,20 +81,10 @@ def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
     return f"{name[: MAX_NAME - 9].rstrip('-')}-{digest}"
 
 
-def workload_api(stage: Stage, run: SAMIRun) -> tuple[str, str, str]:
-    if stage.name != "train":
-        return JOB_API
-    return {
-        Launcher.pytorchjob: PYTORCHJOB_API,
-        Launcher.jobset: JOBSET_API,
-        Launcher.job: JOB_API,
-    }[run.spec.training.launcher]
-
-
 def labels(run: SAMIRun, stage: Stage, workload: bool = False) -> dict[str, str]:
     """The labels of a stage's objects. Kueue's only on the workload (`workload`): Kueue
-    admits a Job, PyTorchJob or JobSet as a whole, while a pod template carrying the queue
-    label would have Kueue's pod integration queue each pod on its own."""
+    admits a Job, PyTorchJob, JobSet or TrainJob as a whole, while a pod template carrying
+    the queue label would have Kueue's pod integration queue each pod on its own."""
     out = {
         "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/name": "sami",
@@ -317,6 +309,69 @@ def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, A
     }
 
 
+def _multinode_torchrun(settings: OperatorSettings, run: SAMIRun) -> list[str]:
+    """torchrun for the multi-node launchers, which give it PET_MASTER_ADDR/PORT and no
+    rendezvous endpoint: the static rendezvous, a TCPStore served by node rank 0. Its
+    `timeout` bounds both how long node 0 waits for every other node to connect and how long
+    the others retry reaching node 0 (torch.distributed.elastic.rendezvous.
+    static_tcp_rendezvous; torchrun's default 900 s). The c10d backend would read
+    join_timeout instead; no launcher here uses it."""
+    return _torchrun(settings, f"--rdzv-conf=timeout={run.spec.training.rendezvous_seconds}")
+
+
+def build_training_job(
+    metadata: dict[str, Any],
+    run: SAMIRun,
+    stage: Stage,
+    settings: OperatorSettings,
+    config_map: str,
+) -> dict[str, Any]:
+    """launcher Job: torchrun on one node (--standalone: no peers to wait for)."""
+    n = run.spec.training.procs_per_node
+    command = _torchrun(settings, "--standalone", f"--nproc_per_node={n}")
+    return build_job(metadata, build_pod_template(run, stage, settings, config_map, command))
+
+
+# Kubeflow Training Operator v1 gives every Worker pod of a PyTorchJob with a Master an init
+# container, init-pytorch, appended after the template's own, that looks up the master's
+# Service name 100 times 2 s apart (its --pytorch-init-container-max-tries) and fails the pod
+# when the name does not resolve in time: about 200 s, less than a GPU node's autoscaling plus
+# a large image pull on the master's node. The master's headless Service resolves once the
+# master pod runs. This init container, ahead of theirs, waits for the name for the run's
+# rendezvousSeconds, so theirs then finds it at once.
+WAIT_FOR_MASTER = "wait-for-master"
+_WAIT_FOR_HOST = """\
+import os, socket, sys, time
+host, seconds = os.environ["SAMI_MASTER_HOST"], int(os.environ["SAMI_RENDEZVOUS_SECONDS"])
+deadline = time.monotonic() + seconds
+while True:
+    try:
+        socket.getaddrinfo(host, None)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(f"{host} did not resolve within {seconds} s (training.rendezvousSeconds)")
+        time.sleep(2)
+"""
+
+
+def _wait_for_master(
+    settings: OperatorSettings, run: SAMIRun, worker: dict[str, Any], host: str
+) -> dict[str, Any]:
+    return {
+        "name": WAIT_FOR_MASTER,
+        "image": worker["image"],
+        "command": [settings.python, "-c", _WAIT_FOR_HOST],
+        "env": [
+            {"name": "SAMI_MASTER_HOST", "value": host},
+            {"name": "SAMI_RENDEZVOUS_SECONDS", "value": str(run.spec.training.rendezvous_seconds)},
+        ],
+        # The defaults alone: a DNS lookup needs none of what spec.pods may add (IPC_LOCK).
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
 def build_pytorchjob(
     metadata: dict[str, Any],
     run: SAMIRun,
@@ -326,14 +381,19 @@ def build_pytorchjob(
 ) -> dict[str, Any]:
     t = run.spec.training
     template = build_pod_template(
-        run, stage, settings, config_map, _torchrun(settings), container="pytorch"
+        run, stage, settings, config_map, _multinode_torchrun(settings, run), container="pytorch"
     )
     replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if t.nodes > 1:
+        worker = copy.deepcopy(template)
+        (container,) = worker["spec"]["containers"]
+        # The master's Service: <job>-master-0 in the job's namespace.
+        master = f"{metadata['name']}-master-0"
+        worker["spec"]["initContainers"] = [_wait_for_master(settings, run, container, master)]
         replicas["Worker"] = {
             "replicas": t.nodes - 1,
             "restartPolicy": "Never",
-            "template": template,
+            "template": worker,
         }
     return {
         "apiVersion": "kubeflow.org/v1",
@@ -372,7 +432,8 @@ def build_jobset(
         {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
         {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
     ]
-    template = build_pod_template(run, stage, settings, config_map, _torchrun(settings), env)
+    command = _multinode_torchrun(settings, run)
+    template = build_pod_template(run, stage, settings, config_map, command, env)
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
         "spec": {
@@ -389,6 +450,86 @@ def build_jobset(
     }  # fmt: skip
 
 
+# The pod fields a TrainJob's runtimePatches can set (trainer.kubeflow.org/v1alpha1
+# PodSpecPatch, Kubeflow Trainer v2.3; v2.1 had spec.podTemplateOverrides instead, v2.0
+# spec.podSpecOverrides). The pod template's restartPolicy and automountServiceAccountToken and
+# the container's terminationMessagePath and terminationMessagePolicy have no place there: they
+# come from the ClusterTrainingRuntime (README, "Kubeflow Trainer"); models.SAMIRunSpec refuses
+# the pod knobs that would be lost (models.TRAINJOB_POD_FIELDS_FROM_RUNTIME).
+_TRAINJOB_POD_FIELDS = (
+    "serviceAccountName",
+    "volumes",
+    "imagePullSecrets",
+    "securityContext",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+)
+
+
+def build_trainjob(
+    metadata: dict[str, Any],
+    run: SAMIRun,
+    stage: Stage,
+    settings: OperatorSettings,
+    config_map: str,
+) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) running the
+    ClusterTrainingRuntime `training.trainingRuntime` (a torch runtime: its torch plugin gives
+    the 'node' container PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR
+    <name>-node-0-0.<name> and PET_MASTER_PORT 29500, and runs our command as it is). The
+    worker container's image, command, env and resources go to spec.trainer; its mounts and
+    securityContext, the pod's volumes, securityContext and scheduling fields, and the pod
+    labels and annotations go to our entry in spec.runtimePatches."""
+    t = run.spec.training
+    command = _multinode_torchrun(settings, run)
+    template = build_pod_template(
+        run, stage, settings, config_map, command, container=TRAINER_CONTAINER
+    )
+    pod = template["spec"]
+    (node,) = pod["containers"]
+    trainer: dict[str, Any] = {
+        "image": node["image"],
+        "command": node["command"],
+        "env": node["env"],
+        "numNodes": t.nodes,
+        "numProcPerNode": t.procs_per_node,
+    }
+    if "resources" in node:
+        trainer["resourcesPerNode"] = node["resources"]
+    pod_patch: dict[str, Any] = {k: pod[k] for k in _TRAINJOB_POD_FIELDS if k in pod}
+    pod_patch["containers"] = [
+        {
+            "name": TRAINER_CONTAINER,
+            "volumeMounts": node["volumeMounts"],
+            "securityContext": node["securityContext"],
+        }
+    ]
+    job_patch = {"spec": {"template": {"metadata": template["metadata"], "spec": pod_patch}}}
+    patch = {
+        "manager": RUNTIME_PATCH_MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {"replicatedJobs": [{"name": TRAINER_CONTAINER, "template": job_patch}]}
+            }
+        },
+    }
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": metadata,
+        "spec": {
+            "runtimeRef": {
+                "name": t.training_runtime,
+                "apiGroup": "trainer.kubeflow.org",
+                "kind": "ClusterTrainingRuntime",
+            },
+            "trainer": trainer,
+            "runtimePatches": [patch],
+        },
+    }
+
+
 def build_children(
     run: SAMIRun, stage: Stage, uid: str, settings: OperatorSettings, attempt: int = 1
 ) -> list[dict[str, Any]]:
@@ -396,17 +537,12 @@ def build_children(
     name = child_name(run.metadata.name, stage, attempt)
     config_map = build_config_map(run, stage, name, uid)
     metadata = _metadata(run, stage, name, uid, workload=True)
-    api = workload_api(stage, run)
-    if api == PYTORCHJOB_API:
-        workload = build_pytorchjob(metadata, run, stage, settings, name)
-    elif api == JOBSET_API:
-        workload = build_jobset(metadata, run, stage, settings, name)
+    if stage.name == "train":
+        from sami_operator.launchers import LAUNCHERS  # launchers.py reads this module
+
+        workload = LAUNCHERS[run.spec.training.launcher].build(metadata, run, stage, settings, name)
     else:
-        if stage.name == "train":
-            n = run.spec.training.procs_per_node
-            command = _torchrun(settings, "--standalone", f"--nproc_per_node={n}")
-        else:
-            command = _worker_command(settings, stage)
+        command = _worker_command(settings, stage)
         workload = build_job(metadata, build_pod_template(run, stage, settings, name, command))
     return [config_map, workload]
 

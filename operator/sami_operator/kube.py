@@ -11,19 +11,16 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from sami_operator.builders import JOB_API, JOBSET_API, MANAGED_BY, PYTORCHJOB_API
+from sami_operator.builders import MANAGED_BY
+from sami_operator.launchers import BY_KIND, CUSTOM, JOB, LAUNCHERS
 from sami_operator.models import GROUP, StagePhase
 from sami_operator.reconcile import ChildState, CreateRefused
 
 log = logging.getLogger(__name__)
 
-# How each workload kind labels its pods (rank 0's pod sorts first by name: <job>-master-0,
-# <jobset>-node-0-0).
-_POD_SELECTORS = {
-    JOB_API: "job-name={name}",
-    PYTORCHJOB_API: "training.kubeflow.org/job-name={name}",
-    JOBSET_API: "jobset.sigs.k8s.io/jobset-name={name}",
-}
+JOB_API = JOB.api
+# How each workload kind labels its pods (rank 0's pod sorts first by name: launchers.py).
+_POD_SELECTORS = {w.api: w.pod_selector for w in LAUNCHERS.values()}
 # Waiting reasons that do not go away by themselves: shown in the run's status.
 STUCK_REASONS = {
     "CreateContainerConfigError",
@@ -74,11 +71,8 @@ class Kube:
         """Which training launchers this cluster can run (their APIs are served)."""
         groups = client.ApisApi(self.api).get_api_versions().groups
         versions = {(g.name, v.version) for g in groups for v in g.versions}
-        served = {"Job"}
-        if PYTORCHJOB_API[:2] in versions:
-            served.add("PyTorchJob")
-        if JOBSET_API[:2] in versions:
-            served.add("JobSet")
+        served = {JOB.kind}
+        served.update(w.launcher.value for w in CUSTOM if (w.group, w.version) in versions)
         return frozenset(served)
 
     # --- children ----------------------------------------------------------------------------
@@ -94,8 +88,7 @@ class Kube:
             elif kind == "Job":
                 self.batch.create_namespaced_job(ns, obj)
             else:
-                group, version = obj["apiVersion"].split("/")
-                plural = {"PyTorchJob": "pytorchjobs", "JobSet": "jobsets"}[kind]
+                group, version, plural = BY_KIND[kind].api
                 self.custom.create_namespaced_custom_object(group, version, ns, plural, obj)
         except ApiException as err:
             if err.status == 409:
@@ -113,7 +106,7 @@ class Kube:
             lambda: self.batch.delete_namespaced_job(name, namespace, body=background),
             lambda: self.core.delete_namespaced_config_map(name, namespace),
         ]
-        for group, version, plural in (PYTORCHJOB_API, JOBSET_API):
+        for group, version, plural in (w.api for w in CUSTOM):
             calls.append(
                 lambda g=group, v=version, p=plural: self.custom.delete_namespaced_custom_object(
                     g, v, namespace, p, name, body=background
@@ -139,7 +132,7 @@ class Kube:
                 found[job.metadata.name] = ChildState(_job_phase(job))
                 continue
             found[job.metadata.name] = self._job_state(namespace, job)
-        for api in (PYTORCHJOB_API, JOBSET_API):
+        for api in (w.api for w in CUSTOM):
             group, version, plural = api
             try:
                 items = self.custom.list_namespaced_custom_object(
@@ -185,7 +178,14 @@ class Kube:
     def _failed_create(self, namespace: str, name: str) -> tuple[str | None, str | None]:
         """The latest event saying a workload controller could not create the child's pods
         (a quota, Pod Security or a webhook refusing them, a missing ServiceAccount)."""
-        events = self.core.list_namespaced_event(namespace, field_selector="type=Warning").items
+        try:
+            found = self.core.list_namespaced_event(namespace, field_selector="type=Warning")
+        except ApiException as err:
+            if err.status != 403:
+                raise
+            log.warning("cannot list events in %s (RBAC: list events): %s", namespace, err.reason)
+            return None, None
+        events = found.items
         mine = [
             e
             for e in events
@@ -299,13 +299,15 @@ def _job_phase(job) -> StagePhase:
 
 
 def _custom_phase(obj: dict[str, Any]) -> StagePhase:
-    """The same for a training launcher's workload (PyTorchJob, JobSet)."""
+    """The same for a training launcher's workload, by its conditions (launchers.py)."""
+    workload = BY_KIND[obj["kind"]]
     conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", []) or []}
-    if _true(conditions.get("Succeeded")) or _true(conditions.get("Completed")):
+    if any(_true(conditions.get(c)) for c in workload.succeeded):
         return StagePhase.succeeded
-    if _true(conditions.get("Failed")):
+    if any(_true(conditions.get(c)) for c in workload.failed):
         return StagePhase.failed
-    return StagePhase.queued if _true(conditions.get("Suspended")) else StagePhase.pending
+    suspended = any(_true(conditions.get(c)) for c in workload.suspended)
+    return StagePhase.queued if suspended else StagePhase.pending
 
 
 def _true(condition) -> bool:

@@ -479,7 +479,13 @@ class GenerationSpec(APIModel):
 class Launcher(str, Enum):
     pytorchjob = "PyTorchJob"
     jobset = "JobSet"
+    trainjob = "TrainJob"
     job = "Job"
+
+
+# What the launchers that start torchrun on several nodes wait for the last node by default:
+# GPU node autoscaling (a few minutes) plus the pull of a worker image of about 15 GB.
+DEFAULT_RENDEZVOUS_SECONDS = 1800
 
 
 class OptimizerSpec(APIModel):
@@ -566,8 +572,26 @@ class TrainingSpec(APIModel):
     )
     launcher: Launcher = Field(
         default=Launcher.pytorchjob,
-        description="Training workload on Kubernetes: Kubeflow PyTorchJob, JobSet, or a "
-        "single-node batch/v1 Job.",
+        description="Training workload on Kubernetes: a Kubeflow Training Operator v1 "
+        "PyTorchJob (kubeflow.org/v1), a JobSet (jobset.x-k8s.io/v1alpha2), a Kubeflow "
+        "Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1, running the ClusterTrainingRuntime "
+        "named by trainingRuntime), or a single-node batch/v1 Job.",
+    )
+    training_runtime: str = Field(
+        default="torch-distributed",
+        min_length=1,
+        max_length=253,
+        description="launcher TrainJob: the ClusterTrainingRuntime the TrainJob runs "
+        "(spec.runtimeRef); a torch runtime whose trainer Job and container are named 'node', "
+        "as Kubeflow Trainer's torch-distributed.",
+    )
+    rendezvous_seconds: int = Field(
+        default=DEFAULT_RENDEZVOUS_SECONDS,
+        ge=60,
+        le=86400,
+        description="Multi-node launchers (PyTorchJob, JobSet, TrainJob): how long torchrun on "
+        "each node waits for the others to join (its rendezvous timeout), long enough for GPU "
+        "node autoscaling and a large image pull on the slowest node.",
     )
     nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Training nodes (pods).")
     procs_per_node: int = Field(default=1, ge=1, le=64, description="Processes (GPUs) per node.")
@@ -583,7 +607,7 @@ class TrainingSpec(APIModel):
         if self.launcher == Launcher.job and self.nodes != 1:
             raise ValueError(
                 f"nodes: launcher Job runs on a single node, got nodes={self.nodes}; "
-                "use PyTorchJob or JobSet for multi-node training"
+                "use PyTorchJob, JobSet or TrainJob for multi-node training"
             )
         return self
 
@@ -941,6 +965,18 @@ class PodSpec(APIModel):
         return default.model_copy(update={f: getattr(self, f) for f in self.model_fields_set})
 
 
+# Pod fields a Kubeflow Trainer v2.3 TrainJob cannot set on its pods (its runtimePatches carry
+# a PodSpecPatch without them): they come from the ClusterTrainingRuntime.
+TRAINJOB_POD_FIELDS_FROM_RUNTIME = (
+    "priority_class_name",
+    "host_network",
+    "dns_policy",
+    "runtime_class_name",
+    "scheduler_name",
+    "topology_spread_constraints",
+)
+
+
 class PodsSpec(APIModel):
     """Pod settings: `default` for every stage, overridden field by field per stage."""
 
@@ -1055,6 +1091,25 @@ class SAMIRunSpec(APIModel):
                         f"constitutions.perQuery: diverse mode with {k} principles per "
                         f"constitution allows at most {2**k} distinct constitutions, got {c}"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _launcher_carries_the_pods(self) -> SAMIRunSpec:
+        """A TrainJob can set only some pod fields of its trainer pods (its runtimePatches,
+        builders.build_trainjob); the others come from the ClusterTrainingRuntime."""
+        if self.training.launcher != Launcher.trainjob:
+            return self
+        pods = self.pods.train.merged_over(self.pods.default)
+        for field in TRAINJOB_POD_FIELDS_FROM_RUNTIME:
+            if getattr(pods, field) is not None:
+                name = to_camel(field)
+                where = "train" if field in self.pods.train.model_fields_set else "default"
+                raise ValueError(
+                    f"pods.{where}.{name}: launcher TrainJob cannot set {name} on the training "
+                    f"pods; set it in the ClusterTrainingRuntime "
+                    f"{self.training.training_runtime!r} instead (or set it on the other "
+                    "stages' pods only)"
+                )
         return self
 
     @model_validator(mode="after")

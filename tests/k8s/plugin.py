@@ -1,7 +1,8 @@
 """pytest fixtures for the real Kubernetes 1.20 control plane (see tests/k8s/__init__.py).
 
 - ``control_plane`` (session): a started ``ControlPlane`` with the CRDs of crds/ and the
-  PyTorchJob and JobSet stand-ins already installed (failures in ``control_plane.crd_errors``).
+  PyTorchJob, JobSet and TrainJob stand-ins already installed (failures in
+  ``control_plane.crd_errors``).
   Builds the binaries with scripts/kube-build.sh when they are missing; skips only when they are
   missing and cannot be built here (no apt-get, or neither root nor passwordless sudo).
 - ``k8s_namespace`` (function): a fresh namespace (its default ServiceAccount token ready, so pods
@@ -9,6 +10,9 @@
 - ``kubelet`` (session): a ``LocalKubelet`` running pods of every non-system namespace.
 - ``pytorchjob_controller`` (session): the PyTorchJob CRD stand-in installed and an emulated
   Kubeflow PyTorchJob controller running (tests/k8s/training_operators.py).
+- ``trainjob_controller`` (session): the TrainJob and ClusterTrainingRuntime CRD stand-ins
+  installed and an emulated Kubeflow Trainer TrainJob controller running; it creates JobSets,
+  so the ``jobset_controller`` runs too.
 - ``jobset_controller`` (session): the JobSet CRD stand-in installed and an emulated JobSet
   controller running (tests/k8s/training_operators.py).
 - ``restricted_admission`` (session): Pod Security 'restricted' enforced on namespaces labelled
@@ -40,8 +44,10 @@ from tests.k8s.kubelet import LocalKubelet
 from tests.k8s.training_operators import (
     JOBSET_CRD,
     PYTORCHJOB_CRD,
+    TRAINJOB_CRD,
     JobSetController,
     PyTorchJobController,
+    TrainJobController,
 )
 
 K8S_FIXTURES = {
@@ -49,6 +55,7 @@ K8S_FIXTURES = {
     "k8s_namespace",
     "kubelet",
     "pytorchjob_controller",
+    "trainjob_controller",
     "jobset_controller",
     "restricted_admission",
 }
@@ -98,7 +105,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     ensure_binaries()
     # The project's CRDs and the training-operator stand-ins go in before the
     # controller-manager starts, so garbage collection of their children is immediate.
-    crds = sorted((ROOT / "crds").glob("*.yaml")) + [PYTORCHJOB_CRD, JOBSET_CRD]
+    crds = sorted((ROOT / "crds").glob("*.yaml")) + [PYTORCHJOB_CRD, JOBSET_CRD, TRAINJOB_CRD]
     cp = ControlPlane(crds=crds).start(tmp_path_factory.mktemp("k8s"))
     try:
         yield cp
@@ -120,6 +127,17 @@ def kubelet(
 @pytest.fixture(scope="session")
 def pytorchjob_controller(control_plane: ControlPlane) -> Iterator[PyTorchJobController]:
     controller = PyTorchJobController(control_plane).start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="session")
+def trainjob_controller(
+    control_plane: ControlPlane, jobset_controller: JobSetController
+) -> Iterator[TrainJobController]:
+    controller = TrainJobController(control_plane).start()
     try:
         yield controller
     finally:

@@ -17,9 +17,12 @@ behaviour, so that the pods it creates are run by ``LocalKubelet``:
   ``RANK`` and ``PET_NODE_RANK`` (master 0, worker i -> i+1), ``PET_NPROC_PER_NODE``
   (``spec.nprocPerNode``, default ``auto``) and ``PET_NNODES`` (total replicas).
   Deviations for one machine: the master address is ``127.0.0.1`` (upstream: the master's
-  headless Service ``<job>-master-0``, not created here), and without a container port named
-  ``pytorchjob-port`` on the master's ``pytorch`` container the port is a free local port chosen
-  per job (upstream default 23456), so concurrent jobs do not collide.
+  headless Service ``<job>-master-0``, not created here; an init container's env value naming
+  that Service, optionally with ``.<namespace>[.svc[.cluster.local]]``, becomes ``127.0.0.1``
+  too), no ``init-pytorch`` init container is added to the workers (upstream: one that waits
+  for the master's Service name to resolve, 100 tries 2 s apart by default), and without a
+  container port named ``pytorchjob-port`` on the master's ``pytorch`` container the port is a
+  free local port chosen per job (upstream default 23456), so concurrent jobs do not collide.
 - ``status``: ``conditions`` (type, status, reason, message, lastUpdateTime,
   lastTransitionTime) with reasons ``PyTorchJobCreated``/``Running``/``Restarting``/
   ``Succeeded``/``Failed``: Created on first sight; Running while the master (or, without a
@@ -86,6 +89,8 @@ Deviations for a 1.20 control plane on one machine:
 Not emulated: failurePolicy.rules (every failure takes the default RestartJobSet action) and
 restartStrategy, startupPolicy, dependsOn, coordinator, ttlSecondsAfterFinished, exclusive
 placement, Events, the headless Service's endpoints (no endpoints controller runs).
+``TrainJobController`` plays Kubeflow Trainer's TrainJob controller (trainer.kubeflow.org/v1alpha1)
+on top of ``JobSetController``; its docstring says what it does and where it deviates.
 """
 
 from __future__ import annotations
@@ -423,6 +428,21 @@ class PyTorchJobController(_PollingController):
             c["env"] = list(c.get("env") or []) + env
             containers.append(c)
         pod_spec["containers"] = containers
+        # One machine, no cluster DNS: init containers' env naming the master's Service (as the
+        # operator's wait-for-master does) gets 127.0.0.1, the master address given above.
+        master_dns = re.compile(
+            rf"{re.escape(name)}-master-0(?:\.{re.escape(meta['namespace'])}"
+            r"(?:\.svc(?:\.cluster\.local)?)?)?"
+        )
+        inits = []
+        for c in pod_spec.get("initContainers") or []:
+            c = copy.deepcopy(c)
+            for var in c.get("env") or []:
+                if "value" in var and master_dns.fullmatch(var["value"]):
+                    var["value"] = "127.0.0.1"
+            inits.append(c)
+        if inits:
+            pod_spec["initContainers"] = inits
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -845,3 +865,256 @@ def set_condition(
             c = {**c, "status": "False", "lastTransitionTime": t, "lastUpdateTime": t}
         kept.append(c)
     conditions[:] = kept + [new]
+
+
+# ----------------------------------------------------------------------------- TrainJob
+TRAINJOB_CRD = CRD_DIR / "trainer.kubeflow.org_trainjobs.yaml"
+TRAINER_API = "/apis/trainer.kubeflow.org/v1alpha1"
+TRAINER = "trainer.kubeflow.org"
+TRAINJOB_CONTROLLER_NAME = f"{TRAINER}/trainjob-controller"
+ANCESTOR = f"{TRAINER}/trainjob-ancestor-step"
+TRAINER_PORT = 29500
+
+
+def install_trainjob_crds(cp: ControlPlane) -> None:
+    cp.kubectl("apply", "--validate=false", "-f", str(TRAINJOB_CRD))
+    for name in ("trainjobs", "clustertrainingruntimes"):
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{name}.{TRAINER}", "--timeout=30s")
+
+
+class TrainJobController(_PollingController):
+    """Plays Kubeflow Trainer's TrainJob controller (trainer.kubeflow.org/v1alpha1, release
+    v2.3; CRD stand-ins for TrainJob and ClusterTrainingRuntime in
+    tests/k8s/crds/trainer.kubeflow.org_trainjobs.yaml) with the torch plugin, as far as the
+    operator needs. It creates a JobSet, which ``JobSetController`` runs:
+
+    - The JobSet is named after the TrainJob, owned by it (controller ownerReference), from the
+      ``spec.template`` of the ClusterTrainingRuntime named in ``spec.runtimeRef``; its labels
+      and annotations are the template's plus those in each ``runtimePatches[].
+      trainingRuntimeSpec.template.metadata``; the TrainJob's own labels are not copied.
+    - ``spec.runtimePatches`` are merged into the template in order, as upstream's strategic
+      merge does for the fields it allows: replicated Jobs by name; metadata labels and
+      annotations and ``nodeSelector`` merged key by key; ``volumes``, ``containers`` and
+      ``initContainers`` by name (a container's ``env`` by name, ``volumeMounts`` by
+      mountPath, ``securityContext`` key by key); other pod fields replaced.
+    - The trainer Job (the replicated Job labelled ``trainjob-ancestor-step: trainer``), its
+      container ``node``: ``spec.trainer.image``, ``command`` and ``args`` replace the
+      runtime's, ``env`` is merged by name, ``resourcesPerNode`` replaces the resources; the
+      torch plugin's env is added: ``PET_NNODES`` (``numNodes``, else the runtime's
+      ``mlPolicy.numNodes``, else 1), ``PET_NPROC_PER_NODE`` (``numProcPerNode``, else
+      ``auto``), ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` ``<name>-node-0-0.<name>`` and
+      ``PET_MASTER_PORT`` 29500, with container port 29500.
+    - ``status.conditions`` (metav1.Condition): ``Complete`` and ``Failed`` copied from the
+      JobSet's ``Completed`` and ``Failed`` (reason and message too) once True; ``Suspended``
+      True (reason ``Suspended``) while ``spec.suspend``, False (``Resumed``) after;
+      ``status.jobsStatus`` from the JobSet's ``replicatedJobsStatus``. No Running condition.
+      ``spec.suspend`` is passed on to the JobSet. TrainJobs whose ``spec.managedBy`` is not the
+      built-in controller's are left alone.
+    Deviations, for a 1.20 control plane (no Indexed Jobs; see ``JobSetController``):
+    - Upstream's trainer Job is one Indexed Job of ``numNodes`` pods (``replicas`` 1,
+      ``parallelism`` and ``completions`` numNodes; pod ``<name>-node-0-<index>``, rank from
+      the ``batch.kubernetes.io/job-completion-index`` annotation). Here it is ``numNodes``
+      Jobs of one pod each (``replicas`` numNodes; pod hostname ``<name>-node-<index>-0``) and
+      ``PET_NODE_RANK`` comes from the ``jobset.sigs.k8s.io/job-index`` annotation. Rank 0's
+      hostname, ``<name>-node-0-0``, is the same in both.
+    - A TrainJob whose runtime is missing waits for it (upstream's webhook refuses it).
+    Not emulated: namespaced TrainingRuntimes, initializers, other ML policies (MPI, ...),
+    podGroupPolicy, activeDeadlineSeconds, the runtime snapshot, the webhook's validation.
+    """
+
+    api = TRAINER_API
+    plural = "trainjobs"
+
+    def install(self) -> None:
+        install_trainjob_crds(self.cp)
+
+    def reconcile(self, api: KubeClient, tj: dict) -> None:
+        meta, spec = tj["metadata"], tj["spec"]
+        if meta.get("deletionTimestamp"):
+            return
+        if spec.get("managedBy", TRAINJOB_CONTROLLER_NAME) != TRAINJOB_CONTROLLER_NAME:
+            return
+        ns, name = meta["namespace"], meta["name"]
+        old_status = tj.get("status") or {}
+        status = copy.deepcopy(old_status)
+        conditions = status.setdefault("conditions", [])
+        path = f"{JOBSET_API}/namespaces/{ns}/jobsets"
+        try:
+            js = api.get(f"{path}/{name}")
+        except ApiError as e:
+            if e.status_code != 404:
+                raise
+            js = None
+        finished = is_true(conditions, "Complete") or is_true(conditions, "Failed")
+        suspend = bool(spec.get("suspend"))
+        if js is None and not finished:
+            ref = spec["runtimeRef"]
+            runtime = api.get(f"{TRAINER_API}/clustertrainingruntimes/{ref['name']}")
+            with contextlib.suppress(ApiError):  # 409: made meanwhile
+                api.create(path, self._jobset(tj, runtime))
+        elif js is not None and bool(js["spec"].get("suspend")) != suspend and not finished:
+            api.merge_patch(f"{path}/{name}", {"spec": {"suspend": suspend}})
+
+        if suspend:
+            set_status_condition(
+                conditions, "Suspended", "True", "Suspended", "TrainJob is suspended"
+            )
+        elif is_true(conditions, "Suspended"):
+            set_status_condition(conditions, "Suspended", "False", "Resumed", "TrainJob is resumed")
+        if js is not None:
+            js_status = js.get("status") or {}
+            for theirs, ours in (("Completed", "Complete"), ("Failed", "Failed")):
+                c = next(
+                    (c for c in js_status.get("conditions") or [] if c["type"] == theirs), None
+                )
+                if c is not None and c["status"] == "True":
+                    set_status_condition(conditions, ours, "True", c["reason"], c["message"])
+            jobs = [dict(r) for r in js_status.get("replicatedJobsStatus") or []]
+            if jobs:
+                status["jobsStatus"] = jobs
+        if status != old_status:
+            with contextlib.suppress(ApiError):
+                api.merge_patch(
+                    f"{TRAINER_API}/namespaces/{ns}/trainjobs/{name}/status",
+                    {"metadata": {"uid": meta["uid"]}, "status": status},
+                )
+
+    @staticmethod
+    def _jobset(tj: dict, runtime: dict) -> dict:
+        meta, spec = tj["metadata"], tj["spec"]
+        name = meta["name"]
+        template = copy.deepcopy(runtime["spec"]["template"])
+        labels = dict((template.get("metadata") or {}).get("labels") or {})
+        annotations = dict((template.get("metadata") or {}).get("annotations") or {})
+        js_spec = template.get("spec") or {}
+        for patch in spec.get("runtimePatches") or []:
+            patch_template = (patch.get("trainingRuntimeSpec") or {}).get("template") or {}
+            labels.update((patch_template.get("metadata") or {}).get("labels") or {})
+            annotations.update((patch_template.get("metadata") or {}).get("annotations") or {})
+            for rpatch in (patch_template.get("spec") or {}).get("replicatedJobs") or []:
+                rjob = next(r for r in js_spec["replicatedJobs"] if r["name"] == rpatch["name"])
+                _merge_job_template(rjob.setdefault("template", {}), rpatch.get("template") or {})
+
+        trainer = spec.get("trainer") or {}
+        ml_policy = runtime["spec"].get("mlPolicy") or {}
+        nodes = int(trainer.get("numNodes", ml_policy.get("numNodes", 1)))
+        nproc = str(trainer.get("numProcPerNode", "auto"))
+        index = {"fieldRef": {"fieldPath": "metadata.annotations['jobset.sigs.k8s.io/job-index']"}}
+        pet = [
+            {"name": "PET_NNODES", "value": str(nodes)},
+            {"name": "PET_NPROC_PER_NODE", "value": nproc},
+            {"name": "PET_NODE_RANK", "valueFrom": index},
+            {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
+            {"name": "PET_MASTER_PORT", "value": str(TRAINER_PORT)},
+        ]
+        for rjob in js_spec["replicatedJobs"]:
+            job_meta = rjob["template"].get("metadata") or {}
+            if (job_meta.get("labels") or {}).get(ANCESTOR) != "trainer":
+                continue
+            rjob["replicas"] = nodes
+            job_spec = rjob["template"].setdefault("spec", {})
+            job_spec["parallelism"] = job_spec["completions"] = 1
+            for c in job_spec["template"]["spec"]["containers"]:
+                if c["name"] != "node":
+                    continue
+                for key in ("image", "command", "args"):
+                    if key in trainer:
+                        c[key] = trainer[key]
+                if "resourcesPerNode" in trainer:
+                    c["resources"] = trainer["resourcesPerNode"]
+                c["env"] = _merged_by(c.get("env"), [*(trainer.get("env") or []), *pet], "name")
+                ports = [p for p in c.get("ports") or [] if p["containerPort"] != TRAINER_PORT]
+                c["ports"] = [*ports, {"containerPort": TRAINER_PORT}]
+        return {
+            "apiVersion": "jobset.x-k8s.io/v1alpha2",
+            "kind": "JobSet",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [controller_ref(tj, f"{TRAINER}/v1alpha1", "TrainJob")],
+            },
+            "spec": {**js_spec, "suspend": bool(spec.get("suspend"))},
+        }
+
+
+def _merged_by(base: list | None, patch: list | None, key: str) -> list:
+    """A strategic merge of two lists of objects by `key`: same key, merged key by key (one
+    level deep: securityContext and the like); new keys appended."""
+    out = [copy.deepcopy(x) for x in base or []]
+    for item in patch or []:
+        current = next((x for x in out if x.get(key) == item.get(key)), None)
+        if current is None:
+            out.append(copy.deepcopy(item))
+            continue
+        for k, v in item.items():
+            if isinstance(v, dict) and isinstance(current.get(k), dict):
+                current[k] = {**current[k], **v}
+            else:
+                current[k] = copy.deepcopy(v)
+    return out
+
+
+def _merge_meta(base: dict, patch: dict) -> None:
+    for key in ("labels", "annotations"):
+        if patch.get(key):
+            base[key] = {**(base.get(key) or {}), **patch[key]}
+
+
+def _merge_job_template(base: dict, patch: dict) -> None:
+    """A runtimePatches replicated Job template into the runtime's (see TrainJobController)."""
+    _merge_meta(base.setdefault("metadata", {}), patch.get("metadata") or {})
+    pod_patch = (patch.get("spec") or {}).get("template") or {}
+    pod = base.setdefault("spec", {}).setdefault("template", {})
+    _merge_meta(pod.setdefault("metadata", {}), pod_patch.get("metadata") or {})
+    pod_spec = pod.setdefault("spec", {})
+    for key, value in (pod_patch.get("spec") or {}).items():
+        if key in ("containers", "initContainers"):
+            merged = []
+            for c in pod_spec.get(key) or []:
+                p = next((p for p in value if p["name"] == c["name"]), None)
+                if p is not None:
+                    c = dict(c)
+                    c["env"] = _merged_by(c.get("env"), p.get("env"), "name")
+                    c["volumeMounts"] = _merged_by(
+                        c.get("volumeMounts"), p.get("volumeMounts"), "mountPath"
+                    )
+                    if "securityContext" in p:
+                        c["securityContext"] = {
+                            **(c.get("securityContext") or {}),
+                            **p["securityContext"],
+                        }
+                merged.append(c)
+            pod_spec[key] = merged
+        elif key in ("volumes", "imagePullSecrets", "schedulingGates"):
+            pod_spec[key] = _merged_by(pod_spec.get(key), value, "name")
+        elif key == "nodeSelector":
+            pod_spec[key] = {**(pod_spec.get(key) or {}), **value}
+        elif key == "securityContext":
+            pod_spec[key] = {**(pod_spec.get(key) or {}), **value}
+        else:
+            pod_spec[key] = copy.deepcopy(value)
+
+
+def set_status_condition(
+    conditions: list[dict], ctype: str, status: str, reason: str, message: str
+) -> None:
+    """apimachinery's meta.SetStatusCondition: add, or update in place; lastTransitionTime
+    changes only with the status."""
+    current = next((c for c in conditions if c["type"] == ctype), None)
+    if current is None:
+        conditions.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now(),
+            }
+        )
+        return
+    if current["status"] != status:
+        current["status"] = status
+        current["lastTransitionTime"] = now()
+    current["reason"], current["message"] = reason, message

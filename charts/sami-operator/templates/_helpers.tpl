@@ -139,11 +139,18 @@ why; there are no wildcards (tests/test_chart.py checks both).
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
   verbs: ["list", "create", "delete"]
-# Events on SAMIRuns (stage started, succeeded, failed; Kopf's handler errors). Kopf posts
-# core/v1 Events only, so events.k8s.io is not needed.
+# Training stages with spec.training.launcher TrainJob (Kubeflow Trainer v2); listed and
+# deleted like PyTorchJobs. Their JobSets are the Trainer's, garbage-collected with them.
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["list", "create", "delete"]
+# Events on SAMIRuns (stage started, succeeded, failed, stalled; Kopf's handler errors): Kopf
+# posts core/v1 Events only, so events.k8s.io is not needed. Listed to read the FailedCreate
+# events of a child whose pods cannot be created (quota, Pod Security, a missing
+# ServiceAccount), so the run's status says why.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["list", "create"]
 {{- end }}
 
 {{/*
