@@ -222,6 +222,7 @@ def test_no_key_over_plain_http_without_the_opt_in(replay_endpoint, tmp_path, mo
     replay.answers = [RECORDED[0]["answer"], RECORDED[1]["answer"]]
     monkeypatch.setenv("SAMI_API_KEY", "sk-sami")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin")  # the library reads it too
     task = writer_task(
         tmp_path / "p", {"endpoint": {"url": url, "model": "w"}, "instruction": "x", "count": 1}
     )
