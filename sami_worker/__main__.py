@@ -9,8 +9,8 @@ Exit codes, so a launcher's failure policy can tell failures apart:
     1   unexpected error (a bug; the traceback is printed)
     65  bad task or input: invalid task file, missing dataset or model, bad credentials,
         empty query set, out of memory. Retrying cannot help (sysexits EX_DATAERR).
-    75  transient failure: storage or the judge endpoint unreachable after retries, a peer
-        died. Retrying may help (sysexits EX_TEMPFAIL).
+    75  transient failure: storage or a chat endpoint (judge, principle writer) unreachable
+        or failing (429, 5xx) after retries, a peer died. Retrying may help (sysexits EX_TEMPFAIL).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    from sami_worker.chat import EndpointUnavailable
     from sami_worker.datasets import DatasetError
-    from sami_worker.judge import JudgeUnavailable
     from sami_worker.storage import StorageError, TransientStorageError
 
     DistError = _dist_error()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = _run_stage(args.stage, args.task)
-    except (TransientStorageError, JudgeUnavailable, DistError) as err:
+    except (TransientStorageError, EndpointUnavailable, DistError) as err:
         log.error("%s (retryable)", err)
         return _report(args.stage, EXIT_RETRYABLE, error=str(err))
     except (TaskError, DatasetError, StorageError, FileNotFoundError) as err:

@@ -14,10 +14,11 @@ so prompts, verdict parsing, orders and the cache are the same for either.
 - Outcome of one verdict: 1 the tested response won, 0 it lost, 0.5 a tie or a verdict that
   does not parse. Ties and parse failures are counted apart so a judge that cannot follow the
   answer format shows up as such rather than as a 50% win rate.
-- Endpoint client: bounded concurrency (an asyncio semaphore over one httpx.AsyncClient),
-  retries with exponential backoff and jitter on 429, 5xx, timeouts and connection errors
-  (Retry-After is honoured), temperature 0. Local judge: greedy decoding with the generation
-  backend, the prompt rendered with the judge model's chat template.
+- Endpoint client: chat.ChatClient (the `openai` library) with bounded concurrency (an
+  asyncio semaphore), the library's retries with backoff on 429, 5xx, timeouts and connection
+  errors (Retry-After is honoured), temperature 0; the API key only over https. Local judge:
+  greedy decoding with the generation backend, the prompt rendered with the judge model's chat
+  template.
 - Cache: the answers, keyed by sha256(judge model, prompt), in a JSONL object in storage that
   the evaluation stage keeps beside its outputs (not in the manifest) and rewrites as answers
   arrive, so a stage that failed half way and runs again does not pay for (or generate) the
@@ -35,7 +36,6 @@ Try it against any OpenAI-compatible endpoint (e.g. `vllm serve MODEL`):
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -45,11 +45,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import httpx
-
 from sami_operator.models import Endpoint, ModelSpec
-from sami_worker import settings, storage
+from sami_worker import chat, storage
 from sami_worker.backends import Backend, SamplingSettings, request_seed
+from sami_worker.chat import ChatClient, EndpointUnavailable
 from sami_worker.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -57,16 +56,12 @@ log = logging.getLogger(__name__)
 Verdict = Literal["A", "B", "tie"]
 
 JUDGE_MAX_TOKENS = 512  # room for a short explanation before the final line
-ATTEMPTS = 8  # per request; waits of up to 1, 2, 4, 8, 16, 30, 30 s between them
-BACKOFF_S = 1.0
-BACKOFF_CAP_S = 30.0
+ATTEMPTS = chat.ATTEMPTS  # per request, the first included
 FLUSH_EVERY = 32  # new answers between cache writes
-_RETRY_STATUS = {408, 425, 429}  # and every 5xx
 
-
-class JudgeUnavailable(RuntimeError):
-    """The judge endpoint kept failing transiently (429, 5xx, timeouts) past the retry budget.
-    Retrying the stage later may help; the cache keeps the answers already paid for."""
+# The judge endpoint kept failing transiently (429, 5xx, timeouts) past the retries. Retrying
+# the stage later may help; the cache keeps the answers already paid for.
+JudgeUnavailable = EndpointUnavailable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,8 +394,9 @@ class Judge:
 
 
 class JudgeClient(Judge):
-    """Chat completions from an OpenAI-compatible endpoint, many at once (at most
-    `max_concurrency` requests in flight), retried with backoff, cached."""
+    """Chat completions from an OpenAI-compatible endpoint (chat.ChatClient: the library's
+    retries, errors mapped to exit codes, the key only over https), many at once (at most
+    `max_concurrency` requests in flight), cached."""
 
     def __init__(
         self,
@@ -409,109 +405,42 @@ class JudgeClient(Judge):
         cache: JudgeCache | None = None,
         *,
         attempts: int | None = None,
-        backoff_s: float | None = None,
     ):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1; got {max_concurrency}")
         super().__init__(endpoint.model, cache)
         self.endpoint = endpoint
-        self.url = endpoint.url.rstrip("/") + "/chat/completions"
         self.max_concurrency = max_concurrency
-        # Module defaults read here, not at import, so a test can shorten them.
-        self.attempts = ATTEMPTS if attempts is None else attempts
-        self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
-        self.headers: dict[str, str] = {}
-        if endpoint.api_key_secret is not None:
-            key = settings.api_key()
-            if not key:
-                raise TaskError(
-                    "evaluation.judge.endpoint.apiKeySecret is set but no API key reached the "
-                    "worker: set SAMI_API_KEY (the operator fills it from that Secret)"
-                )
-            self.headers["Authorization"] = f"Bearer {key}"
+        # The module default read here, not at import, so a test can lower it.
+        self.chat = ChatClient(
+            endpoint,
+            "evaluation.judge.endpoint",
+            attempts=ATTEMPTS if attempts is None else attempts,
+        )
+        self.url = self.chat.url
 
     def _answer(self, prompts: list[str]) -> None:
         log.info("judge %s: requesting %d answers from %s", self.model, len(prompts), self.url)
-        asyncio.run(self._request_all(prompts))
-
-    async def _request_all(self, prompts: list[str]) -> None:
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        timeout = httpx.Timeout(self.endpoint.timeout_seconds)
-        limits = httpx.Limits(max_connections=self.max_concurrency)
         done = 0
 
-        async def one(client: httpx.AsyncClient, prompt: str) -> None:
+        def arrived(prompt: str, answer: str) -> None:
             nonlocal done
-            async with semaphore:
-                answer = await self._request(client, prompt)
             self.cache.put(self.model, prompt, answer)
             done += 1
             if done % max(1, len(prompts) // 10) == 0 or done == len(prompts):
                 log.info("judge: %d/%d answers", done, len(prompts))
 
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-            tasks = [asyncio.create_task(one(client, p)) for p in prompts]
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                # On the first failure the rest are cancelled; what arrived stays cached.
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _request(self, client: httpx.AsyncClient, prompt: str) -> str:
-        body = {
-            "model": self.endpoint.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0.0,
-            "max_tokens": JUDGE_MAX_TOKENS,
-        }
-        problem, retry_after = "", None
-        for attempt in range(self.attempts):
-            if attempt:
-                await asyncio.sleep(self._wait(attempt, retry_after))
-                retry_after = None
-            self.requests += 1
-            try:
-                response = await client.post(self.url, json=body, headers=self.headers)
-            except httpx.TransportError as err:  # connect/read errors and timeouts
-                problem = f"{type(err).__name__}: {err}"
-                log.warning(
-                    "judge request failed (%s), attempt %d/%d", problem, attempt + 1, self.attempts
-                )
-                continue
-            if response.status_code in _RETRY_STATUS or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}"
-                retry_after = response.headers.get("retry-after")
-                log.warning("judge answered %s, attempt %d/%d", problem, attempt + 1, self.attempts)
-                continue
-            if response.status_code >= 400:
-                raise TaskError(
-                    f"evaluation.judge.endpoint: {self.url} answered {response.status_code}: "
-                    f"{response.text[:300]}"
-                )
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise TaskError(
-                    f"evaluation.judge.endpoint: {self.url} did not answer like an "
-                    f"OpenAI-compatible chat endpoint: {response.text[:300]}"
-                ) from None
-        raise JudgeUnavailable(
-            f"evaluation.judge.endpoint: {self.url} still failing after {self.attempts} "
-            f"attempts (last: {problem})"
-        )
-
-    def _wait(self, attempt: int, retry_after: str | None) -> float:
-        """Exponential backoff with full jitter (spreads out clients that failed together); a
-        server's Retry-After in seconds wins when it asks for longer, up to the cap."""
-        wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2 ** (attempt - 1)))
-        if retry_after:
-            try:
-                wait = max(wait, min(BACKOFF_CAP_S, float(retry_after)))
-            except ValueError:
-                pass
-        return wait
+        before = self.chat.requests
+        try:
+            self.chat.complete_many(
+                prompts,
+                temperature=0.0,
+                max_tokens=JUDGE_MAX_TOKENS,
+                concurrency=self.max_concurrency,
+                on_answer=arrived,
+            )
+        finally:
+            self.requests += self.chat.requests - before
 
 
 class LocalJudge(Judge):

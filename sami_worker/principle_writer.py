@@ -1,6 +1,8 @@
 """The principles stage: an LM writes principles with antitheses from a short instruction.
 
-The writer is a local model (vLLM) or any OpenAI-compatible chat endpoint. Its answer is
+The writer is a local model (vLLM) or any OpenAI-compatible chat endpoint, asked through
+chat.ChatClient as the judge is (retries, exit 75 when it stays unavailable, exit 65 for a
+client error, the API key only over https). Its answer is
 parsed robustly (a JSON list, possibly inside prose or a code fence, or numbered lines of
 "name | definition | antithesis"), validated (non-empty, distinct, antithesis differs from the
 definition), and on failure asked again with a stricter prompt. The result is published as
@@ -17,18 +19,18 @@ import re
 import tempfile
 from pathlib import Path
 
-import httpx
 from pydantic import ValidationError
 
-from sami_operator.models import Endpoint, ModelSpec, Principle
-from sami_worker import settings, storage
+from sami_operator.models import ModelSpec, Principle
+from sami_worker import storage
 from sami_worker.backends import SamplingSettings
+from sami_worker.chat import ChatClient
 from sami_worker.common import PRINCIPLES_FILE, open_model_backend, open_uri
 from sami_worker.tasks import TaskError, WritePrinciplesTask
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 3
+ATTEMPTS = 3  # answers asked for, each retried by the chat client on transient errors
 
 _PROMPT = """Write {count} principles for {instruction}
 
@@ -123,30 +125,6 @@ def _lines(answer: str) -> list[dict]:
     return items
 
 
-def ask_endpoint(endpoint: Endpoint, prompt: str, temperature: float, max_tokens: int) -> str:
-    headers = {}
-    key = settings.api_key()
-    if endpoint.api_key_secret is not None and key:
-        headers["Authorization"] = f"Bearer {key}"
-    url = endpoint.url.rstrip("/") + "/chat/completions"
-    body = {
-        "model": endpoint.model,
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-    }
-    try:
-        response = httpx.post(url, json=body, headers=headers, timeout=endpoint.timeout_seconds)
-    except httpx.HTTPError as err:
-        raise TaskError(f"principles.writer.endpoint: cannot reach {url}: {err}") from None
-    if response.status_code >= 400:
-        raise TaskError(
-            f"principles.writer.endpoint: {url} answered {response.status_code}: "
-            f"{response.text[:200]}"
-        )
-    return response.json()["choices"][0]["message"]["content"]
-
-
 class _LocalWriter:
     def __init__(self, task: WritePrinciplesTask):
         model = ModelSpec(uri=task.writer.model)
@@ -185,9 +163,10 @@ def run(task: WritePrinciplesTask) -> dict:
         return storage.read_manifest(out, "").meta
     w = task.writer
     if w.endpoint is not None:
+        client = ChatClient(w.endpoint, "principles.writer.endpoint")
 
         def ask(prompt: str, attempt: int) -> str:
-            return ask_endpoint(w.endpoint, prompt, w.temperature, w.max_tokens)
+            return client.complete(prompt, temperature=w.temperature, max_tokens=w.max_tokens)
 
         principles = write_principles(ask, w.instruction, w.count)
     else:

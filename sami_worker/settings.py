@@ -4,9 +4,10 @@ SAMI_CACHE_DIR    local cache for converted and downloaded models (default ~/.ca
 SAMI_SUMMARY_FILE where to write the stage's result line (set in pods: the termination log)
 SAMI_EXPORT_SHARD_BYTES
                   largest safetensors file the training export writes (default 5 GB)
-SAMI_API_KEY      API key for OpenAI-compatible endpoints (principle writer, judge); the
-                  operator fills it from the Secret named in the spec. OPENAI_API_KEY is
-                  used when it is unset.
+SAMI_API_KEY      API key for OpenAI-compatible endpoints (principle writer, judge) that
+                  name an apiKeySecret; the operator fills it from that Secret. When it is
+                  unset, OPENAI_API_KEY is used for https endpoints only (see
+                  sami_worker.chat.api_key_for).
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAMI_CACHE_DIR") or Path.home() / ".cache" / "sami")
 
 
-def api_key() -> str | None:
-    return os.environ.get("SAMI_API_KEY") or os.environ.get("OPENAI_API_KEY")
+def api_key(*, over_https: bool) -> str | None:
+    """The API key for an endpoint that names an apiKeySecret: SAMI_API_KEY, else (only for a
+    key that will travel over https) OPENAI_API_KEY."""
+    key = os.environ.get("SAMI_API_KEY")
+    if not key and over_https:
+        key = os.environ.get("OPENAI_API_KEY")
+    return key or None
 
 
 def summary_file() -> str | None:

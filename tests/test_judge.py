@@ -209,7 +209,9 @@ def test_summarisation_prompt_names_the_post():
 
 class _Scripted(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint whose answer to each request comes from `respond(body,
-    n)` -> (status, content); it records requests and the most requests in flight at once."""
+    n)` -> (status, content); it records requests and the most requests in flight at once.
+    An error's content is the error body's "error" (a string or an OpenAI-style object); with
+    it goes OpenAI's `retry-after-ms: 10`, which the client honours (short waits in tests)."""
 
     respond: Callable[[dict, int], tuple[int, str]] = staticmethod(lambda body, n: (200, "A"))
     delay = 0.0
@@ -222,7 +224,9 @@ class _Scripted(BaseHTTPRequestHandler):
         cls = type(self)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with cls.lock:
-            cls.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+            cls.requests.append(
+                {"body": body, "auth": self.headers.get("Authorization"), "headers": self.headers}
+            )
             n = len(cls.requests)
             cls.in_flight += 1
             cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
@@ -237,8 +241,8 @@ class _Scripted(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if status == 429:
-            self.send_header("Retry-After", "0")
+        if status != 200:
+            self.send_header("retry-after-ms", "10")
         self.end_headers()
         self.wfile.write(data)
 
@@ -260,7 +264,6 @@ def scripted():
 
 
 def client_for(url: str, cache: JudgeCache | None = None, **kwargs) -> JudgeClient:
-    kwargs.setdefault("backoff_s", 0.01)
     return JudgeClient(Endpoint(url=url, model="judge"), 4, cache, **kwargs)
 
 
@@ -290,11 +293,31 @@ def test_transient_failures_are_retried_with_backoff(scripted):
 def test_persistent_failures_are_retryable_errors_and_client_errors_are_not(scripted):
     url, server = scripted
     server.respond = staticmethod(lambda body, n: (502, "bad gateway"))
+    client = client_for(url, attempts=3)
     with pytest.raises(JudgeUnavailable, match="after 3 attempts.*HTTP 502"):
-        client_for(url, attempts=3).complete_many(["p"])
+        client.complete_many(["p"])
+    assert client.requests == len(server.requests) == 3
+    # A client error is not retried, and its message has the status but not the body's text.
     server.respond = staticmethod(lambda body, n: (400, "prompt too long"))
-    with pytest.raises(TaskError, match="answered 400.*prompt too long"):
+    with pytest.raises(TaskError, match=r"evaluation.judge.endpoint: .* answered HTTP 400$") as err:
         client_for(url).complete_many(["p"])
+    assert "prompt too long" not in str(err.value)
+    assert len(server.requests) == 4
+    # Of an OpenAI-style error, the type and code (printable, truncated), not the message.
+    error = {
+        "message": "This model's maximum context length is 4096 tokens: you wrote 'Hi?'",
+        "type": "invalid_request_error\n\x1b[31m",
+        "code": "context_length_exceeded" + "x" * 200,
+    }
+    server.respond = staticmethod(lambda body, n: (400, error))
+    with pytest.raises(TaskError) as err:
+        client_for(url).complete_many(["p"])
+    message = str(err.value)
+    assert message.endswith(
+        f"answered HTTP 400 (type invalid_request_error[31m, code "
+        f"{('context_length_exceeded' + 'x' * 200)[:80]})"
+    )
+    assert "maximum context" not in message and "Hi?" not in message
 
 
 def test_unreachable_endpoint_is_retried_then_reported():
@@ -307,18 +330,83 @@ def test_unreachable_endpoint_is_retried_then_reported():
     assert client.requests == 2
 
 
-def test_api_key_is_sent_when_the_endpoint_names_a_secret(scripted, monkeypatch):
+def test_api_key_is_sent_only_when_the_endpoint_names_a_secret_and_may_get_it(
+    scripted, monkeypatch
+):
+    """The scripted endpoint is plain http on 127.0.0.1: the key goes there only with the
+    opt-in, and only SAMI_API_KEY (OPENAI_API_KEY only ever goes over https)."""
     url, server = scripted
-    endpoint = Endpoint(url=url, model="judge", apiKeySecret={"name": "s", "key": "k"})
+    secret = {"name": "s", "key": "k"}
+    opted_in = Endpoint(url=url, model="judge", apiKeySecret=secret, allowInsecureApiKey=True)
     monkeypatch.delenv("SAMI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(TaskError, match="SAMI_API_KEY"):
-        JudgeClient(endpoint, 2)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    with pytest.raises(TaskError, match="no API key reached the worker: set SAMI_API_KEY"):
+        JudgeClient(opted_in, 2)
     monkeypatch.setenv("SAMI_API_KEY", "sk-test")
-    JudgeClient(endpoint, 2).complete_many(["p"])
+    JudgeClient(opted_in, 2).complete_many(["p"])
     assert server.requests[-1]["auth"] == "Bearer sk-test"
-    client_for(url).complete_many(["q"])  # no secret named: no key sent
+    # No secret named: no key sent, nor OpenAI's organization or project from the environment.
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-x")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-x")
+    client_for(url).complete_many(["q"])
     assert server.requests[-1]["auth"] is None
+    assert {"openai-organization", "openai-project"}.isdisjoint(
+        name.lower() for name in server.requests[-1]["headers"]
+    )
+    assert len(server.requests) == 2
+    # A secret named for plain http without the opt-in, or for a host that is not loopback:
+    # bad input before any request.
+    plain = Endpoint(url=url, model="judge", apiKeySecret=secret)
+    with pytest.raises(TaskError, match=r"sent only over https.*allowInsecureApiKey: true"):
+        JudgeClient(plain, 2)
+    remote = opted_in.model_copy(update={"url": "http://judge.example/v1"})
+    with pytest.raises(TaskError, match=r"not loopback .* use an https URL"):
+        JudgeClient(remote, 2)
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "url, allowed",
+    [
+        ("http://127.0.0.1:8000/v1", True),
+        ("http://127.3.2.1/v1", True),
+        ("http://[::1]:8000/v1", True),
+        ("http://LOCALHOST:8000/v1", True),
+        ("http://localhost./v1", True),
+        ("http://10.0.0.1/v1", False),
+        ("http://localhost.example/v1", False),
+        ("http://127.0.0.1.nip.io/v1", False),
+        ("http://[::ffff:10.0.0.1]/v1", False),
+    ],
+)
+def test_which_plain_http_hosts_may_get_a_key(url, allowed, monkeypatch):
+    from sami_worker.chat import api_key_for
+
+    monkeypatch.setenv("SAMI_API_KEY", "sk-test")
+    endpoint = Endpoint(url=url, model="m", apiKeySecret={"name": "s", "key": "k"})
+    with pytest.raises(TaskError, match="sent only over https"):
+        api_key_for(endpoint, "f")
+    opted_in = endpoint.model_copy(update={"allow_insecure_api_key": True})
+    if allowed:
+        assert api_key_for(opted_in, "f") == "sk-test"
+    else:
+        with pytest.raises(TaskError, match="not loopback"):
+            api_key_for(opted_in, "f")
+
+
+def test_https_endpoints_get_the_key_and_openai_api_key_only_as_a_fallback(monkeypatch):
+    from sami_worker.chat import api_key_for
+
+    endpoint = Endpoint(
+        url="https://api.example/v1", model="m", apiKeySecret={"name": "s", "key": "k"}
+    )
+    monkeypatch.delenv("SAMI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert api_key_for(endpoint, "f") == "sk-openai"
+    monkeypatch.setenv("SAMI_API_KEY", "sk-sami")
+    assert api_key_for(endpoint, "f") == "sk-sami"
+    # No secret named: no key, whatever the environment holds.
+    assert api_key_for(endpoint.model_copy(update={"api_key_secret": None}), "f") is None
 
 
 def test_cache_survives_a_failure_and_a_rerun_pays_nothing(scripted, tmp_path):
@@ -600,7 +688,6 @@ def test_judge_outage_exits_75_and_the_retry_pays_only_for_the_rest(
     from sami_worker.__main__ import EXIT_OK, EXIT_RETRYABLE, main
 
     monkeypatch.setattr(judge, "ATTEMPTS", 2)
-    monkeypatch.setattr(judge, "BACKOFF_S", 0.01)
     url, server = scripted
     base = tmp_path / "iterations" / "0" / "evaluate"
     evaluate.run(evaluate_task(tiny_llama, base, 0, url))

@@ -96,7 +96,13 @@ def _load_one(path: Path):
     help="Where task files and logs go (default .sami/<namespace>/<name>/<uid>).",
 )
 def run(file: Path, workdir: Path | None) -> None:
-    """Run a SAMIRun on this machine: every stage as a local process. Re-running resumes."""
+    """Run a SAMIRun on this machine: every stage as a local process. Re-running resumes.
+
+    API keys come from this environment: an endpoint that names apiKeySecret gets
+    SAMI_API_KEY, or else OPENAI_API_KEY, and only over https (over plain http only
+    SAMI_API_KEY, only to a loopback host whose endpoint sets allowInsecureApiKey). An
+    endpoint without apiKeySecret gets no key.
+    """
     import logging
 
     from sami_operator.local import LocalRunner, default_workdir, run_uid

@@ -5,6 +5,11 @@ Each stage runs its worker program exactly as a pod would (`python -m sami_worke
 complete in storage (manifest present) is skipped, so re-running the same command resumes
 where it stopped, and a finished run is reported, not redone. Ctrl-C terminates the running
 child's process group; stages publish their manifest last, so nothing half-written counts.
+
+The workers inherit this process's environment, so their API key is SAMI_API_KEY or
+OPENAI_API_KEY from it where a pod would get the Secret in apiKeySecret; the workers decide
+where a key may go (sami_worker.chat.api_key_for: only to an endpoint naming apiKeySecret,
+only over https, OPENAI_API_KEY never over plain http).
 """
 
 from __future__ import annotations

@@ -223,9 +223,20 @@ class Endpoint(APIModel):
     model: str = Field(min_length=1, description="Model name to request from the endpoint.")
     api_key_secret: SecretKeyRef | None = Field(
         default=None,
-        description="Secret key holding the API key; none for endpoints without auth.",
+        description="Secret key holding the API key, sent as 'Authorization: Bearer'; none "
+        "for endpoints without auth. The key is sent only over https (or, with "
+        "allowInsecureApiKey, over http to a loopback host); an http URL with a key fails the "
+        "stage as bad input.",
     )
-    timeout_seconds: float = Field(default=120, gt=0, le=3600, description="Per-request timeout.")
+    allow_insecure_api_key: bool = Field(
+        default=False,
+        description="Send the API key over plain http when url's host is loopback (127.0.0.0/8, "
+        "::1, localhost), e.g. a server beside the worker or `sami run`. Any other http host "
+        "never gets the key. Only SAMI_API_KEY is sent this way, never OPENAI_API_KEY.",
+    )
+    timeout_seconds: float = Field(
+        default=120, gt=0, le=3600, description="Per-request timeout (each attempt)."
+    )
 
 
 class PrincipleWriter(APIModel):
