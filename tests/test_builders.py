@@ -22,6 +22,7 @@ from sami_operator.models import DNS_1035_LABEL, MAX_RUN_NAME
 from sami_operator.planner import cleanup_stage, plan
 from sami_operator.settings import OperatorSettings
 from sami_operator.validate import parse_samirun
+from tests.k8s.admission import violations
 
 SETTINGS = OperatorSettings(
     worker_image="registry.example/sami-worker:test", worker_service_account="sami-worker"
@@ -39,57 +40,10 @@ def run_with(samirun_doc, namespace: str, launcher: str, writer: bool = False):
     return parse_samirun(samirun_doc)
 
 
-# The Pod Security Standards, `restricted` profile (which includes `baseline`), for the fields
-# the builders set: https://kubernetes.io/docs/concepts/security/pod-security-standards/
-RESTRICTED_VOLUMES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-}
-SECCOMP_ALLOWED = {"RuntimeDefault", "Localhost"}
-
-
 def restricted_violations(pod: dict) -> list[str]:
-    """What in a pod spec breaks the `restricted` profile; [] when nothing does."""
-    out = []
-    for host in ("hostNetwork", "hostPID", "hostIPC"):
-        if pod.get(host):
-            out.append(f"{host}: true")
-    for volume in pod.get("volumes", []):
-        kinds = set(volume) - {"name"}
-        if not kinds <= RESTRICTED_VOLUMES:
-            out.append(f"volume {volume['name']}: {sorted(kinds - RESTRICTED_VOLUMES)}")
-    pod_sc = pod.get("securityContext", {})
-    containers = pod["containers"] + pod.get("initContainers", [])
-    for c in containers:
-        sc = c.get("securityContext", {})
-        where = f"container {c['name']}"
-        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
-            out.append(f"{where}: runAsNonRoot is not true")
-        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-            out.append(f"{where}: runAsUser 0")
-        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
-        if seccomp not in SECCOMP_ALLOWED:
-            out.append(f"{where}: seccompProfile {seccomp!r}")
-        if sc.get("privileged"):
-            out.append(f"{where}: privileged")
-        if sc.get("allowPrivilegeEscalation") is not False:
-            out.append(f"{where}: allowPrivilegeEscalation is not false")
-        caps = sc.get("capabilities", {})
-        if "ALL" not in caps.get("drop", []):
-            out.append(f"{where}: capabilities.drop lacks ALL")
-        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
-            out.append(f"{where}: capabilities.add {caps['add']}")
-        if any(port.get("hostPort") for port in c.get("ports", [])):
-            out.append(f"{where}: hostPort")
-    if pod_sc.get("runAsUser") == 0:
-        out.append("pod: runAsUser 0")
-    return out
+    """What in a pod spec breaks the `restricted` profile, as the test control plane's Pod
+    Security webhook would say (tests/k8s/admission.py); [] when nothing does."""
+    return violations({"spec": pod})
 
 
 def trainjob_pod_template(trainjob: dict) -> dict:
@@ -263,15 +217,16 @@ def test_the_checker_sees_what_breaks_restricted():
         "containers": [{"name": "w", "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}}],
     }
     assert restricted_violations(pod) == [
-        "hostNetwork: true",
-        "volume models: ['hostPath']",
-        "container w: runAsNonRoot is not true",
-        "container w: runAsUser 0",
-        "container w: seccompProfile None",
-        "container w: allowPrivilegeEscalation is not false",
-        "container w: capabilities.drop lacks ALL",
-        "container w: capabilities.add ['IPC_LOCK']",
-        "pod: runAsUser 0",
+        "host namespaces (hostNetwork=true)",
+        "hostPath volumes (volume 'models')",
+        "runAsUser=0 (pod must not set runAsUser=0)",
+        'allowPrivilegeEscalation != false (container "w" must set '
+        "securityContext.allowPrivilegeEscalation=false)",
+        'unrestricted capabilities (container "w" must set securityContext.capabilities.drop='
+        '["ALL"]; container "w" must not include "IPC_LOCK" in securityContext.capabilities.add)',
+        'runAsNonRoot != true (pod or container "w" must set securityContext.runAsNonRoot=true)',
+        'seccompProfile (pod or container "w" must set securityContext.seccompProfile.type to '
+        '"RuntimeDefault" or "Localhost")',
     ]
 
 
@@ -319,8 +274,9 @@ def _check_knobs(workload: dict) -> None:
             assert pod["automountServiceAccountToken"] is True
             assert labels["fabric"] == "rdma" and "team" not in labels  # a stage's own wins
             assert restricted_violations(pod) == [
-                "hostNetwork: true",
-                f"container {worker['name']}: capabilities.add ['IPC_LOCK']",
+                "host namespaces (hostNetwork=true)",
+                f'unrestricted capabilities (container "{worker["name"]}" must not include '
+                '"IPC_LOCK" in securityContext.capabilities.add)',
             ]
         else:
             assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"]}

@@ -467,21 +467,33 @@ def walk_stages(cp: ControlPlane, operator: OperatorProcess, ns: str, run: str) 
     # Waits follow progress: a dead operator fails the wait at once (`created`), a live one
     # may take minutes on a loaded machine (its start alone, imports and the first
     # list/watch, takes tens of seconds on 2 busy cores), so the bound is only a backstop.
+    # The 1.20 Job controller writes a Job's whole status from its cache (it re-reads the Job
+    # only to get a fresh resourceVersion), so a sync racing with the patch below can drop the
+    # finished condition again: it is patched until the operator has moved on.
     timeouts = [600] * len(steps)
+    finished: list[tuple[str, str]] = []
     with cp.client() as api:
+
+        def finish(path: str, condition: str) -> None:
+            conditions = (api.get(path).get("status") or {}).get("conditions") or []
+            if not any(c["type"] == condition and c["status"] == "True" for c in conditions):
+                done = {"type": condition, "status": "True", "reason": "TestFinished"}
+                api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
 
         def created(path: str) -> dict:
             if operator.proc is None or operator.proc.poll() is not None:
                 raise AssertionError(f"the operator exited:\n{operator.output()[-4000:]}")
+            for done in finished[-1:]:
+                finish(*done)
             return api.get(path)
 
         for (path, condition), timeout in zip(steps, timeouts, strict=True):
             name = path.rsplit("/", 1)[-1]
-            child = cp.wait_for(name, lambda p=path: created(p), timeout=timeout)
+            child = cp.wait_for(name, lambda p=path: created(p), timeout=timeout, interval=1.0)
             first = first or child
             if condition:
-                done = {"type": condition, "status": "True", "reason": "TestFinished"}
-                api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
+                finish(path, condition)
+                finished.append((path, condition))
     return first
 
 
