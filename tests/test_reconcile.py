@@ -99,6 +99,13 @@ def test_training_launchers(run):
     }
     assert env["PET_NNODES"]["value"] == "3"
     assert env["PET_MASTER_ADDR"]["value"] == "mistral-hh-it1-train-node-0-0.mistral-hh-it1-train"
+    # A drained node fails its Job (PodFailurePolicy) and JobSet restarts all nodes, uncounted.
+    [rule] = replicated["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onPodConditions"][0]["type"] == "DisruptionTarget"
+    [restart] = jobset["spec"]["failurePolicy"]["rules"]
+    assert restart["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    assert restart["onJobFailureReasons"] == ["PodFailurePolicy"]
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 0
 
     run.spec.training.launcher = Launcher.job
     run.spec.training.nodes = 1

@@ -298,6 +298,22 @@ IGNORE_DISRUPTIONS = {
 }
 
 
+# A multi-node JobSet cannot replace one node alone (its peers' collectives fail with it): a node
+# taken away fails its Job at once (reason PodFailurePolicy), and JobSet restarts every node,
+# resuming from the last training state, without counting the restart. Any other failure fails
+# the JobSet (maxRestarts 0), and the operator decides whether to retry.
+FAIL_ON_DISRUPTION = {
+    "rules": [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ]
+}
+RESTART_ON_DISRUPTION = {
+    "name": "node-disrupted",
+    "action": "RestartJobSetAndIgnoreMaxRestarts",
+    "onJobFailureReasons": ["PodFailurePolicy"],
+}
+
+
 def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     # Retries are the operator's (it tells retryable exit codes from bad input), so the
     # Job itself never retries a pod that failed.
@@ -437,12 +453,13 @@ def build_jobset(
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
         "spec": {
-            "failurePolicy": {"maxRestarts": 0},
+            "failurePolicy": {"maxRestarts": 0, "rules": [RESTART_ON_DISRUPTION]},
             "network": {"enableDNSHostnames": True},
             "replicatedJobs": [{
                 "name": "node", "replicas": t.nodes,
                 "template": {"spec": {
                     "parallelism": 1, "completions": 1, "backoffLimit": 0,
+                    "podFailurePolicy": FAIL_ON_DISRUPTION,
                     "template": template,
                 }},
             }],
