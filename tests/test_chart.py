@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLES
-from tests.k8s.controlplane import ControlPlane, free_port
+from tests.k8s.controlplane import ApiError, ControlPlane, free_port
 
 try:
     import helm_python as helm
@@ -475,7 +475,13 @@ def walk_stages(cp: ControlPlane, operator: OperatorProcess, ns: str, run: str) 
     with cp.client() as api:
 
         def finish(path: str, condition: str) -> None:
-            conditions = (api.get(path).get("status") or {}).get("conditions") or []
+            try:
+                child = api.get(path)
+            except ApiError as err:
+                if err.status_code == 404:
+                    return  # deleted by cleanup.children: the operator saw it finish
+                raise
+            conditions = (child.get("status") or {}).get("conditions") or []
             if not any(c["type"] == condition and c["status"] == "True" for c in conditions):
                 done = {"type": condition, "status": "True", "reason": "TestFinished"}
                 api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
