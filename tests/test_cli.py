@@ -162,3 +162,23 @@ def test_report_on_s3_without_credentials_is_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [*args, "--endpoint-url", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output.startswith("sami report: ") and result.output.count("\n") == 1
+
+
+def test_validate_skips_other_apis_beside_the_runs(tmp_path):
+    runtime = ROOT / "examples" / "clustertrainingruntime-sami.yaml"
+    both = tmp_path / "both.yaml"
+    both.write_text(
+        runtime.read_text() + "\n---\n" + (ROOT / "examples" / "samirun.yaml").read_text()
+    )
+    result = CliRunner().invoke(main, ["validate", str(both)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "(document 1): skipped (trainer.kubeflow.org/v1alpha1 ClusterTrainingRuntime"
+        in result.output
+    )
+    assert f"{both}: valid" in result.output
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        (ROOT / "examples" / "samirun.yaml").read_text().replace("kind: SAMIRun", "kind: SamiRun")
+    )
+    assert CliRunner().invoke(main, ["validate", str(typo)]).exit_code == 1  # our API: checked

@@ -9,6 +9,7 @@ import click
 import yaml
 
 from sami_operator import __version__, crd
+from sami_operator.models import GROUP
 from sami_operator.validate import SpecError, decode_manifest, load_manifests, parse_samirun
 
 REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
@@ -35,15 +36,16 @@ def version() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
-    """Check SAMIRun manifests with the same models the operator uses."""
+    """Check SAMIRun manifests with the same models the operator uses (documents of other
+    APIs in the files are skipped)."""
     failed = False
     for path in files:
-        problems = _validate_file(path)
+        runs, problems = _parse_file(path)
         for problem in problems:
             click.echo(problem, err=True)
         if problems:
             failed = True
-        else:
+        elif runs:
             click.echo(f"{path}: valid")
     sys.exit(1 if failed else 0)
 
@@ -63,15 +65,16 @@ def _parse_file(path: Path) -> tuple[list, list[str]]:
     runs, problems = [], []
     for i, doc in enumerate(docs):
         source = f"{path}" if len(docs) == 1 else f"{path} (document {i + 1})"
+        api_version = doc.get("apiVersion") if isinstance(doc, dict) else None
+        if isinstance(api_version, str) and not api_version.startswith(f"{GROUP}/"):
+            # Another API's object beside the runs (a ClusterTrainingRuntime): not ours.
+            click.echo(f"{source}: skipped ({api_version} {doc.get('kind')}, not a SAMIRun)")
+            continue
         try:
             runs.append(parse_samirun(doc, source))
         except SpecError as err:
             problems.append(str(err))
     return runs, problems
-
-
-def _validate_file(path: Path) -> list[str]:
-    return _parse_file(path)[1]
 
 
 def _load_one(path: Path):
