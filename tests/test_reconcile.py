@@ -628,16 +628,16 @@ def test_storage_cleanup_retries_as_new_jobs_then_gives_up(cleanup):
 
 
 def test_storage_cleanup_gives_up_when_refused_or_too_slow(cleanup):
-    from kubernetes.client.exceptions import ApiException
+    from sami_operator.kube import CreateRefusedError
+
+    def refused(code: int, message: str) -> CreateRefusedError:
+        return CreateRefusedError(CreateRefused("ConfigMap", "mistral-hh-cleanup", code, message))
 
     call, events, _ = cleanup
-    terminating = ApiException(status=403, reason="Forbidden")
-    terminating.body = json.dumps(
-        {
-            "message": 'configmaps "x" is forbidden: unable to create new content in namespace '
-            "team-a because it is being terminated",
-            "details": {"causes": [{"reason": "NamespaceTerminating"}]},
-        }
+    terminating = refused(
+        403,
+        'configmaps "x" is forbidden: unable to create new content in namespace team-a '
+        "because it is being terminated",
     )
     call({}, refusal=terminating)
     assert events.pop() == (
@@ -646,12 +646,10 @@ def test_storage_cleanup_gives_up_when_refused_or_too_slow(cleanup):
         f"{PREFIX} left in storage (namespace team-a is being deleted, so no cleanup Job can be "
         "created there); delete it by hand",
     )
-    denied = ApiException(status=403, reason="Forbidden")
-    denied.body = json.dumps({"message": 'jobs.batch is forbidden: User "op" cannot create'})
-    call({}, refusal=denied)
+    call({}, refusal=refused(403, 'jobs.batch is forbidden: User "op" cannot create'))
     assert "(the cleanup Job was refused: 403 jobs.batch is forbidden" in events.pop()[2]
-    with pytest.raises(ApiException):  # a passing server trouble: tried again
-        call({}, refusal=ApiException(status=503, reason="Unavailable"))
+    with pytest.raises(CreateRefusedError):  # a passing server trouble: tried again
+        call({}, refusal=refused(503, "Unavailable"))
 
     running = {"mistral-hh-cleanup": ChildState(StagePhase.running)}
     call(running, runtime=601)

@@ -15,7 +15,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from sami_operator import kube as kube_module
@@ -33,7 +32,13 @@ from sami_operator.models import (
     StagePhase,
 )
 from sami_operator.planner import cleanup_stage, foreign_uris
-from sami_operator.reconcile import create_refused, decide, error_text, records_from_status
+from sami_operator.reconcile import (
+    CreateRefused,
+    create_refused,
+    decide,
+    error_text,
+    records_from_status,
+)
 from sami_operator.settings import from_env
 from sami_operator.status import STALLED, derive_status
 from sami_operator.validate import SpecError, parse_samirun
@@ -367,25 +372,20 @@ def delete_storage(body: kopf.Body, patch: kopf.Patch, runtime: timedelta, **_: 
     try:
         for obj in build_children(run, stage, meta["uid"], SETTINGS, attempt):
             kube.create(obj)
-    except ApiException as err:
-        if err.status in (409, 429) or err.status >= 500:
-            raise  # a conflict or a passing server trouble: Kopf tries again
-        _storage_not_deleted(body, stage.prefix, _refusal(err, namespace))
+    except kube_module.CreateRefusedError as err:
+        if err.refused.code == 429 or err.refused.code >= 500:
+            raise  # a passing server trouble: Kopf tries again
+        _storage_not_deleted(body, stage.prefix, _refusal(err.refused, namespace))
         return
     kopf.event(body, type="Normal", reason="DeletingStorage", message=stage.prefix)
     raise kopf.TemporaryError(f"deleting {stage.prefix}", delay=5)
 
 
-def _refusal(err: ApiException, namespace: str) -> str:
+def _refusal(refused: CreateRefused, namespace: str) -> str:
     """Why the API server refused the cleanup Job, in words."""
-    text = err.body or ""
-    if "NamespaceTerminating" in text or "being terminated" in text:
+    if "being terminated" in refused.message:
         return f"namespace {namespace} is being deleted, so no cleanup Job can be created there"
-    try:
-        message = json.loads(text)["message"]
-    except (ValueError, KeyError, TypeError):
-        message = err.reason
-    return f"the cleanup Job was refused: {err.status} {message}"
+    return f"the cleanup Job was refused: {refused.code} {refused.message}"
 
 
 def _storage_not_deleted(body, prefix: str, why: str) -> None:
