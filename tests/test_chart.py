@@ -150,6 +150,11 @@ def test_every_value_is_commented_and_in_the_schema(chart):
         ({"metrics": {"port": 0}}, "at '/metrics/port': minimum: got 0, want 1"),
         ({"crds": {"keep": "yes"}}, "at '/crds/keep': got string, want boolean"),
         (
+            {"operator": {"metricsAddress": "localhost"}},
+            "'localhost' is not valid ipv4",
+        ),
+        ({"operator": {"livenessAddress": ""}}, "at '/operator/livenessAddress'"),
+        (
             {"operator": {"defaultStorage": {"url": "s3://b/runs"}}},
             "at '/operator/defaultStorage': additional properties 'url' not allowed",
         ),
@@ -213,7 +218,9 @@ def test_default_install(chart):
         "SAMI_PREFIX": "sami.dev",
         "SAMI_PYTHON": "python",
         "SAMI_LIVENESS_PORT": "8080",
+        "SAMI_LIVENESS_ADDRESS": "0.0.0.0",
         "SAMI_METRICS_PORT": "9090",
+        "SAMI_METRICS_ADDRESS": "0.0.0.0",
     }
     # The selector matches the pod, the Service selects it.
     labels = pod and spec["template"]["metadata"]["labels"]
@@ -378,6 +385,31 @@ def test_default_storage_reaches_the_operator_settings(chart):
     assert settings.default_storage.region == "eu-west-1"
     assert settings.default_storage.endpoint_url is None
     assert "SAMI_DEFAULT_STORAGE" not in container_env(one(render(chart), "Deployment"))
+
+
+def test_bind_addresses_reach_the_operator_settings(chart):
+    from sami_operator.settings import from_env
+
+    defaults = from_env(container_env(one(render(chart), "Deployment")))
+    assert defaults.metrics_address == "0.0.0.0"
+    assert defaults.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    values = {"operator": {"metricsAddress": "127.0.0.1", "livenessAddress": "::"}}
+    env = container_env(one(render(chart, values), "Deployment"))
+    assert env["SAMI_METRICS_ADDRESS"] == "127.0.0.1"
+    assert env["SAMI_LIVENESS_ADDRESS"] == "::"
+    settings = from_env(env)
+    assert settings.metrics_address == "127.0.0.1"
+    assert settings.liveness_endpoint == "http://[::]:8080/healthz"  # IPv6 in brackets
+
+
+@pytest.mark.parametrize("variable", ["SAMI_METRICS_ADDRESS", "SAMI_LIVENESS_ADDRESS"])
+@pytest.mark.parametrize("address", ["localhost", "", "0.0.0.0:9090", "256.0.0.1"])
+def test_settings_refuse_a_bind_address_that_is_not_an_ip(variable, address):
+    from sami_operator.settings import from_env
+
+    with pytest.raises(ValueError, match=f"^{variable}: .* is not an IP address"):
+        from_env({variable: address})
+    assert from_env({variable: " 10.1.2.3 "}) == from_env({variable: "10.1.2.3"})
 
 
 def test_names_fit_in_63_characters(chart):
