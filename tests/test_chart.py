@@ -387,6 +387,50 @@ def test_default_storage_reaches_the_operator_settings(chart):
     assert "SAMI_DEFAULT_STORAGE" not in container_env(one(render(chart), "Deployment"))
 
 
+def test_worker_annotations_per_namespace(chart):
+    arn = "eks.amazonaws.com/role-arn"
+    values = {
+        **NAMESPACED,
+        "workerServiceAccount": {
+            "annotations": {arn: "arn:aws:iam::1:role/sami-shared", "team": "platform"},
+            "annotationsByNamespace": {
+                "team-a": {arn: "arn:aws:iam::1:role/sami-team-a"},
+                "team-b": {arn: "arn:aws:iam::1:role/sami-team-b", "team": "b"},
+            },
+        },
+    }
+    docs = render(chart, values)
+    annotations = {
+        d["metadata"]["namespace"]: d["metadata"].get("annotations")
+        for d in docs
+        if d["kind"] == "ServiceAccount" and d["metadata"]["name"].endswith("-worker")
+    }
+    assert annotations == {
+        "team-a": {arn: "arn:aws:iam::1:role/sami-team-a", "team": "platform"},
+        "team-b": {arn: "arn:aws:iam::1:role/sami-team-b", "team": "b"},
+        "sami-system": {arn: "arn:aws:iam::1:role/sami-shared", "team": "platform"},
+    }
+    # The values themselves are not changed by the merge (a later namespace sees the shared).
+    assert values["workerServiceAccount"]["annotations"][arn].endswith("sami-shared")
+    # Cluster-wide, the release namespace's ServiceAccount takes its own.
+    by_release = {"sami-system": {arn: "arn:aws:iam::1:role/sami-system"}}
+    worker = one(
+        render(chart, {"workerServiceAccount": {"annotationsByNamespace": by_release}}),
+        "ServiceAccount",
+        "sami-sami-operator-worker",
+    )
+    assert worker["metadata"]["annotations"] == {arn: "arn:aws:iam::1:role/sami-system"}
+    # A namespace without the chart's ServiceAccount is a mistake, not silently ignored.
+    with pytest.raises(helm.HelmRenderError, match='creates no worker ServiceAccount in "team-c"'):
+        render(chart, {"workerServiceAccount": {"annotationsByNamespace": {"team-c": {}}}})
+    with pytest.raises(helm.HelmValuesError, match="invalid propertyName 'Team_A'"):
+        chart.validate_schema({"workerServiceAccount": {"annotationsByNamespace": {"Team_A": {}}}})
+    with pytest.raises(helm.HelmValuesError, match="want string"):
+        chart.validate_schema(
+            {"workerServiceAccount": {"annotationsByNamespace": {"team-a": {arn: 1}}}}
+        )
+
+
 def test_bind_addresses_reach_the_operator_settings(chart):
     from sami_operator.settings import from_env
 
