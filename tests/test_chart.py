@@ -35,6 +35,17 @@ CRD = ROOT / "crds" / "sami.dev_samiruns.yaml"
 CRD_COPY = CHART / "files" / "sami.dev_samiruns.yaml"
 RBAC_KINDS = {"Role", "ClusterRole"}
 NAMESPACED = {"operator": {"watchNamespaces": ["team-a", "team-b", "team-a"]}}
+WORKER_POLICY = {
+    **NAMESPACED,
+    "networkPolicy": {
+        "workers": {
+            "enabled": True,
+            "storage": {"to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}]},
+            "judge": {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}], "ports": [8443]},
+            "extraEgress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}]}],
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +96,9 @@ def test_crd_copy_is_byte_identical_to_the_generated_crd():
     )
 
 
-@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster-wide", "namespaced"])
+@pytest.mark.parametrize(
+    "values", [None, NAMESPACED, WORKER_POLICY], ids=["cluster-wide", "namespaced", "workers"]
+)
 def test_lint_is_clean(chart, values):
     report = helm.lint(CHART, values, strict=True, namespace="sami-system")
     assert report["errors"] == []
@@ -194,6 +207,7 @@ def test_default_install(chart):
         ("ClusterRoleBinding", "sami-sami-operator"),
         ("CustomResourceDefinition", "samiruns.sami.dev"),
         ("Deployment", "sami-sami-operator"),
+        ("NetworkPolicy", "sami-sami-operator"),
         ("Service", "sami-sami-operator-metrics"),
         ("ServiceAccount", "sami-sami-operator"),
         ("ServiceAccount", "sami-sami-operator-worker"),
@@ -387,6 +401,142 @@ def test_default_storage_reaches_the_operator_settings(chart):
     assert "SAMI_DEFAULT_STORAGE" not in container_env(one(render(chart), "Deployment"))
 
 
+# --- NetworkPolicies ------------------------------------------------------------------------------
+
+DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+KUBE_DNS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def test_operator_network_policy(chart):
+    docs = render(chart)
+    policy = one(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == "sami-system"
+    # It selects the operator pod (and, by the Deployment's selector labels, only that).
+    deployment = one(docs, "Deployment")["spec"]
+    assert spec["podSelector"]["matchLabels"] == deployment["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # Ingress: the metrics port, from the release namespace's pods; nothing on the liveness
+    # port but the node (always allowed by NetworkPolicy), nothing else.
+    assert spec["ingress"] == [
+        {"ports": [{"port": 9090, "protocol": "TCP"}], "from": [{"podSelector": {}}]}
+    ]
+    # Egress: the API server on any address (its IP is cluster-specific), and kube-dns.
+    assert spec["egress"] == [
+        {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]},
+        {"ports": DNS_PORTS, "to": [KUBE_DNS]},
+    ]
+
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    nodes = {"ipBlock": {"cidr": "10.0.0.0/16"}}
+    values = {
+        "metrics": {"port": 9100},
+        "operator": {"livenessPort": 8081},
+        "networkPolicy": {
+            "metricsFrom": [prometheus],
+            "livenessFrom": [nodes],
+            "apiServer": {"cidrs": ["10.0.0.10/32", "172.20.0.1/32"], "ports": [6443]},
+            "dns": {"to": []},
+        },
+    }
+    spec = one(render(chart, values), "NetworkPolicy")["spec"]
+    assert spec["ingress"] == [
+        {"ports": [{"port": 9100, "protocol": "TCP"}], "from": [prometheus]},
+        {"ports": [{"port": 8081, "protocol": "TCP"}], "from": [nodes]},
+    ]
+    assert spec["egress"] == [
+        {
+            "ports": [{"port": 6443, "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}, {"ipBlock": {"cidr": "172.20.0.1/32"}}],
+        },
+        {"ports": DNS_PORTS},  # dns.to empty: port 53 anywhere (NodeLocal DNSCache)
+    ]
+    # Without metrics there is no ingress rule at all (not an empty one, which allows all).
+    spec = one(render(chart, {"metrics": {"enabled": False}}), "NetworkPolicy")["spec"]
+    assert spec["ingress"] == [] and "Ingress" in spec["policyTypes"]
+    # Off: gone, in both install modes.
+    for values in ({}, NAMESPACED):
+        off = render(chart, {**values, "networkPolicy": {"enabled": False}})
+        assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+
+
+def test_worker_network_policy(chart):
+    from sami_operator.builders import MANAGED_BY
+
+    # Off by default.
+    assert [
+        d["metadata"]["name"] for d in render(chart, NAMESPACED) if d["kind"] == "NetworkPolicy"
+    ] == ["sami-sami-operator"]
+    docs = render(chart, WORKER_POLICY)
+    policies = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-worker")
+    ]
+    # Where the worker ServiceAccount is, and stage pods run.
+    assert sorted(p["metadata"]["namespace"] for p in policies) == [
+        "sami-system",
+        "team-a",
+        "team-b",
+    ]
+    stage_pods = {"matchLabels": {"app.kubernetes.io/managed-by": MANAGED_BY}}
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["podSelector"] == stage_pods
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        # Only stage pods of the same namespace (no namespaceSelector) connect, on any port.
+        assert spec["ingress"] == [{"from": [{"podSelector": stage_pods}]}]
+        assert spec["egress"] == [
+            {"to": [{"podSelector": stage_pods}]},
+            {"ports": DNS_PORTS, "to": [KUBE_DNS]},
+            {
+                "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}],
+            },
+            {
+                "to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}],
+                "ports": [{"port": 8443, "protocol": "TCP"}],
+            },
+            {"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}]},
+        ]
+    # No judge, no storage given: no rule for them (an empty `to` would allow every address).
+    values = {"networkPolicy": {"workers": {"enabled": True}}}
+    policy = one(render(chart, values), "NetworkPolicy", "sami-sami-operator-worker")
+    assert policy["spec"]["egress"] == [
+        {"to": [{"podSelector": stage_pods}]},
+        {"ports": DNS_PORTS, "to": [KUBE_DNS]},
+    ]
+    # The worker policy stands on its own: the operator's can be off.
+    values = {"networkPolicy": {"enabled": False, "workers": {"enabled": True}}}
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in render(chart, values)]
+    assert [k for k in kinds if k[0] == "NetworkPolicy"] == [
+        ("NetworkPolicy", "sami-sami-operator-worker")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"metricsFrom": []}, "at '/networkPolicy/metricsFrom': minItems"),
+        ({"apiServer": {"cidrs": ["10.0.0.1"]}}, "at '/networkPolicy/apiServer/cidrs/0'"),
+        ({"apiServer": {"ports": ["443"]}}, "got string, want integer"),
+        ({"apiServer": {"ports": []}}, "at '/networkPolicy/apiServer/ports': minItems"),
+        ({"workers": {"storage": {"cidrs": []}}}, "additional properties 'cidrs' not allowed"),
+        ({"workers": {"enabled": "yes"}}, "got string, want boolean"),
+    ],
+)
+def test_schema_checks_network_policy_values(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema({"networkPolicy": values})
+    assert message in str(err.value)
+
+
 def test_worker_annotations_per_namespace(chart):
     arn = "eks.amazonaws.com/role-arn"
     values = {
@@ -458,7 +608,7 @@ def test_settings_refuse_a_bind_address_that_is_not_an_ip(variable, address):
 
 def test_names_fit_in_63_characters(chart):
     release = "a-very-long-release-name-for-a-platform-team-install"  # 52 of Helm's 53
-    for values in (None, NAMESPACED):
+    for values in (None, NAMESPACED, WORKER_POLICY):
         for doc in render(chart, values, name=release):
             assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
             assert not doc["metadata"]["name"].endswith("-")
