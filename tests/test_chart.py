@@ -460,6 +460,9 @@ def test_operator_network_policy(chart):
     # Without metrics there is no ingress rule at all (not an empty one, which allows all).
     spec = one(render(chart, {"metrics": {"enabled": False}}), "NetworkPolicy")["spec"]
     assert spec["ingress"] == [] and "Ingress" in spec["policyTypes"]
+    # The notes say who may scrape by default, and not once metricsFrom is set.
+    assert "only pods of namespace sami-system scrape its metrics" in notes(chart)
+    assert "scrape its metrics" not in notes(chart, values)
     # Off: gone, in both install modes.
     for values in ({}, NAMESPACED):
         off = render(chart, {**values, "networkPolicy": {"enabled": False}})
@@ -505,6 +508,9 @@ def test_worker_network_policy(chart):
             },
             {"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}]},
         ]
+    assert "connect to each other in their namespace, DNS, the storage, the judge" in notes(
+        chart, WORKER_POLICY
+    )
     # No judge, no storage given: no rule for them (an empty `to` would allow every address).
     values = {"networkPolicy": {"workers": {"enabled": True}}}
     policy = one(render(chart, values), "NetworkPolicy", "sami-sami-operator-worker")
