@@ -602,6 +602,39 @@ def test_bind_addresses_reach_the_operator_settings(chart):
     assert settings.liveness_endpoint == "http://[::]:8080/healthz"  # IPv6 in brackets
 
 
+def test_the_operator_binds_its_endpoints_to_the_addresses(chart, monkeypatch):
+    """What the chart sets reaches prometheus_client's server and Kopf's liveness endpoint."""
+    import kopf
+    import prometheus_client
+
+    from sami_operator import __main__ as entry
+    from sami_operator import handlers
+    from sami_operator.settings import from_env
+
+    values = {"operator": {"metricsAddress": "127.0.0.1", "livenessAddress": "10.1.2.3"}}
+    env = container_env(one(render(chart, values), "Deployment"))
+    served, ran = [], []
+
+    class Kube:
+        def served_launchers(self):
+            return frozenset({"Job"})
+
+    monkeypatch.setattr(handlers, "_state", {})  # configure fills it; restored afterwards
+    monkeypatch.setattr(handlers.kube_module, "Kube", Kube)
+    monkeypatch.setattr(
+        prometheus_client, "start_http_server", lambda *a, **k: served.append((a, k))
+    )
+    monkeypatch.setattr(handlers, "SETTINGS", from_env(env))
+    handlers.configure(kopf.OperatorSettings())
+    assert served == [((9090,), {"addr": "127.0.0.1"})]
+
+    monkeypatch.setattr(os, "environ", {**os.environ, **env})
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: ran.append(kwargs))
+    monkeypatch.setattr(kopf, "configure", lambda **_: None)
+    entry.main()
+    assert ran[0]["liveness_endpoint"] == "http://10.1.2.3:8080/healthz"
+
+
 @pytest.mark.parametrize("variable", ["SAMI_METRICS_ADDRESS", "SAMI_LIVENESS_ADDRESS"])
 @pytest.mark.parametrize("address", ["localhost", "", "0.0.0.0:9090", "256.0.0.1"])
 def test_settings_refuse_a_bind_address_that_is_not_an_ip(variable, address):
