@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLES
-from tests.k8s.controlplane import ControlPlane, free_port
+from tests.k8s.controlplane import ApiError, ControlPlane, free_port
 
 try:
     import helm_python as helm
@@ -740,7 +740,13 @@ def walk_stages(cp: ControlPlane, operator: OperatorProcess, ns: str, run: str) 
     with cp.client() as api:
 
         def finish(path: str, condition: str) -> None:
-            conditions = (api.get(path).get("status") or {}).get("conditions") or []
+            try:
+                child = api.get(path)
+            except ApiError as err:
+                if err.status_code == 404:
+                    return  # deleted by cleanup.children: the operator saw it finish
+                raise
+            conditions = (child.get("status") or {}).get("conditions") or []
             if not any(c["type"] == condition and c["status"] == "True" for c in conditions):
                 done = {"type": condition, "status": "True", "reason": "TestFinished"}
                 api.merge_patch(f"{path}/status", {"status": {"conditions": [done]}})
@@ -778,7 +784,12 @@ def test_operator_reconciles_with_only_the_charts_rbac(
     cp, release_ns = control_plane, k8s_namespace
     release = f"t{uuid.uuid4().hex[:6]}"
     run_ns = release_ns
-    values: dict[str, Any] = {"operator": {"reconcileSeconds": 1}}
+    # The stage pods' NetworkPolicy too: the API server takes both policies (this control plane
+    # enforces none, so they change nothing else).
+    values: dict[str, Any] = {
+        "operator": {"reconcileSeconds": 1},
+        "networkPolicy": WORKER_POLICY["networkPolicy"],
+    }
     if mode == "namespaced":
         run_ns = f"{release}-runs"
         cp.kubectl("create", "namespace", run_ns)
@@ -793,6 +804,10 @@ def test_operator_reconciles_with_only_the_charts_rbac(
         # Every namespaced object names its namespace (watched namespaces get Roles too).
         rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
         cp.apply(rest)
+        for policy in (d for d in rest if d["kind"] == "NetworkPolicy"):
+            meta = policy["metadata"]
+            stored = cp.kubectl_json("get", "networkpolicy", meta["name"], "-n", meta["namespace"])
+            assert stored["spec"]["egress"] == policy["spec"]["egress"]
 
         deployment = one(docs, "Deployment")
         sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
