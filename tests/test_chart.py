@@ -35,6 +35,17 @@ CRD = ROOT / "crds" / "sami.dev_samiruns.yaml"
 CRD_COPY = CHART / "files" / "sami.dev_samiruns.yaml"
 RBAC_KINDS = {"Role", "ClusterRole"}
 NAMESPACED = {"operator": {"watchNamespaces": ["team-a", "team-b", "team-a"]}}
+WORKER_POLICY = {
+    **NAMESPACED,
+    "networkPolicy": {
+        "workers": {
+            "enabled": True,
+            "storage": {"to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}]},
+            "judge": {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}], "ports": [8443]},
+            "extraEgress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}]}],
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +96,9 @@ def test_crd_copy_is_byte_identical_to_the_generated_crd():
     )
 
 
-@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster-wide", "namespaced"])
+@pytest.mark.parametrize(
+    "values", [None, NAMESPACED, WORKER_POLICY], ids=["cluster-wide", "namespaced", "workers"]
+)
 def test_lint_is_clean(chart, values):
     report = helm.lint(CHART, values, strict=True, namespace="sami-system")
     assert report["errors"] == []
@@ -150,6 +163,11 @@ def test_every_value_is_commented_and_in_the_schema(chart):
         ({"metrics": {"port": 0}}, "at '/metrics/port': minimum: got 0, want 1"),
         ({"crds": {"keep": "yes"}}, "at '/crds/keep': got string, want boolean"),
         (
+            {"operator": {"metricsAddress": "localhost"}},
+            "'localhost' is not valid ipv4",
+        ),
+        ({"operator": {"livenessAddress": ""}}, "at '/operator/livenessAddress'"),
+        (
             {"operator": {"defaultStorage": {"url": "s3://b/runs"}}},
             "at '/operator/defaultStorage': additional properties 'url' not allowed",
         ),
@@ -189,6 +207,7 @@ def test_default_install(chart):
         ("ClusterRoleBinding", "sami-sami-operator"),
         ("CustomResourceDefinition", "samiruns.sami.dev"),
         ("Deployment", "sami-sami-operator"),
+        ("NetworkPolicy", "sami-sami-operator"),
         ("Service", "sami-sami-operator-metrics"),
         ("ServiceAccount", "sami-sami-operator"),
         ("ServiceAccount", "sami-sami-operator-worker"),
@@ -213,7 +232,9 @@ def test_default_install(chart):
         "SAMI_PREFIX": "sami.dev",
         "SAMI_PYTHON": "python",
         "SAMI_LIVENESS_PORT": "8080",
+        "SAMI_LIVENESS_ADDRESS": "0.0.0.0",
         "SAMI_METRICS_PORT": "9090",
+        "SAMI_METRICS_ADDRESS": "0.0.0.0",
     }
     # The selector matches the pod, the Service selects it.
     labels = pod and spec["template"]["metadata"]["labels"]
@@ -380,9 +401,253 @@ def test_default_storage_reaches_the_operator_settings(chart):
     assert "SAMI_DEFAULT_STORAGE" not in container_env(one(render(chart), "Deployment"))
 
 
+# --- NetworkPolicies ------------------------------------------------------------------------------
+
+DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+KUBE_DNS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def test_operator_network_policy(chart):
+    docs = render(chart)
+    policy = one(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == "sami-system"
+    # It selects the operator pod (and, by the Deployment's selector labels, only that).
+    deployment = one(docs, "Deployment")["spec"]
+    assert spec["podSelector"]["matchLabels"] == deployment["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # Ingress: the metrics port, from the release namespace's pods; nothing on the liveness
+    # port but the node (always allowed by NetworkPolicy), nothing else.
+    assert spec["ingress"] == [
+        {"ports": [{"port": 9090, "protocol": "TCP"}], "from": [{"podSelector": {}}]}
+    ]
+    # Egress: the API server on any address (its IP is cluster-specific), and kube-dns.
+    assert spec["egress"] == [
+        {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]},
+        {"ports": DNS_PORTS, "to": [KUBE_DNS]},
+    ]
+
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    nodes = {"ipBlock": {"cidr": "10.0.0.0/16"}}
+    values = {
+        "metrics": {"port": 9100},
+        "operator": {"livenessPort": 8081},
+        "networkPolicy": {
+            "metricsFrom": [prometheus],
+            "livenessFrom": [nodes],
+            "apiServer": {"cidrs": ["10.0.0.10/32", "172.20.0.1/32"], "ports": [6443]},
+            "dns": {"to": []},
+        },
+    }
+    spec = one(render(chart, values), "NetworkPolicy")["spec"]
+    assert spec["ingress"] == [
+        {"ports": [{"port": 9100, "protocol": "TCP"}], "from": [prometheus]},
+        {"ports": [{"port": 8081, "protocol": "TCP"}], "from": [nodes]},
+    ]
+    assert spec["egress"] == [
+        {
+            "ports": [{"port": 6443, "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}, {"ipBlock": {"cidr": "172.20.0.1/32"}}],
+        },
+        {"ports": DNS_PORTS},  # dns.to empty: port 53 anywhere (NodeLocal DNSCache)
+    ]
+    # Without metrics there is no ingress rule at all (not an empty one, which allows all).
+    spec = one(render(chart, {"metrics": {"enabled": False}}), "NetworkPolicy")["spec"]
+    assert spec["ingress"] == [] and "Ingress" in spec["policyTypes"]
+    # The notes say who may scrape by default, and not once metricsFrom is set.
+    assert "only pods of namespace sami-system scrape its metrics" in notes(chart)
+    assert "scrape its metrics" not in notes(chart, values)
+    # Off: gone, in both install modes.
+    for values in ({}, NAMESPACED):
+        off = render(chart, {**values, "networkPolicy": {"enabled": False}})
+        assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+
+
+def test_worker_network_policy(chart):
+    from sami_operator.builders import MANAGED_BY
+
+    # Off by default.
+    assert [
+        d["metadata"]["name"] for d in render(chart, NAMESPACED) if d["kind"] == "NetworkPolicy"
+    ] == ["sami-sami-operator"]
+    docs = render(chart, WORKER_POLICY)
+    policies = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-worker")
+    ]
+    # Where the worker ServiceAccount is, and stage pods run.
+    assert sorted(p["metadata"]["namespace"] for p in policies) == [
+        "sami-system",
+        "team-a",
+        "team-b",
+    ]
+    stage_pods = {"matchLabels": {"app.kubernetes.io/managed-by": MANAGED_BY}}
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["podSelector"] == stage_pods
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        # Only stage pods of the same namespace (no namespaceSelector) connect, on any port.
+        assert spec["ingress"] == [{"from": [{"podSelector": stage_pods}]}]
+        assert spec["egress"] == [
+            {"to": [{"podSelector": stage_pods}]},
+            {"ports": DNS_PORTS, "to": [KUBE_DNS]},
+            {
+                "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}],
+            },
+            {
+                "to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}],
+                "ports": [{"port": 8443, "protocol": "TCP"}],
+            },
+            {"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}]},
+        ]
+    assert "connect to each other in their namespace, DNS, the storage, the judge" in notes(
+        chart, WORKER_POLICY
+    )
+    # No judge, no storage given: no rule for them (an empty `to` would allow every address).
+    values = {"networkPolicy": {"workers": {"enabled": True}}}
+    policy = one(render(chart, values), "NetworkPolicy", "sami-sami-operator-worker")
+    assert policy["spec"]["egress"] == [
+        {"to": [{"podSelector": stage_pods}]},
+        {"ports": DNS_PORTS, "to": [KUBE_DNS]},
+    ]
+    # The worker policy stands on its own: the operator's can be off.
+    values = {"networkPolicy": {"enabled": False, "workers": {"enabled": True}}}
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in render(chart, values)]
+    assert [k for k in kinds if k[0] == "NetworkPolicy"] == [
+        ("NetworkPolicy", "sami-sami-operator-worker")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"metricsFrom": []}, "at '/networkPolicy/metricsFrom': minItems"),
+        ({"apiServer": {"cidrs": ["10.0.0.1"]}}, "at '/networkPolicy/apiServer/cidrs/0'"),
+        ({"apiServer": {"ports": ["443"]}}, "got string, want integer"),
+        ({"apiServer": {"ports": []}}, "at '/networkPolicy/apiServer/ports': minItems"),
+        ({"workers": {"storage": {"cidrs": []}}}, "additional properties 'cidrs' not allowed"),
+        ({"workers": {"enabled": "yes"}}, "got string, want boolean"),
+    ],
+)
+def test_schema_checks_network_policy_values(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema({"networkPolicy": values})
+    assert message in str(err.value)
+
+
+def test_worker_annotations_per_namespace(chart):
+    arn = "eks.amazonaws.com/role-arn"
+    values = {
+        **NAMESPACED,
+        "workerServiceAccount": {
+            "annotations": {arn: "arn:aws:iam::1:role/sami-shared", "team": "platform"},
+            "annotationsByNamespace": {
+                "team-a": {arn: "arn:aws:iam::1:role/sami-team-a"},
+                "team-b": {arn: "arn:aws:iam::1:role/sami-team-b", "team": "b"},
+            },
+        },
+    }
+    docs = render(chart, values)
+    annotations = {
+        d["metadata"]["namespace"]: d["metadata"].get("annotations")
+        for d in docs
+        if d["kind"] == "ServiceAccount" and d["metadata"]["name"].endswith("-worker")
+    }
+    assert annotations == {
+        "team-a": {arn: "arn:aws:iam::1:role/sami-team-a", "team": "platform"},
+        "team-b": {arn: "arn:aws:iam::1:role/sami-team-b", "team": "b"},
+        "sami-system": {arn: "arn:aws:iam::1:role/sami-shared", "team": "platform"},
+    }
+    # The values themselves are not changed by the merge (a later namespace sees the shared).
+    assert values["workerServiceAccount"]["annotations"][arn].endswith("sami-shared")
+    # Cluster-wide, the release namespace's ServiceAccount takes its own.
+    by_release = {"sami-system": {arn: "arn:aws:iam::1:role/sami-system"}}
+    worker = one(
+        render(chart, {"workerServiceAccount": {"annotationsByNamespace": by_release}}),
+        "ServiceAccount",
+        "sami-sami-operator-worker",
+    )
+    assert worker["metadata"]["annotations"] == {arn: "arn:aws:iam::1:role/sami-system"}
+    # A namespace without the chart's ServiceAccount is a mistake, not silently ignored.
+    with pytest.raises(helm.HelmRenderError, match='creates no worker ServiceAccount in "team-c"'):
+        render(chart, {"workerServiceAccount": {"annotationsByNamespace": {"team-c": {}}}})
+    with pytest.raises(helm.HelmValuesError, match="invalid propertyName 'Team_A'"):
+        chart.validate_schema({"workerServiceAccount": {"annotationsByNamespace": {"Team_A": {}}}})
+    with pytest.raises(helm.HelmValuesError, match="want string"):
+        chart.validate_schema(
+            {"workerServiceAccount": {"annotationsByNamespace": {"team-a": {arn: 1}}}}
+        )
+
+
+def test_bind_addresses_reach_the_operator_settings(chart):
+    from sami_operator.settings import from_env
+
+    defaults = from_env(container_env(one(render(chart), "Deployment")))
+    assert defaults.metrics_address == "0.0.0.0"
+    assert defaults.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    values = {"operator": {"metricsAddress": "127.0.0.1", "livenessAddress": "::"}}
+    env = container_env(one(render(chart, values), "Deployment"))
+    assert env["SAMI_METRICS_ADDRESS"] == "127.0.0.1"
+    assert env["SAMI_LIVENESS_ADDRESS"] == "::"
+    settings = from_env(env)
+    assert settings.metrics_address == "127.0.0.1"
+    assert settings.liveness_endpoint == "http://[::]:8080/healthz"  # IPv6 in brackets
+
+
+def test_the_operator_binds_its_endpoints_to_the_addresses(chart, monkeypatch):
+    """What the chart sets reaches prometheus_client's server and Kopf's liveness endpoint."""
+    import kopf
+    import prometheus_client
+
+    from sami_operator import __main__ as entry
+    from sami_operator import handlers
+    from sami_operator.settings import from_env
+
+    values = {"operator": {"metricsAddress": "127.0.0.1", "livenessAddress": "10.1.2.3"}}
+    env = container_env(one(render(chart, values), "Deployment"))
+    served, ran = [], []
+
+    class Kube:
+        def served_launchers(self):
+            return frozenset({"Job"})
+
+    monkeypatch.setattr(handlers, "_state", {})  # configure fills it; restored afterwards
+    monkeypatch.setattr(handlers.kube_module, "Kube", Kube)
+    monkeypatch.setattr(
+        prometheus_client, "start_http_server", lambda *a, **k: served.append((a, k))
+    )
+    monkeypatch.setattr(handlers, "SETTINGS", from_env(env))
+    handlers.configure(kopf.OperatorSettings())
+    assert served == [((9090,), {"addr": "127.0.0.1"})]
+
+    monkeypatch.setattr(os, "environ", {**os.environ, **env})
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: ran.append(kwargs))
+    monkeypatch.setattr(kopf, "configure", lambda **_: None)
+    entry.main()
+    assert ran[0]["liveness_endpoint"] == "http://10.1.2.3:8080/healthz"
+
+
+@pytest.mark.parametrize("variable", ["SAMI_METRICS_ADDRESS", "SAMI_LIVENESS_ADDRESS"])
+@pytest.mark.parametrize("address", ["localhost", "", "0.0.0.0:9090", "256.0.0.1"])
+def test_settings_refuse_a_bind_address_that_is_not_an_ip(variable, address):
+    from sami_operator.settings import from_env
+
+    with pytest.raises(ValueError, match=f"^{variable}: .* is not an IP address"):
+        from_env({variable: address})
+    assert from_env({variable: " 10.1.2.3 "}) == from_env({variable: "10.1.2.3"})
+
+
 def test_names_fit_in_63_characters(chart):
     release = "a-very-long-release-name-for-a-platform-team-install"  # 52 of Helm's 53
-    for values in (None, NAMESPACED):
+    for values in (None, NAMESPACED, WORKER_POLICY):
         for doc in render(chart, values, name=release):
             assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
             assert not doc["metadata"]["name"].endswith("-")
@@ -519,7 +784,12 @@ def test_operator_reconciles_with_only_the_charts_rbac(
     cp, release_ns = control_plane, k8s_namespace
     release = f"t{uuid.uuid4().hex[:6]}"
     run_ns = release_ns
-    values: dict[str, Any] = {"operator": {"reconcileSeconds": 1}}
+    # The stage pods' NetworkPolicy too: the API server takes both policies (this control plane
+    # enforces none, so they change nothing else).
+    values: dict[str, Any] = {
+        "operator": {"reconcileSeconds": 1},
+        "networkPolicy": WORKER_POLICY["networkPolicy"],
+    }
     if mode == "namespaced":
         run_ns = f"{release}-runs"
         cp.kubectl("create", "namespace", run_ns)
@@ -534,6 +804,10 @@ def test_operator_reconciles_with_only_the_charts_rbac(
         # Every namespaced object names its namespace (watched namespaces get Roles too).
         rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
         cp.apply(rest)
+        for policy in (d for d in rest if d["kind"] == "NetworkPolicy"):
+            meta = policy["metadata"]
+            stored = cp.kubectl_json("get", "networkpolicy", meta["name"], "-n", meta["namespace"])
+            assert stored["spec"]["egress"] == policy["spec"]["egress"]
 
         deployment = one(docs, "Deployment")
         sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]

@@ -18,7 +18,7 @@ def main() -> None:
         standalone=True,
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
-        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
+        liveness_endpoint=settings.liveness_endpoint,
     )
 
 

@@ -75,7 +75,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     if SETTINGS.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(SETTINGS.metrics_port)
+        start_http_server(SETTINGS.metrics_port, addr=SETTINGS.metrics_address)
 
 
 # How long the served launchers (API discovery) are trusted, and how often they are looked up

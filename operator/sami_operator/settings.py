@@ -5,7 +5,11 @@ SAMI_WORKER_SERVICE_ACCOUNT  default service account for stage pods
 SAMI_NAMESPACES          comma-separated namespaces to watch; empty = all namespaces
 SAMI_RECONCILE_SECONDS   how often each run is reconciled from observed state (default 5)
 SAMI_LIVENESS_PORT       liveness endpoint port (default 8080)
+SAMI_LIVENESS_ADDRESS    IP address the liveness endpoint binds to (default 0.0.0.0: the kubelet
+                         probes the pod IP; :: for every IPv6 and IPv4 address)
 SAMI_METRICS_PORT        Prometheus metrics port (default 9090; 0 disables)
+SAMI_METRICS_ADDRESS     IP address the metrics server binds to (default 0.0.0.0: Prometheus
+                         scrapes the pod IP; 127.0.0.1 keeps it to the pod, e.g. a sidecar)
 SAMI_PREFIX              finalizer and annotation prefix (default sami.dev)
 SAMI_PYTHON              the Python command in stage pods (default python)
 SAMI_DEFAULT_STORAGE     storage for runs without spec.storage: a JSON object with the fields of
@@ -20,6 +24,7 @@ SAMI_STORAGE_CLEANUP_SECONDS   how long the storage cleanup may hold a deleted S
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,7 +41,9 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     reconcile_seconds: float = 5.0
     liveness_port: int = 8080
+    liveness_address: str = "0.0.0.0"
     metrics_port: int = 9090
+    metrics_address: str = "0.0.0.0"
     prefix: str = "sami.dev"
     python: str = "python"
     launchers: frozenset[str] = field(default_factory=lambda: frozenset({"Job"}))
@@ -47,6 +54,13 @@ class OperatorSettings:
     @property
     def finalizer(self) -> str:
         return f"{self.prefix}/finalizer"
+
+    @property
+    def liveness_endpoint(self) -> str:
+        """Kopf's liveness URL; IPv6 addresses in brackets."""
+        host = self.liveness_address
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.liveness_port}/healthz"
 
 
 def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
@@ -59,7 +73,13 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         namespaces=namespaces,
         reconcile_seconds=float(env.get("SAMI_RECONCILE_SECONDS", defaults.reconcile_seconds)),
         liveness_port=int(env.get("SAMI_LIVENESS_PORT", defaults.liveness_port)),
+        liveness_address=_address(
+            "SAMI_LIVENESS_ADDRESS", env.get("SAMI_LIVENESS_ADDRESS", defaults.liveness_address)
+        ),
         metrics_port=int(env.get("SAMI_METRICS_PORT", defaults.metrics_port)),
+        metrics_address=_address(
+            "SAMI_METRICS_ADDRESS", env.get("SAMI_METRICS_ADDRESS", defaults.metrics_address)
+        ),
         prefix=env.get("SAMI_PREFIX", defaults.prefix),
         python=env.get("SAMI_PYTHON", defaults.python),
         default_storage=_storage(env.get("SAMI_DEFAULT_STORAGE", "").strip()),
@@ -81,6 +101,18 @@ def _cleanup_attempts(text: str) -> int:
             f"SAMI_STORAGE_CLEANUP_ATTEMPTS: {attempts} is not between 1 and {MAX_RESTARTS + 1}"
         )
     return attempts
+
+
+def _address(variable: str, text: str) -> str:
+    """A bind address: an IPv4 or IPv6 address, not a host name (which would be resolved, and
+    could resolve to something else than the interface meant)."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(
+            f"{variable}: {text!r} is not an IP address (0.0.0.0 for every IPv4 interface, "
+            f":: for every interface, 127.0.0.1 for the pod only)"
+        ) from None
 
 
 def _storage(text: str) -> StorageSpec | None:

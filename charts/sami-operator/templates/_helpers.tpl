@@ -163,3 +163,28 @@ Cluster-scoped reads Kopf makes whatever the install mode.
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 {{- end }}
+
+{{/*
+The namespaces the chart creates the worker ServiceAccount (and, with
+networkPolicy.workers.enabled, the stage pods' NetworkPolicy) in: the watched namespaces and the
+release namespace, without duplicates, comma-separated.
+*/}}
+{{- define "sami-operator.workerNamespaces" -}}
+{{- append .Values.operator.watchNamespaces .Release.Namespace | uniq | join "," }}
+{{- end }}
+
+{{/*
+The egress rule to the cluster DNS (networkPolicy.dns.to; empty: port 53 anywhere).
+*/}}
+{{- define "sami-operator.dnsEgress" -}}
+# DNS.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with .Values.networkPolicy.dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
