@@ -107,6 +107,11 @@ class TrainTask(APIModel):
     steps: int = Field(ge=1, description="Optimizer steps.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     seed: int = Field(default=0, ge=0)
+    keep_states: bool = Field(
+        default=False,
+        description="Keep state/ once the stage is complete (cleanup.trainingStates: keep); "
+        "by default the resumable states are deleted then.",
+    )
 
 
 class Baseline(APIModel):

@@ -22,7 +22,8 @@ Run it:
                           --master_port $PET_MASTER_PORT -m sami_worker train --task task.json
 
 Outputs under the task's output prefix: state/step-NNNNNNNN/ (resumable sharded state, every
-`checkpointEvery` steps; the newest complete one is resumed automatically), checkpoint/ (the
+`checkpointEvery` steps; the newest complete one is resumed automatically; deleted once the
+stage is complete unless the task keeps them), checkpoint/ (the
 Hugging Face model vLLM loads next), metrics.jsonl (one line per optimizer step) and
 summary.json; the stage's manifest, written last, lists the latter two.
 """
@@ -571,6 +572,8 @@ def run(task: TrainTask) -> dict:
     out = open_uri(task.output, task.storage)
     if storage.is_complete(out, ""):
         log.info("training output %s is already complete", out.uri())
+        if rank == 0:
+            prune_states(out, task)  # a crash may have come between the manifest and the pruning
         return storage.read_manifest(out, "").meta
     t = task.training
     torch.manual_seed(task.seed)
@@ -659,9 +662,18 @@ def run(task: TrainTask) -> dict:
                 stage="train",
                 meta=summary,
             )
+            prune_states(out, task)
         distributed.barrier()
     distributed.shutdown()
     return summary
+
+
+def prune_states(out: storage.Storage, task: TrainTask) -> None:
+    """Once the stage is complete (its model exported, its manifest written) nothing resumes
+    from its training states: delete them unless the task keeps them."""
+    if not task.keep_states and out.list("state"):
+        log.info("deleting the training states under %s (cleanup.trainingStates)", out.uri("state"))
+        out.delete_prefix("state")
 
 
 def train_step(scorer, optimizer, schedule, step, task: TrainTask, pad_id, device) -> dict:

@@ -76,6 +76,7 @@ def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
     assert status["phase"] == "Succeeded"
     assert [i["iteration"] for i in status["iterations"]] == [0, 1]
     assert status["iterations"][1]["checkpointUri"].endswith("iterations/1/train/checkpoint")
+    assert status["modelUri"] == status["iterations"][1]["checkpointUri"]
     assert (
         status["latestMiLowerBound"] == status["iterations"][1]["metrics"]["miLowerBound"]["value"]
     )
@@ -183,6 +184,9 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_llama, tmp_path)
     assert "train-1: done" in result.stdout
     train_log = next(logs.glob("**/logs/train-1.log")).read_text()
     assert "resuming from" in train_log and "step 1/300" not in train_log
+    # Complete: the states it resumed from are deleted (cleanup.trainingStates: delete).
+    assert not (prefix / "iterations" / "1" / "train" / "state").exists()
+    assert (prefix / "iterations" / "1" / "train" / "checkpoint" / "_manifest.json").exists()
 
 
 @pytest.mark.vllm

@@ -137,6 +137,7 @@ def test_status_follows_the_records(run):
     assert status.latest_mi_lower_bound == 0.2
     assert status.iterations[0].metrics.plug_in_mi.value == 1.5
     assert status.iterations[1].train.child == "mistral-hh-it1-train"
+    assert status.model_uri is None  # nothing trained yet
     running = next(c for c in status.conditions if c.type == "Running")
     assert running.status == "True" and running.last_transition_time == "t3"
 
@@ -157,6 +158,7 @@ def test_status_is_bounded_and_serialisable(run):
     assert status.phase == Phase.succeeded
     assert len(status.iterations) == 4
     assert status.iterations[3].checkpoint_uri.endswith("/iterations/3/train/checkpoint")
+    assert status.model_uri == status.iterations[3].checkpoint_uri  # the last iteration's
     assert len(status.model_dump_json()) < 20_000
 
 

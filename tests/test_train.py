@@ -16,7 +16,13 @@ import pytest
 from sami_worker import storage
 from sami_worker.export import INDEX_FILE
 from sami_worker.tasks import TrainTask, dump_task
-from sami_worker.train import METRICS_FILE, BlockSchedule, lr_factor, prompt_sharing_window
+from sami_worker.train import (
+    METRICS_FILE,
+    BlockSchedule,
+    lr_factor,
+    prompt_sharing_window,
+    prune_states,
+)
 from tests.conftest import EXAMPLES
 from tests.test_generate import VLLM_CPU
 
@@ -239,6 +245,25 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_llama, dataset, 
     resumed = losses(tmp_path / "killed")
     assert len(resumed) == steps
     assert resumed == pytest.approx(losses(tmp_path / "reference"), abs=1e-4)
+    # Complete: the states (the half-written one too) are gone, the model and results stay.
+    assert not states.exists()
+    assert storage.is_complete(storage.open_storage(str(tmp_path / "killed")), "checkpoint")
+
+
+def test_states_are_pruned_once_the_stage_is_complete_unless_kept(tmp_path):
+    out = storage.open_storage(str(tmp_path / "out"))
+    for step in (3, 6):
+        storage.write_stage_files(out, f"state/step-{step:08d}", {"a.distcp": b"x"}, stage="s")
+    storage.write_stage_files(out, "", {"summary.json": b"{}"}, stage="train")
+    task = TrainTask.model_validate(
+        {"output": str(tmp_path / "out"), "model": {"uri": "m"}, "datasets": ["d"], "steps": 6}
+    )
+    prune_states(out, task.model_copy(update={"keep_states": True}))
+    assert len(out.list("state")) == 4  # two states, each a file and its manifest
+    prune_states(out, task)
+    assert out.list("state") == [] and not (tmp_path / "out" / "state").exists()
+    assert storage.is_complete(out, "")
+    prune_states(out, task)  # nothing left: a no-op
 
 
 def test_bad_training_tasks_fail_as_bad_input(tiny_llama, dataset, tmp_path):
@@ -505,6 +530,7 @@ def test_two_processes_resume_reading_only_their_own_shards(tiny_llama, dataset,
     bytes of replicated items saved there, by ranged reads); the trajectory is the
     uninterrupted one."""
     task = train_task(tiny_llama, dataset, tmp_path / "out", steps=3, checkpointEvery=1)
+    task = task.model_copy(update={"keep_states": True})  # cleanup.trainingStates: keep
     first = launch(task, tmp_path, nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
     reference = losses(tmp_path / "out")

@@ -1039,6 +1039,13 @@ class CleanupSpec(APIModel):
         "credentials) that empties <storage uri>/<namespace>/<run>/<uid>/, and only then lets "
         "the SAMIRun go.",
     )
+    training_states: Literal["delete", "keep"] = Field(
+        default="delete",
+        description="Each train stage's resumable training states (state/ under the stage: "
+        "sharded parameters and optimizer state; with AdamW about 6 bytes per parameter in "
+        "bf16 and 12 in bf16-mixed or fp32, and the two newest saves): deleted once the stage "
+        "has published its model and results, or kept (to continue training from them by hand).",
+    )
 
 
 class SAMIRunSpec(APIModel):
@@ -1327,6 +1334,11 @@ class SAMIRunStatus(APIModel):
         default=None, description="MI lower bound (nats) of the latest evaluated iteration."
     )
     storage_uri: str | None = Field(default=None, description="The run's storage prefix.")
+    model_uri: str | None = Field(
+        default=None,
+        description="The newest trained model, a Hugging Face folder (what `vllm serve` "
+        "loads): the last iteration's once the run has succeeded.",
+    )
     principles: StageStatus | None = Field(default=None, description="The principle writer.")
     reference: StageStatus | None = Field(
         default=None,

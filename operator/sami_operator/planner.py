@@ -224,6 +224,7 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
                     steps=spec.training.steps_for(t),
                     training=spec.training,
                     seed=spec.constitutions.seed + t,
+                    keep_states=spec.cleanup.training_states == "keep",
                 ),
             )
         )

@@ -114,6 +114,7 @@ def derive_status(
             entry.metrics = Metrics.model_validate(record.meta["metrics"])
             if record.meta.get("heldOutMetrics"):
                 entry.held_out_metrics = Metrics.model_validate(record.meta["heldOutMetrics"])
+    trained = [i for i in iterations.values() if i.checkpoint_uri]
     evaluated = [i for i in iterations.values() if i.metrics and i.metrics.mi_lower_bound]
     latest = max(evaluated, key=lambda i: i.iteration, default=None)
 
@@ -130,6 +131,7 @@ def derive_status(
         stage=current.id if current and phase != Phase.failed else None,
         latest_mi_lower_bound=latest.metrics.mi_lower_bound.value if latest else None,
         storage_uri=prefix,
+        model_uri=max(trained, key=lambda i: i.iteration).checkpoint_uri if trained else None,
         principles=principles,
         reference=reference,
         iterations=[iterations[t] for t in sorted(iterations)],
