@@ -310,7 +310,7 @@ KUEUE = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 @pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "TrainJob", "Job"])
 def test_kueue_labels_are_on_the_workload_and_never_on_a_pod(samirun_doc, launcher):
-    samirun_doc["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] = "high"
+    samirun_doc["metadata"].setdefault("labels", {})["kueue.x-k8s.io/priority-class"] = "high"
     samirun_doc["spec"]["queueName"] = "team-a-queue"
     run = run_with(samirun_doc, "team-a", launcher, writer=True)
     for config_map, workload in all_children(run):

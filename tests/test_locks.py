@@ -91,7 +91,7 @@ def test_lock_meets_every_requirement_of_pyproject(name: str):
     extras, target = TARGETS[name]
     # pyproject.toml's requirements as the installed project declares them (scripts/venv.sh
     # reinstalls it on every run), each extra's behind an `extra == "..."` marker.
-    wanted = [Requirement(r) for r in importlib.metadata.requires("sami")]
+    wanted = [Requirement(r) for r in importlib.metadata.requires("sami-align")]
     pins = lock(name)
     problems = []
     for req in wanted:
@@ -143,10 +143,12 @@ def test_test_environment_is_the_dev_lock():
     this = f"CPython {sys.version_info[0]}.{sys.version_info[1]} on {sysconfig.get_platform()}"
     if _lock_target("dev") != this:
         pytest.skip(f"the dev lock is for {_lock_target('dev')}; scripts/venv.sh resolved {this}")
+    site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     installed = {
-        canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
+        canonicalize_name(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions(path=sorted(site))
     }
-    installed.pop("sami")  # the project itself, editable
+    installed.pop("sami-align")  # the project itself, editable
     locked = {name: pin.version for name, pin in lock("dev").items()}
     assert installed == locked
 
