@@ -143,10 +143,11 @@ def test_test_environment_is_the_dev_lock():
     this = f"CPython {sys.version_info[0]}.{sys.version_info[1]} on {sysconfig.get_platform()}"
     if _lock_target("dev") != this:
         pytest.skip(f"the dev lock is for {_lock_target('dev')}; scripts/venv.sh resolved {this}")
-    site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    # This clone's .venv layer (the project) and the shared environment under it.
+    site = [p for p in sys.path if p.endswith("site-packages")]
     installed = {
         canonicalize_name(d.metadata["Name"]): d.version
-        for d in importlib.metadata.distributions(path=sorted(site))
+        for d in importlib.metadata.distributions(path=site)
     }
     installed.pop("sami-align")  # the project itself, editable
     locked = {name: pin.version for name, pin in lock("dev").items()}
