@@ -80,6 +80,7 @@ def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
 
     prefix = run_dir(project / "runs")
     uid = prefix.name
+    assert f"new run default/mini {uid} in .sami/default/mini/{uid}\n" in result.stdout
     status = json.loads((prefix / "status.json").read_text())
     assert status["phase"] == "Succeeded"
     assert [i["iteration"] for i in status["iterations"]] == [0, 1]
@@ -99,6 +100,9 @@ def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
 
     again = sami_run(path, project)
     assert again.returncode == 0
+    assert f"resuming default/mini {uid} in .sami/default/mini/{uid}: 4 of 4 stages done" in (
+        again.stdout
+    )
     assert again.stdout.count("already done") == 4
 
     rebuilt = subprocess.run(
@@ -289,3 +293,33 @@ def test_the_same_manifest_is_the_same_run_from_any_directory(tmp_path, monkeypa
     # An edit is another run.
     path.write_text(path.read_text().replace("count: 8", "count: 7"))
     assert run_uid(load_for_run(Path("run.yaml"))) != run_uid(from_project)
+
+
+def test_a_run_says_whether_it_is_new_resumed_or_changed(tmp_path):
+    from sami_operator.local import LocalRunner, default_workdir, run_uid
+    from sami_operator.planner import plan
+    from sami_operator.validate import parse_samirun
+    from sami_worker import storage
+
+    run = parse_samirun(mini_manifest("some/model", tmp_path / "runs"))
+    uid = run_uid(run)
+    workdir = tmp_path / default_workdir(run, uid)
+    runner = LocalRunner(run, workdir)
+    assert runner.uid == uid
+    assert runner.start_lines(workdir.parent) == [f"new run default/mini {uid} in {workdir}"]
+
+    earlier = workdir.parent / "0123456789ab"  # a run of an earlier version of the spec
+    earlier.mkdir(parents=True)
+    lines = runner.start_lines(workdir.parent)
+    assert lines == [
+        f"new run default/mini {uid} in {workdir}",
+        f"the spec changed since the run in {earlier}: a new uid, so this run starts from "
+        "its first stage",
+    ]
+
+    first = plan(runner.run, uid)[0]
+    store = storage.open_storage(first.prefix)
+    storage.write_stage_files(store, "", {"metrics.json": b"{}"}, stage=first.id)
+    assert runner.start_lines(workdir.parent) == [
+        f"resuming default/mini {uid} in {workdir}: 1 of 4 stages done"
+    ]

@@ -132,7 +132,10 @@ def run(file: Path, workdir: Path | None) -> None:
         for problem in missing:
             click.echo(f"  {problem}", err=True)
         sys.exit(1)
-    runner = LocalRunner(samirun, workdir or default_workdir(samirun, run_uid(samirun)))
+    default = default_workdir(samirun, run_uid(samirun))
+    runner = LocalRunner(samirun, workdir or default)
+    for line in runner.start_lines(default.parent):
+        click.echo(line)
     try:
         status = runner.execute()
     except KeyboardInterrupt:

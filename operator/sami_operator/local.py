@@ -167,6 +167,37 @@ class LocalRunner:
             return self.workdir / "report"
         return Path(self.prefix.removeprefix("file://")) / "report"
 
+    def stages_done(self) -> tuple[int, int]:
+        """(stages complete in storage, stages planned)."""
+        stages = plan(self.run, self.uid)
+        done = sum(
+            storage.is_complete(open_uri(stage.prefix, self.run.spec.storage), "")
+            for stage in stages
+        )
+        return done, len(stages)
+
+    def start_lines(self, runs_dir: Path) -> list[str]:
+        """What `sami run` says first: a new run or a resumed one (a stage complete or a status
+        stored under this uid); for a new run, the earlier runs of this name, workdirs with
+        another uid in `runs_dir` (.sami/<namespace>/<name>), whose spec was different."""
+        name = f"{self.run.metadata.namespace or 'default'}/{self.run.metadata.name}"
+        done, total = self.stages_done()
+        if done or self.storage.exists(STATUS_FILE):
+            return [f"resuming {name} {self.uid} in {self.workdir}: {done} of {total} stages done"]
+        lines = [f"new run {name} {self.uid} in {self.workdir}"]
+        others = runs_dir.iterdir() if runs_dir.is_dir() else ()
+        earlier = sorted(
+            (p for p in others if p.is_dir() and p.name != self.uid),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if earlier:
+            more = f" (and {len(earlier) - 1} older)" if len(earlier) > 1 else ""
+            lines.append(
+                f"the spec changed since the run in {earlier[-1]}{more}: a new uid, so this "
+                "run starts from its first stage"
+            )
+        return lines
+
     def execute(self) -> SAMIRunStatus:
         stages = plan(self.run, self.uid)
         if self.run.spec.training.nodes > 1:
