@@ -5,7 +5,8 @@
 Runs `sami run` (the command `make quickstart` runs) on examples/quickstart.yaml as a
 subprocess, exactly as a user would, except that `spec.storage.uri` points into a fresh
 temporary directory: the quickstart's usual output (runs/default/quickstart/<uid>) would make
-every finished stage "already done" and nothing would be measured. The stage times are not
+every finished stage "already done" and nothing would be measured (the copy of the manifest
+written there names the example data by absolute path). The stage times are not
 re-timed from outside: they are the `startTime` and `completionTime` that the local runner
 records for every stage in the run's `status.json` (the SAMIRun status shape; 1 s resolution).
 
@@ -51,6 +52,9 @@ def skipped_on_cpu() -> list[dict]:
 def spec(quick: bool, storage: Path) -> dict:
     doc = yaml.safe_load(QUICKSTART.read_text())
     doc["spec"]["storage"]["uri"] = str(storage)
+    for source in ("train", "eval"):  # relative to examples/, and the copy lives elsewhere
+        data = doc["spec"]["data"][source]
+        data["uri"] = str(EXAMPLES / data["uri"])
     if quick:
         s = doc["spec"]
         s["training"]["iterations"] = 1

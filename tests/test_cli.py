@@ -182,3 +182,44 @@ def test_validate_skips_other_apis_beside_the_runs(tmp_path):
         (ROOT / "examples" / "samirun.yaml").read_text().replace("kind: SAMIRun", "kind: SamiRun")
     )
     assert CliRunner().invoke(main, ["validate", str(typo)]).exit_code == 1  # our API: checked
+
+
+def test_run_names_each_local_path_missing_beside_the_manifest(tmp_path, monkeypatch):
+    """Relative paths are looked up in the manifest's folder, not the current directory: the
+    data files there are found, the missing model folder and eval file are named, with the
+    path they resolved to, and nothing starts."""
+    import yaml
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.jsonl").write_text('{"query": "hi"}\n')
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["spec"]["model"]["uri"] = "./model"
+    doc["spec"]["data"]["train"]["uri"] = "data/train.jsonl"
+    doc["spec"]["data"]["eval"]["uri"] = "data/eval.jsonl"
+    (project / "run.yaml").write_text(yaml.safe_dump(doc))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "eval.jsonl").write_text('{"query": "hi"}\n')  # not this one
+    monkeypatch.chdir(elsewhere)
+
+    result = CliRunner().invoke(main, ["run", "../project/run.yaml"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines() == [
+        f"../project/run.yaml: cannot run (relative paths resolve against {project}):",
+        f"  spec.model.uri: no model folder at {project / 'model'}",
+        f"  spec.data.eval.uri: no such file: {project / 'data' / 'eval.jsonl'}",
+    ]
+    assert not (elsewhere / ".sami").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_quickstart_names_its_data_relative_to_its_folder(tmp_path, monkeypatch):
+    from sami_operator.cli import load_for_run
+    from sami_operator.local import missing_local_paths, run_uid
+
+    monkeypatch.chdir(tmp_path)
+    quickstart = load_for_run(ROOT / "examples" / "quickstart.yaml")
+    assert missing_local_paths(quickstart) == []
+    assert quickstart.spec.storage.uri == str(ROOT / "runs")  # as `make quickstart` had it
+    monkeypatch.chdir(ROOT)
+    assert run_uid(load_for_run(Path("examples/quickstart.yaml"))) == run_uid(quickstart)

@@ -66,12 +66,21 @@ def run_dir(storage_dir: Path) -> Path:
 
 
 def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
-    path = write(tmp_path, mini_manifest(tiny_llama, tmp_path / "runs"))
+    """Run from another directory, a manifest's relative paths (model, data, storage) are
+    its folder's; rerun from its folder, it is the same run (the same uid), resumed."""
+    project = tmp_path / "project"
+    project.mkdir()
+    manifest = mini_manifest(os.path.relpath(tiny_llama, project), "runs")
+    for source in manifest["spec"]["data"].values():
+        source["uri"] = os.path.relpath(source["uri"], project)
+    path = write(project, manifest)
     result = sami_run(path, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| 0 (base) |" in result.stdout and "| 1 |" in result.stdout
 
-    prefix = run_dir(tmp_path / "runs")
+    prefix = run_dir(project / "runs")
+    uid = prefix.name
+    assert f"new run default/mini {uid} in .sami/default/mini/{uid}\n" in result.stdout
     status = json.loads((prefix / "status.json").read_text())
     assert status["phase"] == "Succeeded"
     assert [i["iteration"] for i in status["iterations"]] == [0, 1]
@@ -88,10 +97,13 @@ def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
         "response_tokens.png",
         "status.json",
     } <= {p.name for p in report.iterdir()}
-    assert (tmp_path / ".sami" / "default" / "mini").is_dir()  # task files and logs
+    assert (tmp_path / ".sami" / "default" / "mini" / uid).is_dir()  # task files and logs
 
-    again = sami_run(path, tmp_path)
+    again = sami_run(path, project)
     assert again.returncode == 0
+    assert f"resuming default/mini {uid} in .sami/default/mini/{uid}: 4 of 4 stages done" in (
+        again.stdout
+    )
     assert again.stdout.count("already done") == 4
 
     rebuilt = subprocess.run(
@@ -201,11 +213,117 @@ def test_mini_run_on_vllm(tiny_llama, tmp_path):
 
 
 def test_without_storage_a_local_run_writes_under_its_workdir(tiny_llama, tmp_path):
-    from sami_operator.local import LocalRunner
+    from sami_operator.local import LocalRunner, run_uid
     from sami_operator.validate import parse_samirun
 
     manifest = mini_manifest(tiny_llama, tmp_path / "unused")
     del manifest["spec"]["storage"]
-    runner = LocalRunner(parse_samirun(manifest), tmp_path / ".sami")
+    run = parse_samirun(manifest)
+    runner = LocalRunner(run, tmp_path / ".sami")
     assert runner.run.spec.storage.uri == str(tmp_path / ".sami" / "storage")
-    assert runner.prefix.startswith(f"{tmp_path}/.sami/storage/default/mini/")
+    # The uid of the spec as written (the workdir's), not of the default storage's path.
+    assert runner.uid == run_uid(run)
+    assert runner.prefix == f"{tmp_path}/.sami/storage/default/mini/{runner.uid}"
+
+
+def relative_manifest(project: Path) -> dict:
+    """A manifest in `project` naming its data, model and storage by paths relative to it."""
+    (project / "data").mkdir(parents=True)
+    for name in ("dialogue-train.jsonl", "dialogue-eval.jsonl"):
+        (project / "data" / name).write_bytes((EXAMPLES / "data" / name).read_bytes())
+    (project / "model").mkdir()
+    manifest = mini_manifest("./model", "runs")
+    manifest["spec"]["data"]["train"]["uri"] = "data/dialogue-train.jsonl"
+    manifest["spec"]["data"]["eval"]["uri"] = "data/dialogue-eval.jsonl"
+    return manifest
+
+
+def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
+    from sami_operator.local import resolve_relative_paths
+    from sami_operator.validate import parse_samirun
+
+    project = tmp_path / "project"
+    manifest = relative_manifest(project)
+    (project / "tokenizer").mkdir()
+    spec = manifest["spec"]
+    spec["model"]["tokenizer"] = "tokenizer"  # exists beside the manifest: a path
+    spec["data"]["eval"]["uri"] = str(tmp_path / "eval.jsonl")  # absolute: as written
+    spec["evaluation"] = {
+        "constitutions": 2,
+        "judge": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",  # no such path: a hub name
+            "reference": {"uri": "../models/reference", "tokenizer": "sami://x"},
+        },
+    }
+    run = parse_samirun(manifest)
+    resolved = resolve_relative_paths(run, project)
+
+    s = resolved.spec
+    assert s.model.uri == str(project / "model")
+    assert s.model.tokenizer == str(project / "tokenizer")
+    assert s.data.train.uri == str(project / "data" / "dialogue-train.jsonl")
+    assert s.data.eval.uri == str(tmp_path / "eval.jsonl")
+    assert s.evaluation.judge.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert s.evaluation.judge.reference.uri == str(tmp_path / "models" / "reference")
+    assert s.evaluation.judge.reference.tokenizer == "sami://x"
+    assert s.storage.uri == str(project / "runs")
+    assert run.spec.model.uri == "./model" and run.spec.storage.uri == "runs"  # a copy
+
+    spec["storage"]["uri"] = "s3://bucket/runs"
+    spec["principles"] = {"writer": {"model": "./writer", "instruction": "be helpful"}}
+    other = resolve_relative_paths(parse_samirun(manifest), project)
+    assert other.spec.storage.uri == "s3://bucket/runs"
+    assert other.spec.principles.writer.model == str(project / "writer")
+
+
+def test_the_same_manifest_is_the_same_run_from_any_directory(tmp_path, monkeypatch):
+    from sami_operator.cli import load_for_run
+    from sami_operator.local import missing_local_paths, run_uid
+
+    project = tmp_path / "project"
+    path = project / "run.yaml"
+    path.write_text(yaml.safe_dump(relative_manifest(project)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    monkeypatch.chdir(elsewhere)
+    from_elsewhere = load_for_run(Path("../project/run.yaml"))
+    assert missing_local_paths(from_elsewhere) == []  # found beside the manifest, not here
+    monkeypatch.chdir(project)
+    from_project = load_for_run(Path("run.yaml"))
+    assert from_project == from_elsewhere
+    assert run_uid(from_project) == run_uid(from_elsewhere)
+
+    # An edit is another run.
+    path.write_text(path.read_text().replace("count: 8", "count: 7"))
+    assert run_uid(load_for_run(Path("run.yaml"))) != run_uid(from_project)
+
+
+def test_a_run_says_whether_it_is_new_resumed_or_changed(tmp_path):
+    from sami_operator.local import LocalRunner, default_workdir, run_uid
+    from sami_operator.planner import plan
+    from sami_operator.validate import parse_samirun
+    from sami_worker import storage
+
+    run = parse_samirun(mini_manifest("some/model", tmp_path / "runs"))
+    uid = run_uid(run)
+    workdir = tmp_path / default_workdir(run, uid)
+    runner = LocalRunner(run, workdir)
+    assert runner.uid == uid
+    assert runner.start_lines(workdir.parent) == [f"new run default/mini {uid} in {workdir}"]
+
+    earlier = workdir.parent / "0123456789ab"  # a run of an earlier version of the spec
+    earlier.mkdir(parents=True)
+    lines = runner.start_lines(workdir.parent)
+    assert lines == [
+        f"new run default/mini {uid} in {workdir}",
+        f"the spec changed since the run in {earlier}: a new uid, so this run starts from "
+        "its first stage",
+    ]
+
+    first = plan(runner.run, uid)[0]
+    store = storage.open_storage(first.prefix)
+    storage.write_stage_files(store, "", {"metrics.json": b"{}"}, stage=first.id)
+    assert runner.start_lines(workdir.parent) == [
+        f"resuming default/mini {uid} in {workdir}: 1 of 4 stages done"
+    ]

@@ -90,6 +90,14 @@ def _load_one(path: Path):
     return runs[0]
 
 
+def load_for_run(path: Path):
+    """The single SAMIRun in a file as `sami run` runs it: its relative local paths resolved
+    against the file's folder, whatever the current directory (local.resolve_relative_paths)."""
+    from sami_operator.local import resolve_relative_paths
+
+    return resolve_relative_paths(_load_one(path), path.resolve().parent)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -101,6 +109,10 @@ def _load_one(path: Path):
 def run(file: Path, workdir: Path | None) -> None:
     """Run a SAMIRun on this machine: every stage as a local process. Re-running resumes.
 
+    Relative local paths in FILE (model and data paths, storage.uri) are relative to FILE's
+    folder. The run's id is a hash of the spec with those paths resolved: the same spec
+    resumes where it stopped, an edited one is a new run.
+
     API keys come from this environment: an endpoint that names apiKeySecret gets
     SAMI_API_KEY, or else OPENAI_API_KEY, and only over https (over plain http only
     SAMI_API_KEY, only to a loopback host whose endpoint sets allowInsecureApiKey). An
@@ -108,13 +120,22 @@ def run(file: Path, workdir: Path | None) -> None:
     """
     import logging
 
-    from sami_operator.local import LocalRunner, default_workdir, run_uid
+    from sami_operator.local import LocalRunner, default_workdir, missing_local_paths, run_uid
     from sami_operator.report import NotARun
 
     logging.basicConfig(level=logging.WARNING)
-    samirun = _load_one(file)
-    workdir = workdir or default_workdir(samirun, run_uid(samirun))
-    runner = LocalRunner(samirun, workdir)
+    samirun = load_for_run(file)
+    missing = missing_local_paths(samirun)
+    if missing:
+        where = file.resolve().parent
+        click.echo(f"{file}: cannot run (relative paths resolve against {where}):", err=True)
+        for problem in missing:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+    default = default_workdir(samirun, run_uid(samirun))
+    runner = LocalRunner(samirun, workdir or default)
+    for line in runner.start_lines(default.parent):
+        click.echo(line)
     try:
         status = runner.execute()
     except KeyboardInterrupt:

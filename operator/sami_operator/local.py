@@ -5,6 +5,8 @@ Each stage runs its worker program exactly as a pod would (`python -m sami_worke
 complete in storage (manifest present) is skipped, so re-running the same command resumes
 where it stopped, and a finished run is reported, not redone. Ctrl-C terminates the running
 child's process group; stages publish their manifest last, so nothing half-written counts.
+Relative local paths in the manifest are resolved against its folder before the run's id (a
+hash of the spec) is taken, so a manifest is the same run from any current directory.
 
 The workers inherit this process's environment, so their API key is SAMI_API_KEY or
 OPENAI_API_KEY from it where a pod would get the Secret in apiKeySecret; the workers decide
@@ -24,6 +26,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from sami_operator.models import SAMIRun, SAMIRunStatus, StagePhase, StorageSpec
 from sami_operator.planner import Stage, plan, run_prefix
@@ -41,10 +44,87 @@ PROGRESS_MARKERS = ("sami_worker", "Traceback", "Error")
 
 
 def run_uid(run: SAMIRun) -> str:
-    """A stable id for a local run: the hash of its spec. The same file resumes; a changed
-    spec is a different run with its own storage prefix."""
+    """A stable id for a local run: the hash of its spec, as `sami run` resolves it
+    (resolve_relative_paths: local paths absolute), so the same file resumes from any current
+    directory; a changed spec is a different run with its own storage prefix."""
     canonical = json.dumps(run.spec.to_api(), sort_keys=True).encode()
     return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+# Spec fields that may name something on this machine, and what: "file" fields are local paths
+# unless they have a scheme (s3://, file://); "model" fields may also be Hugging Face hub names,
+# so they are paths only as the workers tell (sami_worker.backends.resolve_model_dir): when
+# they start with '.' or name something that exists.
+LOCAL_PATH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("model.uri", "model"),
+    ("model.tokenizer", "model"),
+    ("principles.writer.model", "model"),
+    ("data.train.uri", "file"),
+    ("data.eval.uri", "file"),
+    ("evaluation.judge.model", "model"),
+    ("evaluation.judge.reference.uri", "model"),
+    ("evaluation.judge.reference.tokenizer", "model"),
+    ("storage.uri", "file"),
+)
+
+
+def resolve_relative_paths(run: SAMIRun, base_dir: Path) -> SAMIRun:
+    """A copy of `run` whose relative local paths (LOCAL_PATH_FIELDS) are absolute, resolved
+    against `base_dir`, the manifest's folder: the run reads the same files, and has the same
+    uid, whatever the current directory. URIs with a scheme, absolute and ~ paths, and model
+    names that are no path there (hub names) stay as written."""
+    base = Path(os.path.abspath(base_dir))
+    spec = run.spec
+    for field, kind in LOCAL_PATH_FIELDS:
+        parts = field.split(".")
+        value = _field(spec, parts)
+        if isinstance(value, str) and (path := _resolved(value, kind, base)) is not None:
+            spec = _with_field(spec, parts, path)
+    return run.model_copy(update={"spec": spec})
+
+
+def _resolved(value: str, kind: str, base: Path) -> str | None:
+    if not value or "://" in value or value.startswith("~") or os.path.isabs(value):
+        return None
+    candidate = base / value
+    if kind == "model" and not (value.startswith(".") or candidate.exists()):
+        return None  # a hub name
+    return os.path.normpath(candidate)
+
+
+def _field(obj, parts: list[str]):
+    for part in parts:
+        if obj is None:
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def _with_field(obj, parts: list[str], value):
+    head, *rest = parts
+    new = _with_field(getattr(obj, head), rest, value) if rest else value
+    return obj.model_copy(update={head: new})
+
+
+def missing_local_paths(run: SAMIRun) -> list[str]:
+    """One line per data file or model folder the spec names on this machine that is not
+    there, naming the field (storage folders are created, so they need not exist)."""
+    problems = []
+    for field, kind in LOCAL_PATH_FIELDS:
+        value = _field(run.spec, field.split("."))
+        if field == "storage.uri" or not isinstance(value, str) or not value:
+            continue
+        if value.startswith("file://"):
+            path = Path(unquote(urlparse(value).path))
+        elif "://" in value:
+            continue
+        else:
+            path = Path(value).expanduser()
+        if kind == "file" and not path.is_file():
+            problems.append(f"spec.{field}: no such file: {path}")
+        elif kind == "model" and path.is_absolute() and not path.is_dir():
+            problems.append(f"spec.{field}: no model folder at {path}")
+    return problems
 
 
 def now() -> str:
@@ -62,11 +142,12 @@ def stage_command(stage: Stage, task_file: Path) -> list[str]:
 
 class LocalRunner:
     def __init__(self, run: SAMIRun, workdir: Path, echo=None):
+        # The uid of the spec as written (default_workdir's), before storage gets its default.
+        self.uid = run_uid(run)
         if run.spec.storage is None:  # default: beside the logs, under the work directory
             storage = StorageSpec(uri=str((workdir / "storage").resolve()))
             run = run.model_copy(update={"spec": run.spec.model_copy(update={"storage": storage})})
         self.run = run
-        self.uid = run_uid(run)
         self.prefix = run_prefix(run, self.uid)
         self.storage = open_uri(self.prefix, run.spec.storage)
         self.workdir = workdir
@@ -85,6 +166,37 @@ class LocalRunner:
         if self.prefix.startswith("s3://"):
             return self.workdir / "report"
         return Path(self.prefix.removeprefix("file://")) / "report"
+
+    def stages_done(self) -> tuple[int, int]:
+        """(stages complete in storage, stages planned)."""
+        stages = plan(self.run, self.uid)
+        done = sum(
+            storage.is_complete(open_uri(stage.prefix, self.run.spec.storage), "")
+            for stage in stages
+        )
+        return done, len(stages)
+
+    def start_lines(self, runs_dir: Path) -> list[str]:
+        """What `sami run` says first: a new run or a resumed one (a stage complete or a status
+        stored under this uid); for a new run, the earlier runs of this name, workdirs with
+        another uid in `runs_dir` (.sami/<namespace>/<name>), whose spec was different."""
+        name = f"{self.run.metadata.namespace or 'default'}/{self.run.metadata.name}"
+        done, total = self.stages_done()
+        if done or self.storage.exists(STATUS_FILE):
+            return [f"resuming {name} {self.uid} in {self.workdir}: {done} of {total} stages done"]
+        lines = [f"new run {name} {self.uid} in {self.workdir}"]
+        others = runs_dir.iterdir() if runs_dir.is_dir() else ()
+        earlier = sorted(
+            (p for p in others if p.is_dir() and p.name != self.uid),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if earlier:
+            more = f" (and {len(earlier) - 1} older)" if len(earlier) > 1 else ""
+            lines.append(
+                f"the spec changed since the run in {earlier[-1]}{more}: a new uid, so this "
+                "run starts from its first stage"
+            )
+        return lines
 
     def execute(self) -> SAMIRunStatus:
         stages = plan(self.run, self.uid)
