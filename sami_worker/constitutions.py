@@ -1,4 +1,5 @@
-"""Constitutions: which principles a prompt lists, each kept or negated (SAMI.md, step 1).
+"""Constitutions: which principles a prompt lists, each kept or negated (docs/method.md,
+'Constitutions').
 
 A constitution names principles and says for each whether the prompt states its definition
 (kept) or its antithesis (negated). Sampling works on flip patterns: an integer whose bit k is
@@ -89,8 +90,8 @@ def _sample_patterns(rng: random.Random, n_patterns: int, k: int, excluded: set[
 def _from_pattern(names: Sequence[str], pattern: int, rng: random.Random | None) -> Constitution:
     items = [(name, not (pattern >> bit & 1)) for bit, name in enumerate(names)]
     if rng is not None:
-        # SAMI.md step 1: principle order is shuffled per use, so the model cannot tie a
-        # principle's meaning to its position in the list.
+        # docs/method.md, 'Constitutions': principle order is shuffled per use, so the model
+        # cannot tie a principle's meaning to its position in the list.
         rng.shuffle(items)
     return Constitution(tuple(items))
 
@@ -164,7 +165,8 @@ def sample_constitutions(
 
 
 def evaluation_constitutions(principles: Sequence[Principle], k: int) -> list[Constitution]:
-    """The K fixed constitutions of the plug-in MI metric (SAMI.md, Metrics); no shuffling.
+    """The K fixed evaluation constitutions of the MI metrics (docs/method.md, 'Evaluation and
+    win rates'); no shuffling.
 
     k=2: all kept, then all negated (the complements used for diverse principles).
     k=2**n: every flip pattern, ordered all kept, all negated, then by how many principles

@@ -1,5 +1,5 @@
-"""The evaluation stage: how much a model's responses reveal their constitution (SAMI.md,
-Metrics), on held-out queries.
+"""The evaluation stage: how much a model's responses reveal their constitution, on held-out
+queries (docs/method.md, 'Evaluation and win rates').
 
 For each held-out query, the model writes one response under each of the K evaluation
 constitutions (fixed, unshuffled: for two principles both kept, both negated, each negated

@@ -1,4 +1,5 @@
-"""The generation stage: the model writes its own SAMI training data (SAMI.md, steps 1-2).
+"""The generation stage: the model writes its own SAMI training data (docs/method.md,
+'Constitutions' and 'Generation').
 
 For every query, sample C constitutions, render one prompt per constitution, generate one
 response per prompt, post-process (cut at turn markers, drop empty / identical / debris

@@ -1,4 +1,4 @@
-"""Pairwise LLM judging for win rates (SAMI.md, Metrics: Win rate).
+"""Pairwise LLM judging for win rates (docs/method.md, 'Evaluation and win rates').
 
 An item is one held-out query under one evaluation constitution, with the tested model's
 response and a baseline's (the base model, iteration 0, or the reference model). The judge

@@ -1,4 +1,4 @@
-"""Response log-probabilities and the C x C matrix they fill (SAMI.md, The objective).
+"""Response log-probabilities and the C x C matrix they fill (docs/method.md, 'The objective').
 
 Prompt and response are tokenised separately and joined as ids, so the boundary between them
 is exact: the reference code joined strings and re-tokenised, which can move it. The caller

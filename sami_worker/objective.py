@@ -1,4 +1,5 @@
-"""The SAMI objective and its mutual-information metrics (SAMI.md, The objective; Metrics).
+"""The SAMI objective and its mutual-information metrics (docs/method.md, 'The objective' and
+'Mutual-information estimates').
 
 Convention everywhere in this module: a matrix M has rows = constitutions i and columns =
 responses j, where response j was generated under constitution j, so the diagonal holds the
@@ -60,8 +61,9 @@ def sami_loss(logprobs: Tensor) -> SamiLoss:
         loss_col = mean_j -log softmax_i(L[:, j])[j]
         loss     = (loss_row + loss_col) / 2
 
-    No temperature and no KL term: every reported run used neither (SAMI.md). Gradients flow
-    through every entry. With B blocks the scalars are means over blocks.
+    No temperature and no KL term: every reported run used neither (docs/method.md, 'Where we
+    differ from the reference code'). Gradients flow through every entry. With B blocks the
+    scalars are means over blocks.
     """
     blocks, _ = _as_blocks(logprobs, "logprobs")
     c = blocks.shape[-1]

@@ -1,4 +1,4 @@
-"""Prompts and response post-processing (SAMI.md, step 2).
+"""Prompts and response post-processing (docs/method.md, 'Generation').
 
 One prompt serves generation and training: SAMI scores a response under the very prompt its
 constitution produced, so `render_prompt` is the only place prompt text is written.
@@ -42,7 +42,7 @@ _CONSTITUTION_HEADERS = {
 }
 
 # Where a base model's continuation leaves the response: a new turn or a new template section
-# (SAMI.md step 2). Also usable as the generator's stop strings.
+# (docs/method.md, 'Generation'). Also usable as the generator's stop strings.
 STOP_MARKERS: tuple[str, ...] = (HUMAN, ASSISTANT, "###", "System:", "SUBREDDIT:", "POST:")
 # Placeholders copied from instruction-style text; a response holding one is not a real answer.
 DEBRIS_MARKERS: tuple[str, ...] = ("[insert", "<insert", "[your ", "[name]")

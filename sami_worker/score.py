@@ -1,9 +1,9 @@
 """Scoring: sum and mean response log-probs of (prompt, response) pairs under a model.
 
-Evaluation uses it for the MI estimators (SAMI.md, Metrics): the InfoNCE bound needs mean
-log-probs, the paper's plug-in MI needs sums. vLLM computes them with `prompt_logprobs` on the
-joined ids; the transformers backend with one forward pass (they agree within tolerance, see
-tests/test_generate.py).
+Evaluation uses it for the MI estimators (docs/method.md, 'Mutual-information estimates'): the
+InfoNCE bound needs mean log-probs, the paper's plug-in MI needs sums. vLLM computes them with
+`prompt_logprobs` on the joined ids; the transformers backend with one forward pass (they agree
+within tolerance, see tests/test_generate.py).
 
     python -m sami_worker score --task task.json
 """

@@ -1,8 +1,8 @@
 """Run storage: one interface over `s3://bucket/prefix` and a local directory, plus stage manifests.
 
-Everything a run produces lives under one prefix (ARCHITECTURE.md, Storage). Worker programs and
-the local runner use the same few verbs on either backend, and the stage-manifest protocol makes
-outputs trustworthy:
+Everything a run produces lives under one prefix (docs/architecture.md, 'Storage'). Worker
+programs and the local runner use the same few verbs on either backend, and the stage-manifest
+protocol makes outputs trustworthy:
 
     upload the files -> write <prefix>/_manifest.json LAST -> readers look only at manifests
 

@@ -1,4 +1,5 @@
-"""The training stage: SAMI fine-tuning with FSDP2 under torchrun (SAMI.md, The objective).
+"""The training stage: SAMI fine-tuning with FSDP2 under torchrun (docs/method.md, 'The
+objective').
 
 Each micro-step takes `microBatchQueries` query blocks per process; a block is one query's
 C prompts and C responses, scored as all C x C (constitution, response) sequences in one

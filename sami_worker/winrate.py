@@ -1,4 +1,5 @@
-"""Win rates from pairwise judge verdicts, with 95% intervals (SAMI.md, Metrics: Win rate).
+"""Win rates from pairwise judge verdicts, with 95% intervals (docs/method.md, 'Evaluation and
+win rates').
 
 Pure statistics on per-item outcomes y in [0, 1]: 1 the tested model won, 0 it lost, 0.5 a tie
 or an unparsable verdict; with both A/B orders judged, the mean of the two (so 0.25 and 0.75

@@ -11,7 +11,7 @@ from sami_worker.objective import mean_and_stderr, plugin_mi, sami_loss
 
 
 def naive_sami_loss(matrix: list[list[float]]) -> tuple[float, float]:
-    """(loss_row, loss_col) written as the SAMI.md formulas, with plain loops."""
+    """(loss_row, loss_col) written as docs/method.md's formulas, with plain loops."""
     c = len(matrix)
 
     def neg_log_softmax_at(values: list[float], index: int) -> float:

@@ -1,9 +1,10 @@
 """The SAMIRun API: spec and status as pydantic models.
 
-This module is the one source of truth for the API (see ARCHITECTURE.md): the CRD in crds/ and
-in the Helm chart is generated from these models (`sami crd`), the operator, the local runner and
-`sami validate` all parse a SAMIRun through them, and each field's description becomes
-`kubectl explain` text. Keys are camelCase as in every Kubernetes API; unknown keys are errors.
+This module is the one source of truth for the API (docs/architecture.md, 'One source of truth
+for the API'): the CRD in crds/ and in the Helm chart is generated from these models (`sami
+crd`), the operator, the local runner and `sami validate` all parse a SAMIRun through them, and
+each field's description becomes `kubectl explain` text. Keys are camelCase as in every
+Kubernetes API; unknown keys are errors.
 
 Pure: pydantic only, no I/O, importable by both the operator and the worker programs.
 """
@@ -323,7 +324,7 @@ class ConstitutionMode(str, Enum):
 
 
 class ConstitutionsSpec(APIModel):
-    """How constitutions are sampled for each query (SAMI.md, 'One iteration', step 1)."""
+    """How constitutions are sampled for each query (docs/method.md, 'Constitutions')."""
 
     per_query: int = Field(
         default=2,
@@ -444,7 +445,7 @@ class EngineSpec(APIModel):
 
 
 class FiltersSpec(APIModel):
-    """Which generated pairs are dropped before training (SAMI.md, step 2)."""
+    """Which generated pairs are dropped before training (docs/method.md, 'Generation')."""
 
     drop_empty: bool = Field(default=True, description="Drop empty responses.")
     drop_identical: bool = Field(

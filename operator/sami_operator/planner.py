@@ -1,5 +1,6 @@
-"""The SAMI pipeline, planned once (ARCHITECTURE.md): from a SAMIRun and what is already done,
-the stages in order, each with the typed task its worker program consumes.
+"""The SAMI pipeline, planned once (docs/architecture.md, 'One planner, two executors'): from a
+SAMIRun and what is already done, the stages in order, each with the typed task its worker
+program consumes.
 
     principles (when a writer is configured)
     evaluate-0 (the base model, when evaluation.includeBase)
