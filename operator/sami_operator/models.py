@@ -1286,11 +1286,12 @@ class Metrics(APIModel):
 
     mi_lower_bound: Estimate | None = Field(
         default=None,
-        description="InfoNCE lower bound on I(y; c | x) in nats (at most log C).",
+        description="InfoNCE lower bound on I(y; c | x) in nats (at most log K, K = "
+        "evaluation.constitutions).",
     )
     plug_in_mi: Estimate | None = Field(
         default=None,
-        description="The paper's plotted plug-in MI estimate in nats (not bounded by log C).",
+        description="The paper's plotted plug-in MI estimate in nats (not bounded by log K).",
     )
     mean_response_tokens: Estimate | None = Field(
         default=None, description="Mean response length in tokens."
