@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from sami_operator.models import GenerationSpec, ModelSpec, Principle, QuerySource, StorageSpec
@@ -79,3 +83,27 @@ def load_principles(ref: PrinciplesRef, spec: StorageSpec | None) -> list[Princi
 
 def load_task_queries(source: QuerySource, offset: int, spec: StorageSpec | None) -> list[str]:
     return load_queries(source, read_bytes=lambda uri: read_uri(uri, spec), offset=offset)
+
+
+def scratch_dir(stage: str) -> tempfile.TemporaryDirectory:
+    """Scratch space on the cache volume (which pods size for it), removed on exit. A process
+    that is killed leaves its folder behind, so the folders of processes that are gone are
+    removed first: each folder's name carries the process id that made it."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"sami-{stage}-*"):
+        match = re.match(rf"sami-{stage}-(\d+)-", old.name)
+        if match and old.is_dir() and not _alive(int(match.group(1))):
+            log.info("removing %s, left by a process that is gone", old)
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"sami-{stage}-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

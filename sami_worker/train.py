@@ -38,7 +38,6 @@ import pickle
 import random
 import resource
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sami_worker import distributed, storage
 from sami_worker.backends import resolve_model_dir
-from sami_worker.common import fetch_model, open_uri
+from sami_worker.common import fetch_model, open_uri, scratch_dir
 from sami_worker.export import MAX_SHARD_BYTES, export_weights
 from sami_worker.generate import DATASET_JSONL, DATASET_PARQUET
 from sami_worker.hf import (
@@ -79,7 +78,7 @@ from sami_worker.logprobs import (
 )
 from sami_worker.memory import PhasePeaks
 from sami_worker.objective import sami_loss
-from sami_worker.settings import cache_dir, export_shard_bytes
+from sami_worker.settings import export_shard_bytes
 from sami_worker.tasks import TaskError, TrainTask
 
 log = logging.getLogger(__name__)
@@ -581,10 +580,9 @@ def run(task: TrainTask) -> dict:
     random.seed(task.seed)
 
     peaks = PhasePeaks(device)
-    # Scratch space (datasets, resumed state, export files) on the cache volume, which the pod
-    # sizes for it, not the container's root filesystem.
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sami-train-", dir=cache_dir()) as tmp:
+    # Scratch space (datasets, resumed state, export files) on the cache volume, not the
+    # container's root filesystem.
+    with scratch_dir("train") as tmp:
         workdir = Path(tmp)
         base_dir = resolve_model_dir(task.model.uri, lambda u: fetch_model(u, task.storage))
         init_dir = base_dir

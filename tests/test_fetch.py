@@ -24,7 +24,7 @@ import pytest
 
 from sami_operator.models import StorageSpec
 from sami_worker import storage
-from sami_worker.common import fetch_model
+from sami_worker.common import fetch_model, scratch_dir
 from sami_worker.storage import (
     FETCHED_MARKER,
     MANIFEST_NAME,
@@ -285,3 +285,22 @@ def test_folder_placeholders_are_skipped(s3_server, s3_bucket, tmp_path):
     assert "sub/" in {o.key for o in remote.list()}
     target = fetch_folder(remote, tmp_path / "m")
     assert (target / "sub" / "config.json").read_bytes() == b"{}"
+
+
+def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """A killed training process leaves its scratch folder (no cleanup runs); the next one
+    removes the folders of processes that are gone, and only those."""
+    monkeypatch.setenv("SAMI_CACHE_DIR", str(tmp_path))
+    gone = multiprocessing.Process(target=time.sleep, args=(0,))
+    gone.start()
+    gone.join()
+    dead = tmp_path / f"sami-train-{gone.pid}-abc"
+    live = tmp_path / f"sami-train-{os.getppid()}-def"  # pytest's parent: alive
+    unnamed = tmp_path / "sami-train-xyz"  # no process id: not ours to judge
+    for folder in (dead, live, unnamed):
+        (folder / "export").mkdir(parents=True)
+        (folder / "export" / "model.safetensors").write_bytes(b"x" * 1000)
+    with scratch_dir("train") as scratch:
+        assert Path(scratch).name.startswith(f"sami-train-{os.getpid()}-")
+        assert not dead.exists() and live.exists() and unnamed.exists()
+    assert not Path(scratch).exists()
