@@ -15,9 +15,11 @@ test: venv
 crds: venv
 	.venv/bin/sami crd
 
+# ruff, then the import boundaries in pyproject.toml's [tool.importlinter].
 lint: venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 
 quickstart: venv
 	.venv/bin/sami run examples/quickstart.yaml

@@ -1,8 +1,9 @@
 """Text generation and scoring backends: vLLM (default) and plain transformers (fallback).
 
 Both take prompts as token ids, so the ids a dataset records are exactly the ids the model saw,
-and both return the same `Completion` records. vLLM is imported in this module only, and only
-when the vLLM backend is opened; transformers only in `sami_worker.hf`.
+and both return the same `Completion` records (`sami_worker.completions`). vLLM is imported in
+this module only, and only when the vLLM backend is opened; transformers only in
+`sami_worker.hf`, which this module imports only when the transformers backend is opened.
 """
 
 from __future__ import annotations
@@ -12,45 +13,15 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from sami_operator.models import EngineSpec, ModelSpec
 
+# The records both backends share live in `completions`, which `hf` imports too; they stay
+# importable from here, where the rest of the worker takes them from.
+from sami_worker.completions import Backend, Completion, SamplingSettings
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: tuple[int, ...]  # generated ids, EOS excluded
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    ended_with_eos: bool
-
-
-class Backend(Protocol):
-    tokenizer: Any
-
-    def generate(
-        self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, seeds: Sequence[int]
-    ) -> list[Completion]: ...
-
-    def score(
-        self, sequences: Sequence[Sequence[int]], starts: Sequence[int]
-    ) -> list[tuple[float, int]]:
-        """(sum of log-probs, token count) of tokens[start:] per sequence."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def request_seed(*parts: object) -> int:

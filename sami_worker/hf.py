@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sami_operator.models import ModelSpec
-from sami_worker.backends import Completion, SamplingSettings
+from sami_worker.completions import Completion, SamplingSettings
 from sami_worker.logprobs import response_logprobs
 
 log = logging.getLogger(__name__)
