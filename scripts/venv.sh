@@ -17,9 +17,20 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SAMI_CACHE_DIR:-$HOME/.cache/sami}
 lock="$root/requirements/dev.txt"
-key=$(cat "$root/pyproject.toml" "$root/scripts/venv.sh" "$lock" | sha256sum | cut -c1-16)
-venv="$cache/venv-$key"
 python=${PYTHON:-python3}
+target=$("$python" -c 'import sys, sysconfig
+print(f"CPython {sys.version_info[0]}.{sys.version_info[1]} on {sysconfig.get_platform()}")')
+# The key: the files that decide what is installed. With the lock, pyproject.toml is not one
+# of them (the project itself goes into each clone's layer), so editing its tool settings
+# reuses the environment; tests/test_locks.py fails when its dependencies leave the lock.
+if head -n1 "$lock" | grep -qxF "# target: $target (scripts/venv.sh checks it)"; then
+  use_lock=1
+  key=$(cat "$root/scripts/venv.sh" "$lock" | sha256sum | cut -c1-16)
+else
+  use_lock=
+  key=$(cat "$root/scripts/venv.sh" "$lock" "$root/pyproject.toml" | sha256sum | cut -c1-16)
+fi
+venv="$cache/venv-$key"
 log="$cache/venv-$key.log"
 mkdir -p "$cache"
 
@@ -40,9 +51,7 @@ if [ ! -f "$venv/.complete" ]; then
   echo "sami: building the virtualenv in $venv (first run only: a few minutes)" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  target=$("$venv/bin/python" -c 'import sys, sysconfig
-print(f"CPython {sys.version_info[0]}.{sys.version_info[1]} on {sysconfig.get_platform()}")')
-  if head -n1 "$lock" | grep -qxF "# target: $target (scripts/venv.sh checks it)"; then
+  if [ -n "$use_lock" ]; then
     pip_quiet --require-hashes --no-deps -r "$lock"
   else
     echo "sami: $lock is for $(head -n1 "$lock" | sed 's/^# target: \(.*\) (.*/\1/'), not" \
