@@ -283,7 +283,7 @@ def _worker_command(settings: OperatorSettings, stage: Stage) -> list[str]:
     return [settings.python, "-m", "sami_worker", stage.program, "--task", TASK_FILE]
 
 
-def _torchrun(settings: OperatorSettings, *args: str) -> list[str]:
+def _torchrun(*args: str) -> list[str]:
     # torchrun sits next to the Python the image runs; it reads PET_* for the rendezvous.
     return ["torchrun", *args, "-m", "sami_worker", "train", "--task", TASK_FILE]
 
@@ -325,14 +325,14 @@ def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, A
     }
 
 
-def _multinode_torchrun(settings: OperatorSettings, run: SAMIRun) -> list[str]:
+def _multinode_torchrun(run: SAMIRun) -> list[str]:
     """torchrun for the multi-node launchers, which give it PET_MASTER_ADDR/PORT and no
     rendezvous endpoint: the static rendezvous, a TCPStore served by node rank 0. Its
     `timeout` bounds both how long node 0 waits for every other node to connect and how long
     the others retry reaching node 0 (torch.distributed.elastic.rendezvous.
     static_tcp_rendezvous; torchrun's default 900 s). The c10d backend would read
     join_timeout instead; no launcher here uses it."""
-    return _torchrun(settings, f"--rdzv-conf=timeout={run.spec.training.rendezvous_seconds}")
+    return _torchrun(f"--rdzv-conf=timeout={run.spec.training.rendezvous_seconds}")
 
 
 def build_training_job(
@@ -344,7 +344,7 @@ def build_training_job(
 ) -> dict[str, Any]:
     """launcher Job: torchrun on one node (--standalone: no peers to wait for)."""
     n = run.spec.training.procs_per_node
-    command = _torchrun(settings, "--standalone", f"--nproc_per_node={n}")
+    command = _torchrun("--standalone", f"--nproc_per_node={n}")
     return build_job(metadata, build_pod_template(run, stage, settings, config_map, command))
 
 
@@ -397,7 +397,7 @@ def build_pytorchjob(
 ) -> dict[str, Any]:
     t = run.spec.training
     template = build_pod_template(
-        run, stage, settings, config_map, _multinode_torchrun(settings, run), container="pytorch"
+        run, stage, settings, config_map, _multinode_torchrun(run), container="pytorch"
     )
     replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if t.nodes > 1:
@@ -448,7 +448,7 @@ def build_jobset(
         {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
         {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
     ]
-    command = _multinode_torchrun(settings, run)
+    command = _multinode_torchrun(run)
     template = build_pod_template(run, stage, settings, config_map, command, env)
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
@@ -499,7 +499,7 @@ def build_trainjob(
     securityContext, the pod's volumes, securityContext and scheduling fields, and the pod
     labels and annotations go to our entry in spec.runtimePatches."""
     t = run.spec.training
-    command = _multinode_torchrun(settings, run)
+    command = _multinode_torchrun(run)
     template = build_pod_template(
         run, stage, settings, config_map, command, container=TRAINER_CONTAINER
     )
