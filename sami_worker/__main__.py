@@ -47,9 +47,41 @@ def _run_stage(program: str, task_path: Path) -> dict:
     from sami_worker.tasks import load_task
 
     task = load_task(task_path, program)
+    done = _completed(program, task)
+    if done is not None:
+        return done
     if program == "delete-prefix":
         return _delete_prefix(task)
     return importlib.import_module(f"sami_worker.{MODULES[program]}").run(task)
+
+
+def _completed(program: str, task) -> dict | None:
+    """A task whose output is already complete (manifest present, every file it lists there
+    with its size) is not redone: its manifest's meta is the summary."""
+    if not hasattr(task, "output"):
+        return None  # delete-prefix: nothing published
+    from sami_worker import storage
+    from sami_worker.common import open_uri
+
+    out = open_uri(task.output, task.storage)
+    manifest = storage.complete_manifest(out, "")
+    if manifest is None:
+        return None
+    log.info("%s: %s is already complete; nothing to do", program, out.uri())
+    hook = AFTER_COMPLETE.get(program)
+    if hook is not None and os.environ.get("RANK", "0") == "0":
+        hook(out, task)
+    return manifest.meta
+
+
+def _prune_training_states(out, task) -> None:
+    from sami_worker.train import prune_states
+
+    prune_states(out, task)  # a crash may have come between the manifest and the pruning
+
+
+# What a program still does for an output found complete (rank 0 only).
+AFTER_COMPLETE = {"train": _prune_training_states}
 
 
 def _delete_prefix(task) -> dict:

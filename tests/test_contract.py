@@ -1,5 +1,5 @@
 """The worker-operator contract (sami_worker.contract): the result line both sides read and
-write, the exit codes and the program table."""
+write, the exit codes, the program table, and the worker's "already complete" check."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sami_operator.models import StagePhase
 from sami_operator.planner import cleanup_stage, plan
 from sami_operator.reconcile import ChildState, _retryable, error_text
-from sami_worker import tasks
+from sami_worker import storage, tasks
 from sami_worker.__main__ import MODULES, main
 from sami_worker.contract import (
     EXIT_BAD_INPUT,
@@ -28,6 +28,7 @@ from sami_worker.contract import (
     program_of,
     write_result_line,
 )
+from sami_worker.tasks import dump_task
 
 # --- the result line ---------------------------------------------------------------------------
 
@@ -171,3 +172,55 @@ def test_the_worker_accepts_exactly_the_programs(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert all(repr(program) in err for program in PROGRAMS)
+
+
+# --- "already complete" -----------------------------------------------------------------------
+
+
+def _score_task(out) -> tasks.ScoreTask:
+    pair = {"promptTokenIds": [1], "responseTokenIds": [2]}
+    return tasks.ScoreTask.model_validate(
+        {"output": str(out), "model": {"uri": "m"}, "pairs": [pair]}
+    )
+
+
+def test_a_complete_output_is_reported_not_redone(tmp_path, capsys, monkeypatch):
+    out = storage.open_storage(str(tmp_path / "out"))
+    storage.write_stage_files(out, "", {"scores.jsonl": b"{}\n"}, stage="score", meta={"pairs": 1})
+    path = tmp_path / "task.json"
+    path.write_text(dump_task(_score_task(tmp_path / "out")))
+    monkeypatch.setitem(MODULES, "score", "no_such_module")  # dispatching would fail
+    assert main(["score", "--task", str(path)]) == EXIT_OK
+    result = parse_result_line(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == ResultLine("score", 0, {"pairs": 1}, None)
+
+    # A file the manifest lists is missing: not complete, so the program runs.
+    (tmp_path / "out" / "scores.jsonl").unlink()
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        main(["score", "--task", str(path)])
+
+
+def test_a_complete_training_output_still_loses_its_states(tmp_path, capsys, monkeypatch):
+    """A crash between the stage manifest and the pruning leaves states behind: the rerun
+    that finds the stage complete deletes them (rank 0 only), unless the task keeps them."""
+    out = storage.open_storage(str(tmp_path / "out"))
+    storage.write_stage_files(out, "state/step-00000003", {"a.distcp": b"x"}, stage="state")
+    storage.write_stage_files(out, "", {"summary.json": b"{}"}, stage="train", meta={"loss": 1})
+    task = tasks.TrainTask.model_validate(
+        {"output": str(tmp_path / "out"), "model": {"uri": "m"}, "datasets": ["d"], "steps": 3}
+    )
+    path = tmp_path / "task.json"
+    monkeypatch.setitem(MODULES, "train", "no_such_module")
+
+    path.write_text(dump_task(task.model_copy(update={"keep_states": True})))
+    assert main(["train", "--task", str(path)]) == EXIT_OK
+    assert out.list("state")
+    monkeypatch.setenv("RANK", "1")
+    path.write_text(dump_task(task))
+    assert main(["train", "--task", str(path)]) == EXIT_OK
+    assert out.list("state")  # not rank 0's job
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    assert main(["train", "--task", str(path)]) == EXIT_OK
+    assert out.list("state") == [] and storage.is_complete(out, "")
+    assert parse_result_line(capsys.readouterr().out.splitlines()[-1]).summary == {"loss": 1}
