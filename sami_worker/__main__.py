@@ -4,7 +4,7 @@ Stages: write-principles, generate, train (under torchrun for several processes)
 and score; delete-prefix empties a deleted run's storage prefix. The same programs run in
 Kubernetes pods and as local processes under `sami run`; they do not know which started them.
 
-Exit codes, so a launcher's failure policy can tell failures apart:
+Exit codes (sami_worker.contract), so a launcher's failure policy can tell failures apart:
     0   done (or already done: a completed stage is not redone)
     1   unexpected error (a bug; the traceback is printed)
     65  bad task or input: invalid task file, missing dataset or model, bad credentials,
@@ -16,52 +16,82 @@ Exit codes, so a launcher's failure policy can tell failures apart:
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-STAGES = ["write-principles", "generate", "train", "evaluate", "score", "delete-prefix"]
-EXIT_OK = 0
-EXIT_BUG = 1
-EXIT_BAD_INPUT = 65
-EXIT_RETRYABLE = 75
+from sami_worker.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_RETRYABLE,
+    PROGRAMS,
+    write_result_line,
+)
 
 log = logging.getLogger("sami_worker")
 
+# The module under sami_worker whose `run(task) -> summary` each program is; delete-prefix is
+# _delete_prefix below.
+MODULES = {
+    "write-principles": "principle_writer",
+    "generate": "generate",
+    "train": "train",
+    "evaluate": "evaluate",
+    "score": "score",
+}
 
-def _run_stage(stage: str, task_path: Path) -> dict:
+
+def _run_stage(program: str, task_path: Path) -> dict:
     from sami_worker.tasks import load_task
 
-    task = load_task(task_path, stage)
-    if stage == "generate":
-        from sami_worker import generate
+    task = load_task(task_path, program)
+    done = _completed(program, task)
+    if done is not None:
+        return done
+    if program == "delete-prefix":
+        return _delete_prefix(task)
+    return importlib.import_module(f"sami_worker.{MODULES[program]}").run(task)
 
-        return generate.run(task)
-    if stage == "score":
-        from sami_worker import score
 
-        return score.run(task)
-    if stage == "evaluate":
-        from sami_worker import evaluate
+def _completed(program: str, task) -> dict | None:
+    """A task whose output is already complete (manifest present, every file it lists there
+    with its size) is not redone: its manifest's meta is the summary."""
+    if not hasattr(task, "output"):
+        return None  # delete-prefix: nothing published
+    from sami_worker import storage
+    from sami_worker.common import open_uri
 
-        return evaluate.run(task)
-    if stage == "train":
-        from sami_worker import train
+    out = open_uri(task.output, task.storage)
+    manifest = storage.complete_manifest(out, "")
+    if manifest is None:
+        return None
+    log.info("%s: %s is already complete; nothing to do", program, out.uri())
+    hook = AFTER_COMPLETE.get(program)
+    if hook is not None and os.environ.get("RANK", "0") == "0":
+        hook(out, task)
+    return manifest.meta
 
-        return train.run(task)
-    if stage == "delete-prefix":
-        from sami_worker.common import open_uri
 
-        prefix = open_uri(task.prefix, task.storage)
-        objects = len(prefix.list())
-        prefix.delete_prefix("")
-        log.info("deleted %d objects under %s", objects, task.prefix)
-        return {"deleted": objects}
-    from sami_worker import principle_writer
+def _prune_training_states(out, task) -> None:
+    from sami_worker.train import prune_states
 
-    return principle_writer.run(task)
+    prune_states(out, task)  # a crash may have come between the manifest and the pruning
+
+
+# What a program still does for an output found complete (rank 0 only).
+AFTER_COMPLETE = {"train": _prune_training_states}
+
+
+def _delete_prefix(task) -> dict:
+    from sami_worker.common import open_uri
+
+    prefix = open_uri(task.prefix, task.storage)
+    objects = len(prefix.list())
+    prefix.delete_prefix("")
+    log.info("deleted %d objects under %s", objects, task.prefix)
+    return {"deleted": objects}
 
 
 def _dist_error() -> type[BaseException]:
@@ -87,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=list(PROGRAMS))
     parser.add_argument("--task", required=True, type=Path, help="Task JSON file.")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -118,33 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     return _report(args.stage, EXIT_OK, summary=summary)
 
 
-# The Kubernetes termination message holds at most 4096 bytes.
-SUMMARY_LIMIT = 4000
-
-
 def _report(stage: str, code: int, summary: dict | None = None, error: str | None = None) -> int:
     """Print the result line (rank 0 only) and, in a pod, leave it as the termination
     message."""
     from sami_worker.settings import summary_file
 
-    if os.environ.get("RANK", "0") != "0":
-        return code
-    line = json.dumps({"stage": stage, "exit_code": code, "summary": summary, "error": error})
-    if len(line) > SUMMARY_LIMIT:
-        line = json.dumps(
-            {
-                "stage": stage,
-                "exit_code": code,
-                "error": (error or "")[:2000],
-                "summary": None,
-                "truncated": True,
-            }
-        )
-    print(line)
-    path = summary_file()
-    if path:
-        with open(path, "w") as f:
-            f.write(line)
+    if os.environ.get("RANK", "0") == "0":
+        write_result_line(stage, code, summary, error, summary_file())
     return code
 
 

@@ -70,13 +70,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj`, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_mean(values: list[float], device: torch.device) -> list[float]:
     """Element-wise mean over ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -401,9 +401,6 @@ def generate_and_score(task: EvaluateTask, principles: list[Principle]) -> Evalu
 
 def run(task: EvaluateTask) -> dict:
     out = open_uri(task.output, task.storage)
-    if storage.is_complete(out, ""):
-        log.info("evaluation at %s is already complete", out.uri())
-        return storage.read_manifest(out, "").meta
     principles = load_principles(task.principles, task.storage)
     judging = bool(task.baselines)  # the planner sets them for iterations >= 1 with a judge
     # Baselines and judge first, so that a missing baseline or API key fails before any

@@ -11,7 +11,8 @@ the exact prompt and response token ids, so training scores precisely what was g
 
     python -m sami_worker generate --task task.json
 
-A completed stage (its manifest exists) is not redone; an interrupted one is redone whole.
+A completed stage is not redone (sami_worker.__main__ checks); an interrupted one is redone
+whole.
 """
 
 from __future__ import annotations
@@ -182,11 +183,6 @@ def write_dataset(records: list[dict], directory: Path, fmt: str) -> Path:
 
 def run(task: GenerateTask) -> dict:
     out = open_uri(task.output, task.storage)
-    if storage.is_complete(out, ""):
-        log.info("generation output %s is already complete; nothing to do", out.uri())
-        manifest = storage.read_manifest(out, "")
-        return manifest.meta if manifest else {}
-
     principles = load_principles(task.principles, task.storage)
     queries = load_task_queries(task.queries, task.query_offset, task.storage)
     if not queries:

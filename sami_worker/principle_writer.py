@@ -158,9 +158,6 @@ def write_principles(ask, instruction: str, count: int) -> list[Principle]:
 
 def run(task: WritePrinciplesTask) -> dict:
     out = open_uri(task.output, task.storage)
-    if storage.is_complete(out, ""):
-        log.info("principles at %s are already complete", out.uri())
-        return storage.read_manifest(out, "").meta
     w = task.writer
     if w.endpoint is not None:
         client = ChatClient(w.endpoint, "principles.writer.endpoint")

@@ -33,9 +33,6 @@ def score_pairs(backend, pairs: list[ScorePair]) -> list[dict]:
 
 def run(task: ScoreTask) -> dict:
     out = open_uri(task.output, task.storage)
-    if storage.is_complete(out, ""):
-        log.info("scores at %s are already complete", out.uri())
-        return storage.read_manifest(out, "").meta
     if task.pairs is not None:
         pairs = task.pairs
     elif task.pairs_uri is not None:

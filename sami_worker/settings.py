@@ -33,7 +33,9 @@ def summary_file() -> str | None:
     """Where a worker writes its one-line JSON result for whoever started it: in a pod, the
     container's termination message (the operator reads it from the pod status, so it needs
     no access to the bucket)."""
-    return os.environ.get("SAMI_SUMMARY_FILE") or None
+    from sami_worker.contract import RESULT_FILE_ENV
+
+    return os.environ.get(RESULT_FILE_ENV) or None
 
 
 def export_shard_bytes() -> int | None:

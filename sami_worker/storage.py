@@ -819,13 +819,19 @@ def _require_manifest(target: Storage) -> Manifest:
     return manifest
 
 
-def is_complete(storage: Storage, prefix: str) -> bool:
-    """Manifest present and every listed file present with its listed size (no hashing)."""
+def complete_manifest(storage: Storage, prefix: str) -> Manifest | None:
+    """The stage's manifest when the stage is complete (is_complete), else None; the manifest
+    is read once."""
     manifest = read_manifest(storage, prefix)
     if manifest is None:
-        return False
+        return None
     sizes = {o.key: o.size for o in storage.child(prefix).list()}
-    return all(sizes.get(f.path) == f.size for f in manifest.files)
+    return manifest if all(sizes.get(f.path) == f.size for f in manifest.files) else None
+
+
+def is_complete(storage: Storage, prefix: str) -> bool:
+    """Manifest present and every listed file present with its listed size (no hashing)."""
+    return complete_manifest(storage, prefix) is not None
 
 
 def download_stage(

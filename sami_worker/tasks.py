@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
@@ -176,10 +176,16 @@ class DeletePrefixTask(APIModel):
     storage: StorageSpec | None = None
 
 
-AnyTask = Annotated[
-    GenerateTask | ScoreTask | WritePrinciplesTask | TrainTask | EvaluateTask | DeletePrefixTask,
-    Field(discriminator="kind"),
-]
+# Every task a worker program consumes; each kind is a program's name (contract.PROGRAMS).
+TASK_TYPES = (
+    WritePrinciplesTask,
+    GenerateTask,
+    TrainTask,
+    EvaluateTask,
+    ScoreTask,
+    DeletePrefixTask,
+)
+AnyTask = Annotated[Union[TASK_TYPES], Field(discriminator="kind")]  # noqa: UP007
 _ADAPTER: TypeAdapter[AnyTask] = TypeAdapter(AnyTask)
 
 

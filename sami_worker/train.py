@@ -570,11 +570,6 @@ def run(task: TrainTask) -> dict:
     device = distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     out = open_uri(task.output, task.storage)
-    if storage.is_complete(out, ""):
-        log.info("training output %s is already complete", out.uri())
-        if rank == 0:
-            prune_states(out, task)  # a crash may have come between the manifest and the pruning
-        return storage.read_manifest(out, "").meta
     t = task.training
     torch.manual_seed(task.seed)
     random.seed(task.seed)
@@ -669,7 +664,9 @@ def run(task: TrainTask) -> dict:
 
 def prune_states(out: storage.Storage, task: TrainTask) -> None:
     """Once the stage is complete (its model exported, its manifest written) nothing resumes
-    from its training states: delete them unless the task keeps them."""
+    from its training states: delete them unless the task keeps them. Also run for a stage
+    found complete (sami_worker.__main__), in case a crash came between its manifest and
+    this."""
     if not task.keep_states and out.list("state"):
         log.info("deleting the training states under %s (cleanup.trainingStates)", out.uri("state"))
         out.delete_prefix("state")

@@ -89,8 +89,11 @@ def test_generate_with_transformers_backend(tiny_llama, tmp_path):
         assert record["query"] in tok.decode(record["prompt_token_ids"][0])
 
 
-def test_generation_is_deterministic_and_a_finished_stage_is_not_redone(tiny_llama, tmp_path):
+def test_generation_is_deterministic_and_a_finished_stage_is_not_redone(
+    tiny_llama, tmp_path, capsys
+):
     from sami_worker import generate
+    from sami_worker.__main__ import main
 
     first = generate_task(
         tiny_llama,
@@ -106,7 +109,16 @@ def test_generation_is_deterministic_and_a_finished_stage_is_not_redone(tiny_lla
     generate.run(second)
     assert read_dataset(tmp_path / "a") == read_dataset(tmp_path / "b")
     before = (tmp_path / "a" / DATASET_JSONL).stat().st_mtime_ns
-    generate.run(first)
+    # The program again on the finished stage: its manifest's meta is the result, nothing redone.
+    path = tmp_path / "task.json"
+    path.write_text(dump_task(first))
+    capsys.readouterr()
+    assert main(["generate", "--task", str(path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (
+        result["summary"]
+        == storage.read_manifest(storage.open_storage(str(tmp_path / "a")), "").meta
+    )
     assert (tmp_path / "a" / DATASET_JSONL).stat().st_mtime_ns == before
 
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from sami_operator.builders import MAX_NAME, build_children, child_name, summary_from_message
+from sami_operator.builders import MAX_NAME, build_children, child_name
 from sami_operator.models import Launcher, StagePhase
 from sami_operator.planner import plan
 from sami_operator.reconcile import (
@@ -20,6 +20,7 @@ from sami_operator.reconcile import (
 from sami_operator.settings import OperatorSettings, from_env
 from sami_operator.status import derive_status
 from sami_operator.validate import parse_samirun
+from sami_worker.contract import parse_result_line
 
 SETTINGS = OperatorSettings(
     worker_image="registry.example/sami-worker:test", worker_service_account="sami-operator-worker"
@@ -306,8 +307,8 @@ def test_a_refused_child_waits_for_quota_and_fails_on_invalid(run):
 
 
 def test_summary_parsing_and_settings():
-    assert summary_from_message('{"summary": {"kept": 3}}') == {"kept": 3}
-    assert summary_from_message("Traceback ...") == {}
+    assert parse_result_line('{"summary": {"kept": 3}}').summary == {"kept": 3}
+    assert parse_result_line("Traceback ...") is None
     settings = from_env({"SAMI_NAMESPACES": "a, b", "SAMI_WORKER_IMAGE": "img:1"})
     assert settings.namespaces == ("a", "b") and settings.worker_image == "img:1"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 from typing import Any
 
@@ -29,6 +28,7 @@ from sami_operator.models import (
 )
 from sami_operator.planner import Stage
 from sami_operator.settings import OperatorSettings
+from sami_worker.contract import RESULT_FILE_ENV
 from sami_worker.tasks import dump_task
 
 MANAGED_BY = "sami-operator"
@@ -149,7 +149,7 @@ def _env(run: SAMIRun, stage: Stage) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "SAMI_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        {"name": "SAMI_SUMMARY_FILE", "value": TERMINATION_LOG},
+        {"name": RESULT_FILE_ENV, "value": TERMINATION_LOG},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # Writes go to the pod's volumes, not to the image's filesystem (which a cluster may
         # make read-only): HOME (~/.triton, ~/.nv, ...) to the /tmp volume, where temporary
@@ -283,9 +283,9 @@ def _worker_command(settings: OperatorSettings, stage: Stage) -> list[str]:
     return [settings.python, "-m", "sami_worker", stage.program, "--task", TASK_FILE]
 
 
-def _torchrun(settings: OperatorSettings, *args: str) -> list[str]:
+def _torchrun(stage: Stage, *args: str) -> list[str]:
     # torchrun sits next to the Python the image runs; it reads PET_* for the rendezvous.
-    return ["torchrun", *args, "-m", "sami_worker", "train", "--task", TASK_FILE]
+    return ["torchrun", *args, "-m", "sami_worker", stage.program, "--task", TASK_FILE]
 
 
 # A pod taken away (drained or lost node, preemption, eviction: Kubernetes 1.26+ marks it with
@@ -325,14 +325,14 @@ def build_job(metadata: dict[str, Any], template: dict[str, Any]) -> dict[str, A
     }
 
 
-def _multinode_torchrun(settings: OperatorSettings, run: SAMIRun) -> list[str]:
+def _multinode_torchrun(run: SAMIRun, stage: Stage) -> list[str]:
     """torchrun for the multi-node launchers, which give it PET_MASTER_ADDR/PORT and no
     rendezvous endpoint: the static rendezvous, a TCPStore served by node rank 0. Its
     `timeout` bounds both how long node 0 waits for every other node to connect and how long
     the others retry reaching node 0 (torch.distributed.elastic.rendezvous.
     static_tcp_rendezvous; torchrun's default 900 s). The c10d backend would read
     join_timeout instead; no launcher here uses it."""
-    return _torchrun(settings, f"--rdzv-conf=timeout={run.spec.training.rendezvous_seconds}")
+    return _torchrun(stage, f"--rdzv-conf=timeout={run.spec.training.rendezvous_seconds}")
 
 
 def build_training_job(
@@ -344,7 +344,7 @@ def build_training_job(
 ) -> dict[str, Any]:
     """launcher Job: torchrun on one node (--standalone: no peers to wait for)."""
     n = run.spec.training.procs_per_node
-    command = _torchrun(settings, "--standalone", f"--nproc_per_node={n}")
+    command = _torchrun(stage, "--standalone", f"--nproc_per_node={n}")
     return build_job(metadata, build_pod_template(run, stage, settings, config_map, command))
 
 
@@ -397,7 +397,7 @@ def build_pytorchjob(
 ) -> dict[str, Any]:
     t = run.spec.training
     template = build_pod_template(
-        run, stage, settings, config_map, _multinode_torchrun(settings, run), container="pytorch"
+        run, stage, settings, config_map, _multinode_torchrun(run, stage), container="pytorch"
     )
     replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if t.nodes > 1:
@@ -448,7 +448,7 @@ def build_jobset(
         {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
         {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
     ]
-    command = _multinode_torchrun(settings, run)
+    command = _multinode_torchrun(run, stage)
     template = build_pod_template(run, stage, settings, config_map, command, env)
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
@@ -499,7 +499,7 @@ def build_trainjob(
     securityContext, the pod's volumes, securityContext and scheduling fields, and the pod
     labels and annotations go to our entry in spec.runtimePatches."""
     t = run.spec.training
-    command = _multinode_torchrun(settings, run)
+    command = _multinode_torchrun(run, stage)
     template = build_pod_template(
         run, stage, settings, config_map, command, container=TRAINER_CONTAINER
     )
@@ -562,15 +562,3 @@ def build_children(
         command = _worker_command(settings, stage)
         workload = build_job(metadata, build_pod_template(run, stage, settings, name, command))
     return [config_map, workload]
-
-
-def summary_from_message(message: str | None) -> dict[str, Any]:
-    """The stage summary a worker wrote to its termination message (JSON), if any."""
-    if not message:
-        return {}
-    try:
-        data = json.loads(message)
-    except json.JSONDecodeError:
-        return {}
-    summary = data.get("summary") if isinstance(data, dict) else None
-    return summary if isinstance(summary, dict) else {}

@@ -11,7 +11,6 @@ Pure: pydantic only, no I/O, importable by both the operator and the worker prog
 
 from __future__ import annotations
 
-import math
 import re
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -1394,8 +1393,3 @@ class SAMIRun(APIModel):
     metadata: ObjectMeta
     spec: SAMIRunSpec
     status: SAMIRunStatus | None = None
-
-
-def log_c(c: int) -> float:
-    """The largest possible InfoNCE MI lower bound with C constitutions, in nats."""
-    return math.log(c)

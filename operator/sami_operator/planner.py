@@ -23,6 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from sami_operator.models import BASELINE_BASE, BASELINE_REFERENCE, ModelSpec, SAMIRun
+from sami_worker.contract import program_of
 from sami_worker.tasks import (
     Baseline,
     DeletePrefixTask,
@@ -49,13 +50,8 @@ class Stage:
 
     @property
     def program(self) -> str:
-        """The `python -m sami_worker <program>` this stage runs."""
-        programs = {
-            "principles": "write-principles",
-            "reference": "evaluate",
-            "cleanup": "delete-prefix",
-        }
-        return programs.get(self.name, self.name)
+        """The `python -m sami_worker <program>` this stage runs: its task's."""
+        return program_of(self.task)
 
 
 def run_prefix(run: SAMIRun, uid: str) -> str:

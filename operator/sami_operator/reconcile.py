@@ -10,21 +10,18 @@ it already created instead of duplicating it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from sami_operator.builders import build_children, child_name, summary_from_message
+from sami_operator.builders import build_children, child_name
 from sami_operator.models import Metrics, SAMIRun, SAMIRunStatus, StagePhase
 from sami_operator.planner import plan
 from sami_operator.settings import OperatorSettings
 from sami_operator.status import StageRecord
-
-EXIT_BAD_INPUT = 65
-EXIT_RETRYABLE = 75
+from sami_worker.contract import EXIT_RETRYABLE, ResultLine, parse_result_line
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,7 @@ def _walk(run, uid, records, observed, settings, now, created) -> Decision:
             return decision
         if state.phase == StagePhase.succeeded:
             try:
-                record.meta = stage_results(summary_from_message(state.message))
+                record.meta = stage_results(_result_line(state).summary or {})
             except ValueError as err:
                 why = f"{stage.id}: its result line does not parse: {err}"
                 return _fail(decision, record, stamp, "StageFailed", why)
@@ -280,19 +277,15 @@ def create_refused(
         decision.events.append(("Warning", record.stalled, f"{stage_id}: {record.message}"))
 
 
-def _result_line(state: ChildState) -> dict[str, Any]:
-    try:
-        line = json.loads(state.message or "")
-    except json.JSONDecodeError:
-        return {}
-    return line if isinstance(line, dict) else {}
+def _result_line(state: ChildState) -> ResultLine:
+    """The worker's result line, from the termination message (empty when it is none)."""
+    return parse_result_line(state.message) or ResultLine()
 
 
-def _exit_code(state: ChildState) -> int | None:
+def _exit_code(state: ChildState, line: ResultLine) -> int | None:
     """The worker's own exit code: launchers such as torchrun exit 1 whatever their child
     returned, so the result line the worker left is the better witness (when it is one)."""
-    code = _result_line(state).get("exit_code")
-    return code if type(code) is int else state.exit_code
+    return line.exit_code if line.exit_code is not None else state.exit_code
 
 
 def stage_results(summary: dict[str, Any]) -> dict[str, Any]:
@@ -317,17 +310,17 @@ def _retryable(state: ChildState) -> bool:
     """The worker said a retry can help (75), or it never got to say: its pod was lost, or
     killed by a signal (exit 128+N: preemption, eviction, a node going away), except by the
     kernel's OOM killer, which would kill it again on the same resources."""
-    code = _exit_code(state)
+    code = _exit_code(state, _result_line(state))
     if code is None or code == EXIT_RETRYABLE:
         return True
     return code > 128 and state.reason != "OOMKilled"
 
 
 def error_text(state: ChildState) -> str:
-    code = _exit_code(state)
     line = _result_line(state)
-    if line.get("error"):
-        return f"exit code {code}: {line['error']}"
+    code = _exit_code(state, line)
+    if line.error:
+        return f"exit code {code}: {line.error}"
     if state.message:
         return f"exit code {code}: {state.message.strip()[-300:]}"
     if state.reason and state.reason not in ("Error", "Completed"):
