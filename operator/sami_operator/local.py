@@ -259,7 +259,7 @@ class LocalRunner:
         log_path = self._log_path(stage)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with log_path.open("w") as sink:
+        with log_path.open("w", buffering=1) as sink:  # line by line: `tail -f` follows it
             child = subprocess.Popen(
                 stage_command(stage, task_file),
                 stdout=subprocess.PIPE,
