@@ -171,6 +171,10 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_llama, tmp_path)
         text=True,
         stdout=subprocess.DEVNULL,  # not read while it runs: a full pipe would stall it
         stderr=subprocess.PIPE,
+        # As in a terminal: a shell without job control starts background commands (a CI
+        # script run with `&`, and everything under it) with SIGINT ignored, and Python then
+        # raises no KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     logs = tmp_path / ".sami"
     # Interrupt once a training state is saved (training runs at tens of steps a second here):
