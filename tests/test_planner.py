@@ -206,3 +206,24 @@ def test_runs_stay_in_their_namespace_of_the_shared_storage(samirun_doc):
     samirun_doc["spec"]["storage"]["uri"] = "s3://shared/runs/team-b"  # writes into team-b's part
     [problem] = foreign_uris(parse_samirun(samirun_doc), "s3://shared/runs")
     assert problem.startswith("spec.storage.uri: 's3://shared/runs/team-b/team-a/mistral-hh/uid'")
+
+
+def test_the_layout_reads_back_what_the_planner_plans(samirun_doc):
+    """Stage prefixes are the run prefix and sami_worker.layout's keys, which parse back to
+    the stage (the report reads a run's listing so)."""
+    from sami_worker import layout
+
+    samirun_doc["spec"]["principles"] = {"writer": {"model": "s3://m/w", "instruction": "x"}}
+    samirun_doc["spec"]["evaluation"]["judge"] = {**JUDGE, "reference": REFERENCE}
+    run = parse_samirun(samirun_doc)
+    prefix = run_prefix(run, "u1")
+    assert prefix == f"{run.spec.storage.uri.rstrip('/')}/default/mistral-hh/u1"
+    for stage in plan(run, "u1"):
+        key = stage.prefix.removeprefix(f"{prefix}/")
+        if stage.iteration is None:
+            assert key == stage.name and layout.parse_stage_key(key) is None
+        else:
+            assert layout.parse_stage_key(key) == (stage.name, stage.iteration)
+    assert checkpoint_uri(prefix, 2) == f"{prefix}/iterations/2/train/checkpoint"
+    for other in ("iterations/2/train/checkpoint", "iterations/x/train", "iterations/2"):
+        assert layout.parse_stage_key(other) is None

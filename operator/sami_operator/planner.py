@@ -9,7 +9,8 @@ program consumes.
                   (with evaluation.judge, evaluate-t also judges its responses against
                   evaluate-0's, baseline 'base', and the reference stage's, 'reference')
 
-Stage outputs live under the run prefix: principles/, reference/, iterations/<t>/<stage>/.
+Stage outputs live under the run prefix: principles/, reference/, iterations/<t>/<stage>/
+(sami_worker/layout.py).
 
 generate-t samples from the model of iteration t-1 (the base model for t = 1); train-t starts
 from the base model (the paper) or from iteration t-1's checkpoint, and trains
@@ -23,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from sami_operator.models import BASELINE_BASE, BASELINE_REFERENCE, ModelSpec, SAMIRun
+from sami_worker import layout
 from sami_worker.contract import program_of
 from sami_worker.tasks import (
     Baseline,
@@ -56,8 +58,8 @@ class Stage:
 
 def run_prefix(run: SAMIRun, uid: str) -> str:
     """<storage uri>/<namespace>/<name>/<uid>: everything a run produces lives here."""
-    namespace = run.metadata.namespace or "default"
-    return f"{run.spec.storage.uri.rstrip('/')}/{namespace}/{run.metadata.name}/{uid}"
+    key = layout.run_key(run.metadata.namespace or "default", run.metadata.name, uid)
+    return f"{run.spec.storage.uri.rstrip('/')}/{key}"
 
 
 def foreign_uris(run: SAMIRun, shared_root: str) -> list[str]:
@@ -101,14 +103,19 @@ def cleanup_stage(run: SAMIRun, uid: str) -> Stage:
     return Stage("cleanup", None, prefix, DeletePrefixTask(prefix=prefix, storage=run.spec.storage))
 
 
+def stage_uri(prefix: str, name: str, iteration: int) -> str:
+    """The outputs of an iteration's stage (generate, train or evaluate)."""
+    return f"{prefix}/{layout.stage_key(name, iteration)}"
+
+
 def reference_uri(prefix: str) -> str:
     """The reference model's evaluation (evaluation.judge.reference)."""
-    return f"{prefix}/reference"
+    return f"{prefix}/{layout.REFERENCE}"
 
 
 def checkpoint_uri(prefix: str, iteration: int) -> str:
     """The Hugging Face model trained in an iteration."""
-    return f"{prefix}/iterations/{iteration}/train/checkpoint"
+    return f"{prefix}/{layout.checkpoint_key(iteration)}"
 
 
 def plan(run: SAMIRun, uid: str) -> list[Stage]:
@@ -118,7 +125,7 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
     stages: list[Stage] = []
 
     if spec.principles.writer is not None:
-        principles = PrinciplesRef(uri=f"{prefix}/principles")
+        principles = PrinciplesRef(uri=f"{prefix}/{layout.PRINCIPLES}")
         stages.append(
             Stage(
                 "principles",
@@ -135,9 +142,6 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
         )
     else:
         principles = PrinciplesRef(inline=spec.principles.inline)
-
-    def stage_uri(name: str, iteration: int) -> str:
-        return f"{prefix}/iterations/{iteration}/{name}"
 
     judge = spec.evaluation.judge
 
@@ -161,12 +165,12 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
     # evaluation.includeBase with a judge) and the reference stage's.
     baselines: list[Baseline] = []
     if judge is not None:
-        baselines.append(Baseline(name=BASELINE_BASE, uri=stage_uri("evaluate", 0)))
+        baselines.append(Baseline(name=BASELINE_BASE, uri=stage_uri(prefix, "evaluate", 0)))
         if judge.reference is not None:
             baselines.append(Baseline(name=BASELINE_REFERENCE, uri=reference_uri(prefix)))
 
     def evaluate(iteration: int, model_uri: str) -> Stage:
-        uri = stage_uri("evaluate", iteration)
+        uri = stage_uri(prefix, "evaluate", iteration)
         model = spec.model.model_copy(update={"uri": model_uri})
         judged = baselines if iteration >= 1 else []
         return Stage(
@@ -186,7 +190,7 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
         previous = spec.model.uri if t == 1 else checkpoint_uri(prefix, t - 1)
         # Checkpoints carry the tokenizer, so only the weights' location changes.
         sampler = spec.model.model_copy(update={"uri": previous})
-        generate_uri = stage_uri("generate", t)
+        generate_uri = stage_uri(prefix, "generate", t)
         stages.append(
             Stage(
                 "generate",
@@ -205,7 +209,7 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
                 ),
             )
         )
-        train_uri = stage_uri("train", t)
+        train_uri = stage_uri(prefix, "train", t)
         init = checkpoint_uri(prefix, t - 1) if spec.training.init == "previous" and t > 1 else None
         stages.append(
             Stage(

@@ -8,16 +8,11 @@ Built from stored results only (the evaluation and training manifests under a ru
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sami_operator.models import BASELINE_BASE, BASELINE_REFERENCE, Metrics, WinRate
-from sami_worker import storage
-
-_EVALUATE = re.compile(r"^iterations/(\d+)/evaluate/_manifest\.json$")
-_TRAIN = re.compile(r"^iterations/(\d+)/train/_manifest\.json$")
-REFERENCE_PREFIX = "reference"  # planner.reference_uri, relative to the run prefix
+from sami_worker import layout, storage
 
 PLOTS = [
     ("mi_lower_bound.png", "miLowerBound", "MI lower bound (nats, InfoNCE)"),
@@ -44,21 +39,24 @@ class IterationResult:
 def collect_results(run: storage.Storage) -> list[IterationResult]:
     """Every evaluated or trained iteration under a run prefix, in order."""
     results: dict[int, IterationResult] = {}
-    for info in run.list("iterations"):
-        key = f"iterations/{info.key}" if not info.key.startswith("iterations/") else info.key
-        if m := _EVALUATE.match(key):
-            meta = storage.read_manifest(run, key.removesuffix("/_manifest.json")).meta
-            entry = results.setdefault(int(m[1]), IterationResult(int(m[1])))
+    for info in run.list(layout.ITERATIONS):  # keys relative to the run prefix
+        prefix, _, file = info.key.rpartition("/")
+        stage = layout.parse_stage_key(prefix) if file == storage.MANIFEST_NAME else None
+        if stage is None or stage[0] not in ("evaluate", "train"):
+            continue
+        name, iteration = stage
+        meta = storage.read_manifest(run, prefix).meta
+        entry = results.setdefault(iteration, IterationResult(iteration))
+        if name == "evaluate":
             _read_evaluation(entry, meta)
-        elif m := _TRAIN.match(key):
-            meta = storage.read_manifest(run, key.removesuffix("/_manifest.json")).meta
-            results.setdefault(int(m[1]), IterationResult(int(m[1]))).train = meta
+        else:
+            entry.train = meta
     return [results[t] for t in sorted(results)]
 
 
 def collect_reference(run: storage.Storage) -> IterationResult | None:
     """The reference model's evaluation (the 'reference' stage), if the run has one."""
-    manifest = storage.read_manifest(run, REFERENCE_PREFIX)
+    manifest = storage.read_manifest(run, layout.REFERENCE)
     if manifest is None:
         return None
     entry = IterationResult(0)
@@ -267,7 +265,7 @@ def build_report(run: storage.Storage, directory: Path) -> str:
     table = render_table(results, reference)
     plots = write_plots(results, directory)
     checkpoints = [
-        f"- iteration {r.iteration}: {run.uri(f'iterations/{r.iteration}/train/checkpoint')}"
+        f"- iteration {r.iteration}: {run.uri(layout.checkpoint_key(r.iteration))}"
         for r in results
         if r.train
     ]
@@ -322,7 +320,11 @@ def _not_a_run(run: storage.Storage) -> str:
     """Why `run` is no run, with the run folders below it when it is their parent (a run's
     results live in <storage uri>/<namespace>/<name>/<uid>/)."""
     below = sorted(
-        {info.key.split("/")[0] for info in run.list("") if "/iterations/" in f"/{info.key}"}
+        {
+            info.key.split("/")[0]
+            for info in run.list("")
+            if f"/{layout.ITERATIONS}/" in f"/{info.key}"
+        }
     )
     hint = "; runs below it: " + ", ".join(run.uri(b) for b in below[:5]) if below else ""
     return (
