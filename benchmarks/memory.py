@@ -113,7 +113,7 @@ def run(quick: bool, device: str) -> list[dict]:
             "kind": "train",
             "model": {"uri": str(workdir / "model")},
             "datasets": [str(data)],
-            "steps": 2,
+            "iterationSteps": 2,
             "training": {
                 "microBatchQueries": 1,
                 "gradientAccumulation": 1,

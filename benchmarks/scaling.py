@@ -99,7 +99,7 @@ def run(quick: bool, device: str) -> list[dict]:
             "kind": "train",
             "model": {"uri": model_dir},
             "datasets": [str(data)],
-            "steps": steps,
+            "iterationSteps": steps,
             "training": {
                 "microBatchQueries": 1,
                 "gradientAccumulation": 1,

@@ -104,7 +104,11 @@ class TrainTask(APIModel):
         "of model.uri.",
     )
     datasets: list[str] = Field(min_length=1, description="Generation stage prefixes.")
-    steps: int = Field(ge=1, description="Optimizer steps.")
+    iteration_steps: int = Field(
+        ge=1,
+        description="Optimizer steps of this iteration, as the planner resolved them from "
+        "training.steps (the count for iteration 1) and training.stepsGrowth.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     seed: int = Field(default=0, ge=0)
     keep_states: bool = Field(

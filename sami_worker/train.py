@@ -602,7 +602,9 @@ def run(task: TrainTask) -> dict:
         optimizer = build_optimizer(scorer.parameters(), task)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda s: lr_factor(s, task.steps, t.optimizer.warmup_steps, t.optimizer.schedule),
+            lambda s: lr_factor(
+                s, task.iteration_steps, t.optimizer.warmup_steps, t.optimizer.schedule
+            ),
         )
 
         states = out.child("state")
@@ -614,7 +616,7 @@ def run(task: TrainTask) -> dict:
         peaks.end()
 
         peaks.start("train")
-        for step in range(start, task.steps):
+        for step in range(start, task.iteration_steps):
             row = train_step(scorer, optimizer, schedule, step, task, pad_id, device)
             scheduler.step()
             if rank == 0:
@@ -623,14 +625,14 @@ def run(task: TrainTask) -> dict:
                 log.info(
                     "step %d/%d loss %.4f mi_lower_bound %.4f grad_norm %.3f %.0f tokens/s",
                     step + 1,
-                    task.steps,
+                    task.iteration_steps,
                     row["loss"],
                     row["mi_lower_bound"],
                     row["grad_norm"],
                     row["tokens_per_s"],
                 )
             done = step + 1
-            if done % t.checkpoint_every == 0 and done < task.steps:
+            if done % t.checkpoint_every == 0 and done < task.iteration_steps:
                 save_state(states, scorer, optimizer, scheduler, done, workdir)
                 if rank == 0:  # progress for observers; the stage manifest lists it at the end
                     out.write_bytes(METRICS_FILE, metrics_path.read_bytes())

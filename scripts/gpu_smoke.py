@@ -906,7 +906,7 @@ def check_fsdp(ctx: dict, timeout: float, log: Path, env: dict) -> Result:
             "output": str(output),
             "model": {"uri": ctx["model_dir"]},
             "datasets": [ctx["dataset_dir"]],
-            "steps": 2,
+            "iterationSteps": 2,
             "seed": 0,
             "training": {
                 "microBatchQueries": 1,

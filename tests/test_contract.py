@@ -207,7 +207,12 @@ def test_a_complete_training_output_still_loses_its_states(tmp_path, capsys, mon
     storage.write_stage_files(out, "state/step-00000003", {"a.distcp": b"x"}, stage="state")
     storage.write_stage_files(out, "", {"summary.json": b"{}"}, stage="train", meta={"loss": 1})
     task = tasks.TrainTask.model_validate(
-        {"output": str(tmp_path / "out"), "model": {"uri": "m"}, "datasets": ["d"], "steps": 3}
+        {
+            "output": str(tmp_path / "out"),
+            "model": {"uri": "m"},
+            "datasets": ["d"],
+            "iterationSteps": 3,
+        }
     )
     path = tmp_path / "task.json"
     monkeypatch.setitem(MODULES, "train", "no_such_module")

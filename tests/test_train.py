@@ -61,7 +61,7 @@ def dataset(tiny_llama, tmp_path_factory) -> str:
     return make_dataset(tiny_llama, tmp_path_factory.mktemp("dataset"), 16)
 
 
-def train_task(model: Path, data: str, output: Path, steps=6, **training) -> TrainTask:
+def train_task(model: Path, data: str, output: Path, iteration_steps=6, **training) -> TrainTask:
     settings = {
         "microBatchQueries": 2,
         "gradientAccumulation": 2,
@@ -75,7 +75,7 @@ def train_task(model: Path, data: str, output: Path, steps=6, **training) -> Tra
             "output": str(output),
             "model": {"uri": str(model)},
             "datasets": [data],
-            "steps": steps,
+            "iterationSteps": iteration_steps,
             "training": settings,
         }
     )
@@ -219,7 +219,7 @@ def test_two_nodes_from_the_kubeflow_env_contract(tiny_llama, dataset, tmp_path)
 def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_llama, dataset, tmp_path):
     steps = 40
     reference = train_task(
-        tiny_llama, dataset, tmp_path / "reference", steps=steps, checkpointEvery=4
+        tiny_llama, dataset, tmp_path / "reference", iteration_steps=steps, checkpointEvery=4
     )
     assert launch(reference, tmp_path).returncode == 0
 
@@ -256,7 +256,12 @@ def test_states_are_pruned_once_the_stage_is_complete_unless_kept(tmp_path):
         storage.write_stage_files(out, f"state/step-{step:08d}", {"a.distcp": b"x"}, stage="s")
     storage.write_stage_files(out, "", {"summary.json": b"{}"}, stage="train")
     task = TrainTask.model_validate(
-        {"output": str(tmp_path / "out"), "model": {"uri": "m"}, "datasets": ["d"], "steps": 6}
+        {
+            "output": str(tmp_path / "out"),
+            "model": {"uri": "m"},
+            "datasets": ["d"],
+            "iterationSteps": 6,
+        }
     )
     prune_states(out, task.model_copy(update={"keep_states": True}))
     assert len(out.list("state")) == 4  # two states, each a file and its manifest
@@ -381,7 +386,7 @@ def test_smollm2_trains_on_cpu(smollm2, tmp_path):
         smollm2,
         data,
         tmp_path / "out",
-        steps=2,
+        iteration_steps=2,
         microBatchQueries=1,
         gradientAccumulation=2,
         checkpointEvery=100,
@@ -529,7 +534,7 @@ def test_two_processes_resume_reading_only_their_own_shards(tiny_llama, dataset,
     its own shard file and its own random state, never the other rank's files (only the few
     bytes of replicated items saved there, by ranged reads); the trajectory is the
     uninterrupted one."""
-    task = train_task(tiny_llama, dataset, tmp_path / "out", steps=3, checkpointEvery=1)
+    task = train_task(tiny_llama, dataset, tmp_path / "out", iteration_steps=3, checkpointEvery=1)
     task = task.model_copy(update={"keep_states": True})  # cleanup.trainingStates: keep
     first = launch(task, tmp_path, nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]

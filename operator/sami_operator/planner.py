@@ -222,7 +222,7 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
                     model=spec.model,
                     init_uri=init,
                     datasets=[generate_uri],
-                    steps=spec.training.steps_for(t),
+                    iteration_steps=spec.training.steps_for(t),
                     training=spec.training,
                     seed=spec.constitutions.seed + t,
                     keep_states=spec.cleanup.training_states == "keep",
