@@ -578,6 +578,55 @@ def cleanup(samirun_doc, monkeypatch):
     return call, events, kubes
 
 
+class _PassKube:
+    """A cluster with no children yet, for one reconcile pass: records what it creates."""
+
+    def __init__(self):
+        self.created: list[tuple[str, str]] = []
+
+    def observe_children(self, namespace, run, look_into=None):
+        return {}
+
+    def create(self, obj):
+        self.created.append((obj["kind"], obj["metadata"]["name"]))
+        return True
+
+
+def test_a_reconcile_pass_plans_the_run_once(samirun_doc, monkeypatch):
+    """decide and derive_status walk the stages the pass planned, not a plan of their own."""
+    import logging
+
+    import kopf
+
+    from sami_operator import handlers, planner, reconcile, status
+
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    samirun_doc["metadata"].update(
+        namespace="team-a", uid="u1", generation=1, creationTimestamp=created
+    )
+    samirun_doc["spec"]["training"]["launcher"] = "Job"
+    kube = _PassKube()
+    monkeypatch.setattr(handlers, "SETTINGS", SETTINGS)
+    monkeypatch.setitem(handlers._state, "kube", kube)
+    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: None)
+    plans = []
+
+    def counted(run, uid):
+        plans.append(uid)
+        return planner.plan(run, uid)
+
+    for module in (handlers, reconcile, status):
+        monkeypatch.setattr(module, "plan", counted)
+    patch = kopf.Patch()
+    handlers._reconcile(samirun_doc, patch, logging.getLogger(__name__))
+    assert plans == ["u1"]
+    assert kube.created == [
+        ("ConfigMap", "mistral-hh-it0-evaluate"),
+        ("Job", "mistral-hh-it0-evaluate"),
+    ]
+    assert patch.status["stage"] == "evaluate-0"
+
+
 PREFIX = "s3://sami-runs/experiments/team-a/mistral-hh/u1"
 FAILED = ChildState(StagePhase.failed, 1, '{"error": "AccessDenied"}')
 

@@ -31,7 +31,7 @@ from sami_operator.models import (
     SAMIRunStatus,
     StagePhase,
 )
-from sami_operator.planner import cleanup_stage, foreign_uris
+from sami_operator.planner import cleanup_stage, foreign_uris, plan
 from sami_operator.reconcile import (
     CreateRefused,
     create_refused,
@@ -266,7 +266,8 @@ def _reconcile(body, patch, logger) -> None:
     observed = kube.observe_children(meta["namespace"], meta["name"], unsettled)
     now = _now()
     created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
-    decision = decide(run, uid, records, observed, SETTINGS, now, created)
+    stages = plan(run, uid)  # once per pass: decide and derive_status walk the same stages
+    decision = decide(run, uid, records, observed, SETTINGS, now, created, stages)
     for obj in decision.create:
         try:
             if not kube.create(obj):
@@ -281,7 +282,7 @@ def _reconcile(body, patch, logger) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
         if reason == "StageSucceeded":
             _observe_duration(decision.records, message)
-    status = derive_status(run, uid, decision.records, _stamp(now), previous)
+    status = derive_status(run, uid, decision.records, _stamp(now), previous, stages)
     patch.status.update(status.model_dump(mode="json", by_alias=True))
     _count(key, status.phase.value)
 

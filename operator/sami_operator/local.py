@@ -149,6 +149,7 @@ class LocalRunner:
             run = run.model_copy(update={"spec": run.spec.model_copy(update={"storage": storage})})
         self.run = run
         self.prefix = run_prefix(run, self.uid)
+        self.stages = plan(run, self.uid)  # once: every status derived walks the same stages
         self.storage = open_uri(self.prefix, run.spec.storage)
         self.workdir = workdir
         self.bar = None
@@ -169,12 +170,11 @@ class LocalRunner:
 
     def stages_done(self) -> tuple[int, int]:
         """(stages complete in storage, stages planned)."""
-        stages = plan(self.run, self.uid)
         done = sum(
             storage.is_complete(open_uri(stage.prefix, self.run.spec.storage), "")
-            for stage in stages
+            for stage in self.stages
         )
-        return done, len(stages)
+        return done, len(self.stages)
 
     def start_lines(self, runs_dir: Path) -> list[str]:
         """What `sami run` says first: a new run or a resumed one (a stage complete or a status
@@ -199,7 +199,6 @@ class LocalRunner:
         return lines
 
     def execute(self) -> SAMIRunStatus:
-        stages = plan(self.run, self.uid)
         if self.run.spec.training.nodes > 1:
             self.echo(
                 f"note: training.nodes={self.run.spec.training.nodes} is for clusters; "
@@ -208,9 +207,9 @@ class LocalRunner:
         self.echo(f"run data: {self.prefix}")
         from tqdm import tqdm
 
-        self.bar = tqdm(total=len(stages), unit="stage", disable=not sys.stderr.isatty())
+        self.bar = tqdm(total=len(self.stages), unit="stage", disable=not sys.stderr.isatty())
         try:
-            return self._execute(stages)
+            return self._execute(self.stages)
         finally:
             self.bar.close()
 
@@ -279,7 +278,9 @@ class LocalRunner:
                 raise
 
     def _publish_status(self) -> None:
-        self.status = derive_status(self.run, self.uid, self.records, now(), self.status)
+        self.status = derive_status(
+            self.run, self.uid, self.records, now(), self.status, self.stages
+        )
         data = json.dumps(self.status.to_api(), indent=2).encode()
         self.storage.write_bytes(STATUS_FILE, data)
 

@@ -10,6 +10,7 @@ it already created instead of duplicating it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from sami_operator.builders import build_children, child_name
 from sami_operator.models import Metrics, SAMIRun, SAMIRunStatus, StagePhase
-from sami_operator.planner import plan
+from sami_operator.planner import Stage, plan
 from sami_operator.settings import OperatorSettings
 from sami_operator.status import StageRecord
 from sami_worker.contract import EXIT_RETRYABLE, ResultLine, parse_result_line
@@ -107,19 +108,22 @@ def decide(
     settings: OperatorSettings,
     now: datetime,
     created: datetime,
+    stages: Sequence[Stage] | None = None,
 ) -> Decision:
-    decision = _walk(run, uid, records, observed, settings, now, created)
-    decision.delete += _finished_children(run, uid, decision.records, observed)
+    """What this pass does; `stages`: the run's plan, when the caller has it already
+    (planner.plan, planned once per pass)."""
+    stages = plan(run, uid) if stages is None else stages
+    decision = _walk(run, uid, stages, records, observed, settings, now, created)
+    decision.delete += _finished_children(run, stages, decision.records, observed)
     return decision
 
 
-def _finished_children(run, uid, records, observed) -> list[str]:
+def _finished_children(run, stages, records, observed) -> list[str]:
     """Children that spec.cleanup.children says to delete now: those of succeeded stages
     (every attempt's) with `delete`, all of them once the run succeeded with
     `deleteOnSuccess`. A stage's results live in storage and its record in .status, so a
     deleted child is never needed again."""
     policy = run.spec.cleanup.children
-    stages = plan(run, uid)
     done = [s for s in stages if records.get(s.id, StageRecord()).phase == StagePhase.succeeded]
     if policy == "keep" or (policy == "deleteOnSuccess" and len(done) < len(stages)):
         return []
@@ -131,13 +135,13 @@ def _finished_children(run, uid, records, observed) -> list[str]:
     return sorted(names & observed.keys())
 
 
-def _walk(run, uid, records, observed, settings, now, created) -> Decision:
+def _walk(run, uid, stages, records, observed, settings, now, created) -> Decision:
     """The stages in order: the first unfinished one decides this pass."""
     decision = Decision(records=records)
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     deadlines = run.spec.deadlines
     age = (now - created).total_seconds()
-    for stage in plan(run, uid):
+    for stage in stages:
         record = records.setdefault(stage.id, StageRecord())
         if record.phase == StagePhase.succeeded:
             continue

@@ -7,6 +7,7 @@ shape and meaning. Conditions keep their lastTransitionTime while their status i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from sami_operator.models import (
     StagePhase,
     StageStatus,
 )
-from sami_operator.planner import checkpoint_uri, plan, run_prefix
+from sami_operator.planner import Stage, checkpoint_uri, plan, run_prefix
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
 # Besides the phase conditions: True while the current stage cannot progress until someone
@@ -76,8 +77,11 @@ def derive_status(
     records: dict[str, StageRecord],
     now: str,
     previous: SAMIRunStatus | None = None,
+    stages: Sequence[Stage] | None = None,
 ) -> SAMIRunStatus:
-    stages = plan(run, uid)
+    """The run's status from its stage records; `stages`: its plan, when the caller has it
+    already (planner.plan, planned once per pass)."""
+    stages = plan(run, uid) if stages is None else stages
     prefix = run_prefix(run, uid)
     get = lambda stage_id: records.get(stage_id, StageRecord())  # noqa: E731
 
