@@ -14,7 +14,9 @@ Stage outputs live under the run prefix: principles/, reference/, iterations/<t>
 
 generate-t samples from the model of iteration t-1 (the base model for t = 1); train-t starts
 from the base model (the paper) or from iteration t-1's checkpoint, and trains
-`training.steps_for(t)` optimizer steps. Pure: no processes, no Kubernetes, no storage calls;
+`training.steps_for(t)` optimizer steps. `plan` sequences one function per stage kind
+(_principles_stage, _evaluate_stage, _reference_stage, _generate_stage, _train_stage;
+cleanup_stage is outside the pipeline). Pure: no processes, no Kubernetes, no storage calls;
 the local runner and the operator decide what is done and execute the next stage.
 """
 
@@ -23,7 +25,15 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sami_operator.models import BASELINE_BASE, BASELINE_REFERENCE, ModelSpec, SAMIRun
+from sami_operator.models import (
+    BASELINE_BASE,
+    BASELINE_REFERENCE,
+    ModelSpec,
+    PrincipleWriter,
+    ReferenceModelSpec,
+    SAMIRun,
+    SAMIRunSpec,
+)
 from sami_worker import layout
 from sami_worker.contract import program_of
 from sami_worker.tasks import (
@@ -121,116 +131,145 @@ def checkpoint_uri(prefix: str, iteration: int) -> str:
 def plan(run: SAMIRun, uid: str) -> list[Stage]:
     """Every stage of the run, in execution order."""
     spec = run.spec
-    prefix = run_prefix(run, uid)
+    ctx = _context(run, uid)
     stages: list[Stage] = []
+    if spec.principles.writer is not None:
+        stages.append(_principles_stage(ctx, spec.principles.writer))
+    if spec.evaluation.include_base:
+        stages.append(_evaluate_stage(ctx, 0, spec.model.uri))
+    judge = spec.evaluation.judge
+    if judge is not None and judge.reference is not None:
+        stages.append(_reference_stage(ctx, judge.reference))
+    for t in range(1, spec.training.iterations + 1):
+        stages.append(_generate_stage(ctx, t))
+        stages.append(_train_stage(ctx, t))
+        stages.append(_evaluate_stage(ctx, t, checkpoint_uri(ctx.prefix, t)))
+    return stages
 
+
+@dataclass(frozen=True)
+class _Context:
+    """What the stages of one run are built from."""
+
+    spec: SAMIRunSpec
+    prefix: str  # run_prefix
+    principles: PrinciplesRef  # where every stage reads the principles from
+    baselines: list[Baseline]  # what evaluate-t (t >= 1) judges its responses against
+
+
+def _context(run: SAMIRun, uid: str) -> _Context:
+    """The run's prefix; its principles: the principles stage's output when a writer writes
+    them, else the spec's; and the baselines of evaluate-t (t >= 1)."""
+    spec = run.spec
+    prefix = run_prefix(run, uid)
     if spec.principles.writer is not None:
         principles = PrinciplesRef(uri=f"{prefix}/{layout.PRINCIPLES}")
-        stages.append(
-            Stage(
-                "principles",
-                None,
-                principles.uri,
-                WritePrinciplesTask(
-                    output=principles.uri,
-                    storage=spec.storage,
-                    writer=spec.principles.writer,
-                    generation=spec.generation,
-                    seed=spec.constitutions.seed,
-                ),
-            )
-        )
     else:
         principles = PrinciplesRef(inline=spec.principles.inline)
-
-    judge = spec.evaluation.judge
-
-    def evaluate_task(output: str, model: ModelSpec, iteration: int, **extra) -> EvaluateTask:
-        return EvaluateTask(
-            output=output,
-            storage=spec.storage,
-            model=model,
-            iteration=iteration,
-            task=spec.task,
-            principles=principles,
-            held_out=spec.principles.held_out,
-            constitutions=spec.constitutions,
-            queries=spec.data.eval,
-            evaluation=spec.evaluation,
-            generation=spec.generation,
-            **extra,
-        )
-
-    # What evaluate-t (t >= 1) judges its responses against: evaluate-0's (the spec requires
-    # evaluation.includeBase with a judge) and the reference stage's.
+    # evaluate-0's responses (the spec requires evaluation.includeBase with a judge) and the
+    # reference stage's.
     baselines: list[Baseline] = []
+    judge = spec.evaluation.judge
     if judge is not None:
         baselines.append(Baseline(name=BASELINE_BASE, uri=stage_uri(prefix, "evaluate", 0)))
         if judge.reference is not None:
             baselines.append(Baseline(name=BASELINE_REFERENCE, uri=reference_uri(prefix)))
+    return _Context(spec, prefix, principles, baselines)
 
-    def evaluate(iteration: int, model_uri: str) -> Stage:
-        uri = stage_uri(prefix, "evaluate", iteration)
-        model = spec.model.model_copy(update={"uri": model_uri})
-        judged = baselines if iteration >= 1 else []
-        return Stage(
-            "evaluate", iteration, uri, evaluate_task(uri, model, iteration, baselines=judged)
-        )
 
-    if spec.evaluation.include_base:
-        stages.append(evaluate(0, spec.model.uri))
+def _principles_stage(ctx: _Context, writer: PrincipleWriter) -> Stage:
+    """principles: a writer model writes the principles every later stage reads."""
+    spec = ctx.spec
+    task = WritePrinciplesTask(
+        output=ctx.principles.uri,
+        storage=spec.storage,
+        writer=writer,
+        generation=spec.generation,
+        seed=spec.constitutions.seed,
+    )
+    return Stage("principles", None, ctx.principles.uri, task)
 
-    if judge is not None and judge.reference is not None:
-        # Evaluated like the base model (same queries, constitutions and seeds), never judged.
-        uri = reference_uri(prefix)
-        model = ModelSpec.model_validate(judge.reference.model_dump())
-        stages.append(Stage("reference", None, uri, evaluate_task(uri, model, 0, reference=True)))
 
-    for t in range(1, spec.training.iterations + 1):
-        previous = spec.model.uri if t == 1 else checkpoint_uri(prefix, t - 1)
+def _evaluate_stage(ctx: _Context, iteration: int, model_uri: str) -> Stage:
+    """evaluate-t: the model of iteration t (the base model for t = 0), judged against the
+    baselines from t = 1 on."""
+    uri = stage_uri(ctx.prefix, "evaluate", iteration)
+    model = ctx.spec.model.model_copy(update={"uri": model_uri})
+    judged = ctx.baselines if iteration >= 1 else []
+    return Stage("evaluate", iteration, uri, _evaluate_task(ctx, uri, model, iteration, judged))
+
+
+def _reference_stage(ctx: _Context, reference: ReferenceModelSpec) -> Stage:
+    """Evaluated like the base model (same queries, constitutions and seeds), never judged."""
+    uri = reference_uri(ctx.prefix)
+    model = ModelSpec.model_validate(reference.model_dump())
+    return Stage("reference", None, uri, _evaluate_task(ctx, uri, model, 0, [], reference=True))
+
+
+def _evaluate_task(
+    ctx: _Context,
+    output: str,
+    model: ModelSpec,
+    iteration: int,
+    baselines: list[Baseline],
+    reference: bool = False,
+) -> EvaluateTask:
+    spec = ctx.spec
+    return EvaluateTask(
+        output=output,
+        storage=spec.storage,
+        model=model,
+        iteration=iteration,
+        reference=reference,
+        task=spec.task,
+        principles=ctx.principles,
+        held_out=spec.principles.held_out,
+        constitutions=spec.constitutions,
+        queries=spec.data.eval,
+        evaluation=spec.evaluation,
+        generation=spec.generation,
+        baselines=baselines,
+    )
+
+
+def _generate_stage(ctx: _Context, t: int) -> Stage:
+    """generate-t samples from the model of iteration t-1 (the base model for t = 1)."""
+    spec = ctx.spec
+    previous = spec.model.uri if t == 1 else checkpoint_uri(ctx.prefix, t - 1)
+    uri = stage_uri(ctx.prefix, "generate", t)
+    task = GenerateTask(
+        output=uri,
+        storage=spec.storage,
         # Checkpoints carry the tokenizer, so only the weights' location changes.
-        sampler = spec.model.model_copy(update={"uri": previous})
-        generate_uri = stage_uri(prefix, "generate", t)
-        stages.append(
-            Stage(
-                "generate",
-                t,
-                generate_uri,
-                GenerateTask(
-                    output=generate_uri,
-                    storage=spec.storage,
-                    model=sampler,
-                    task=spec.task,
-                    principles=principles,
-                    constitutions=spec.constitutions,
-                    queries=spec.data.train,
-                    iteration=t,
-                    generation=spec.generation,
-                ),
-            )
-        )
-        train_uri = stage_uri(prefix, "train", t)
-        init = checkpoint_uri(prefix, t - 1) if spec.training.init == "previous" and t > 1 else None
-        stages.append(
-            Stage(
-                "train",
-                t,
-                train_uri,
-                TrainTask(
-                    output=train_uri,
-                    storage=spec.storage,
-                    model=spec.model,
-                    init_uri=init,
-                    datasets=[generate_uri],
-                    iteration_steps=spec.training.steps_for(t),
-                    training=spec.training,
-                    seed=spec.constitutions.seed + t,
-                    keep_states=spec.cleanup.training_states == "keep",
-                ),
-            )
-        )
-        stages.append(evaluate(t, checkpoint_uri(prefix, t)))
-    return stages
+        model=spec.model.model_copy(update={"uri": previous}),
+        task=spec.task,
+        principles=ctx.principles,
+        constitutions=spec.constitutions,
+        queries=spec.data.train,
+        iteration=t,
+        generation=spec.generation,
+    )
+    return Stage("generate", t, uri, task)
+
+
+def _train_stage(ctx: _Context, t: int) -> Stage:
+    """train-t trains on generate-t's dataset, from the base model or (training.init:
+    previous) from iteration t-1's checkpoint."""
+    spec = ctx.spec
+    uri = stage_uri(ctx.prefix, "train", t)
+    init = checkpoint_uri(ctx.prefix, t - 1) if spec.training.init == "previous" and t > 1 else None
+    task = TrainTask(
+        output=uri,
+        storage=spec.storage,
+        model=spec.model,
+        init_uri=init,
+        datasets=[stage_uri(ctx.prefix, "generate", t)],
+        iteration_steps=spec.training.steps_for(t),
+        training=spec.training,
+        seed=spec.constitutions.seed + t,
+        keep_states=spec.cleanup.training_states == "keep",
+    )
+    return Stage("train", t, uri, task)
 
 
 def next_stage(run: SAMIRun, uid: str, done: Collection[str]) -> Stage | None:
