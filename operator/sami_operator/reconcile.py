@@ -10,7 +10,7 @@ it already created instead of duplicating it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -110,86 +110,109 @@ def decide(
     created: datetime,
     stages: Sequence[Stage] | None = None,
 ) -> Decision:
-    """What this pass does; `stages`: the run's plan, when the caller has it already
-    (planner.plan, planned once per pass)."""
+    """What this pass does. `records` are updated in place (they are the decision's);
+    `stages`: the run's plan, when the caller has it already (planner.plan, planned once per
+    pass)."""
     stages = plan(run, uid) if stages is None else stages
-    decision = _walk(run, uid, stages, records, observed, settings, now, created)
-    decision.delete += _finished_children(run, stages, decision.records, observed)
+    ctx = _Pass(run, uid, stages, observed, settings, now, created)
+    decision = Decision(records=records)
+    _walk(ctx, decision)
+    decision.delete += _finished_children(ctx, decision.records)
     return decision
 
 
-def _finished_children(run, stages, records, observed) -> list[str]:
+@dataclass(frozen=True)
+class _Pass:
+    """What one reconcile pass decides from: the run and its plan, what the API server shows
+    of its children, the settings and the time."""
+
+    run: SAMIRun
+    uid: str
+    stages: Sequence[Stage]
+    observed: Mapping[str, ChildState]
+    settings: OperatorSettings
+    now: datetime
+    created: datetime  # the SAMIRun's creationTimestamp
+
+    @property
+    def stamp(self) -> str:
+        return self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @property
+    def age(self) -> float:
+        """Seconds since the run was created."""
+        return (self.now - self.created).total_seconds()
+
+
+def _finished_children(ctx: _Pass, records: dict[str, StageRecord]) -> list[str]:
     """Children that spec.cleanup.children says to delete now: those of succeeded stages
     (every attempt's) with `delete`, all of them once the run succeeded with
     `deleteOnSuccess`. A stage's results live in storage and its record in .status, so a
     deleted child is never needed again."""
-    policy = run.spec.cleanup.children
+    policy = ctx.run.spec.cleanup.children
+    stages = ctx.stages
     done = [s for s in stages if records.get(s.id, StageRecord()).phase == StagePhase.succeeded]
     if policy == "keep" or (policy == "deleteOnSuccess" and len(done) < len(stages)):
         return []
     names = {
-        child_name(run.metadata.name, stage, attempt)
+        child_name(ctx.run.metadata.name, stage, attempt)
         for stage in done
         for attempt in range(1, records[stage.id].attempts + 1)
     }
-    return sorted(names & observed.keys())
+    return sorted(names & ctx.observed.keys())
 
 
-def _walk(run, uid, stages, records, observed, settings, now, created) -> Decision:
-    """The stages in order: the first unfinished one decides this pass."""
-    decision = Decision(records=records)
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+def _walk(ctx: _Pass, decision: Decision) -> None:
+    """The stages in order: the first unfinished one decides this pass, into `decision`
+    (its records, children to create and delete, events, failure)."""
+    run, records, stamp = ctx.run, decision.records, ctx.stamp
     deadlines = run.spec.deadlines
-    age = (now - created).total_seconds()
-    for stage in stages:
+    for stage in ctx.stages:
         record = records.setdefault(stage.id, StageRecord())
         if record.phase == StagePhase.succeeded:
             continue
         if record.phase == StagePhase.failed:
-            return decision
-        if deadlines.active_seconds and age > deadlines.active_seconds:
-            return _fail(
-                decision,
-                record,
-                stamp,
-                "ActiveDeadlineExceeded",
-                f"the run took longer than {deadlines.active_seconds}s",
-            )
+            return
+        if deadlines.active_seconds and ctx.age > deadlines.active_seconds:
+            why = f"the run took longer than {deadlines.active_seconds}s"
+            _fail(decision, record, stamp, "ActiveDeadlineExceeded", why)
+            return
         never_started = not any(
             r.phase in (StagePhase.running, StagePhase.succeeded) or r.attempts > 1
             for r in records.values()
         )
-        state = observed.get(record.child) if record.child else None
-        late = _start_overdue(run, now, age, never_started, state)
+        state = ctx.observed.get(record.child) if record.child else None
+        late = _start_overdue(ctx, never_started, state)
         if late is not None:
             detail = (state.message if state else None) or record.message
             why = f" ({detail})" if detail else " (image pull errors or unschedulable pods?)"
-            return _fail(decision, record, stamp, "StartDeadlineExceeded", late + why)
+            _fail(decision, record, stamp, "StartDeadlineExceeded", late + why)
+            return
 
         if record.child is None or state is None:
-            if run.spec.suspend:
-                return decision
-            _create(decision, run, stage, uid, settings, record, stamp)
-            return decision
+            if not run.spec.suspend:
+                _create(ctx, decision, stage, record)
+            return
         if state.phase in (StagePhase.pending, StagePhase.queued, StagePhase.running):
             if run.spec.suspend and run.spec.suspend_policy == "stopStage":
                 # Stopped now, rerun on resume (training from its last checkpoint).
                 decision.delete.append(record.child)
                 decision.events.append(("Normal", "StageStopped", f"{stage.id}: suspended"))
                 record.child, record.phase, record.message = None, StagePhase.pending, None
-                return decision
+                return
             if state.stalled and state.message != record.message:
                 decision.events.append(("Warning", state.stalled, f"{stage.id}: {state.message}"))
             record.phase = state.phase
             record.message = state.message
             record.stalled = state.stalled
-            return decision
+            return
         if state.phase == StagePhase.succeeded:
             try:
                 record.meta = stage_results(_result_line(state).summary or {})
             except ValueError as err:
                 why = f"{stage.id}: its result line does not parse: {err}"
-                return _fail(decision, record, stamp, "StageFailed", why)
+                _fail(decision, record, stamp, "StageFailed", why)
+                return
             record.phase = StagePhase.succeeded
             record.completion_time = stamp
             record.message = None
@@ -206,27 +229,27 @@ def _walk(run, uid, stages, records, observed, settings, now, created) -> Decisi
             decision.events.append(("Warning", "StageRetrying", f"{stage.id}: {error}"))
             if run.spec.suspend:
                 record.child = None
-                return decision
-            _create(decision, run, stage, uid, settings, record, stamp)
-            return decision
+            else:
+                _create(ctx, decision, stage, record)
+            return
         reason = "RetriesExhausted" if retryable else "StageFailed"
-        return _fail(decision, record, stamp, reason, f"{stage.id}: {error}")
-    return decision
+        _fail(decision, record, stamp, reason, f"{stage.id}: {error}")
+        return
 
 
-def _start_overdue(run, now, age, never_started, state) -> str | None:
+def _start_overdue(ctx: _Pass, never_started: bool, state: ChildState | None) -> str | None:
     """deadlines.startSeconds: a stage's pods must run within it, counted from when the
     current child began waiting for them (a retry or a replaced pod starts the clock again);
     and the run's first stage must start within it of the run's creation (a child the API
     server keeps refusing never waits at all). Not while suspended."""
-    limit = run.spec.deadlines.start_seconds
-    if not limit or run.spec.suspend:
+    limit = ctx.run.spec.deadlines.start_seconds
+    if not limit or ctx.run.spec.suspend:
         return None
     waiting = state.waiting_since if state and state.phase in _WAITING else None
     if waiting is not None:
-        late = (now - waiting).total_seconds() > limit
+        late = (ctx.now - waiting).total_seconds() > limit
         return f"its pods did not run within {limit}s" if late else None
-    if never_started and age > limit:
+    if never_started and ctx.age > limit:
         return f"no stage started within {limit}s"
     return None
 
@@ -234,24 +257,23 @@ def _start_overdue(run, now, age, never_started, state) -> str | None:
 _WAITING = (StagePhase.pending, StagePhase.queued)
 
 
-def _create(decision, run, stage, uid, settings, record, stamp) -> None:
+def _create(ctx: _Pass, decision: Decision, stage: Stage, record: StageRecord) -> None:
     record.attempts += 1
-    record.child = child_name(run.metadata.name, stage, record.attempts)
+    record.child = child_name(ctx.run.metadata.name, stage, record.attempts)
     record.phase = StagePhase.pending
-    record.start_time = record.start_time or stamp
+    record.start_time = record.start_time or ctx.stamp
     record.message = record.stalled = None
-    decision.create.extend(build_children(run, stage, uid, settings, record.attempts))
+    decision.create.extend(build_children(ctx.run, stage, ctx.uid, ctx.settings, record.attempts))
     decision.events.append(("Normal", "StageCreated", f"{stage.id}: created {record.child}"))
 
 
-def _fail(decision, record, stamp, reason, message) -> Decision:
+def _fail(decision: Decision, record: StageRecord, stamp: str, reason: str, message: str) -> None:
     record.phase = StagePhase.failed
     record.completion_time = stamp
     record.message = message
     record.reason = reason
     decision.failure = reason
     decision.events.append(("Warning", reason, message))
-    return decision
 
 
 def create_refused(
