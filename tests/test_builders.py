@@ -513,12 +513,16 @@ def test_launcher_job_trains_standalone(samirun_doc):
     assert not any(a.startswith("--rdzv-conf") for a in command)
 
 
-def test_one_table_entry_per_launcher():
-    """Every models.Launcher has an entry, and the kinds the builders make are the table's."""
+def test_one_table_entry_per_launcher(samirun_doc):
+    """Every models.Launcher has an entry and a builder, and the kinds the builders make are
+    the table's."""
+    from sami_operator.builders import TRAINING_WORKLOADS
     from sami_operator.launchers import BY_KIND, LAUNCHERS
     from sami_operator.models import Launcher
 
-    assert set(LAUNCHERS) == set(Launcher)
+    assert set(LAUNCHERS) == set(Launcher) == set(TRAINING_WORKLOADS)
     for launcher, workload in LAUNCHERS.items():
         assert workload.launcher == launcher and BY_KIND[workload.kind] is workload
         assert launcher.value == workload.kind
+        built = _train_workload(run_with(copy.deepcopy(samirun_doc), "team-a", launcher.value))
+        assert (built["apiVersion"], built["kind"]) == (workload.api_version, workload.kind)

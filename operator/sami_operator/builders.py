@@ -3,9 +3,10 @@
 Each stage becomes a ConfigMap holding its task JSON and one workload owned by the SAMIRun:
 a batch/v1 Job for principles, generation and evaluation; for training a Kubeflow PyTorchJob
 (default), a JobSet, a Kubeflow Trainer TrainJob, or a single-node Job, as
-`spec.training.launcher` says (the table of launchers: launchers.py). Names are
-deterministic (`<run>-it<N>-<stage>`, `-r<attempt>` for retries), valid DNS-1035 labels, and
-short enough for the pod names launchers derive from them (models.MAX_RUN_NAME).
+`spec.training.launcher` says (TRAINING_WORKLOADS; the table of their APIs, which kube.py
+reads: launchers.py). Names are deterministic (`<run>-it<N>-<stage>`, `-r<attempt>` for
+retries), valid DNS-1035 labels, and short enough for the pod names launchers derive from them
+(models.MAX_RUN_NAME).
 
 Every stage pod meets the Pod Security Standards' `restricted` profile unless spec.pods asks
 for more (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from sami_operator.models import (
@@ -23,6 +25,7 @@ from sami_operator.models import (
     GROUP,
     KIND,
     MAX_CHILD_NAME,
+    Launcher,
     PodSpec,
     SAMIRun,
 )
@@ -547,6 +550,16 @@ def build_trainjob(
     }
 
 
+# spec.training.launcher -> the builder of a training stage's workload: (metadata, run, stage,
+# settings, config map name) -> the workload, of the kind launchers.LAUNCHERS gives it.
+TRAINING_WORKLOADS: dict[Launcher, Callable[..., dict[str, Any]]] = {
+    Launcher.job: build_training_job,
+    Launcher.pytorchjob: build_pytorchjob,
+    Launcher.jobset: build_jobset,
+    Launcher.trainjob: build_trainjob,
+}
+
+
 def build_children(
     run: SAMIRun, stage: Stage, uid: str, settings: OperatorSettings, attempt: int = 1
 ) -> list[dict[str, Any]]:
@@ -555,9 +568,8 @@ def build_children(
     config_map = build_config_map(run, stage, name, uid)
     metadata = _metadata(run, stage, name, uid, workload=True)
     if stage.name == "train":
-        from sami_operator.launchers import LAUNCHERS  # launchers.py reads this module
-
-        workload = LAUNCHERS[run.spec.training.launcher].build(metadata, run, stage, settings, name)
+        build = TRAINING_WORKLOADS[run.spec.training.launcher]
+        workload = build(metadata, run, stage, settings, name)
     else:
         command = _worker_command(settings, stage)
         workload = build_job(metadata, build_pod_template(run, stage, settings, name, command))

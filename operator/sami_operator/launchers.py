@@ -1,12 +1,13 @@
 """The workloads a stage can run as, in one table: what builders.py builds and kube.py creates,
 lists, deletes and reads.
 
-Each entry says a workload's API (group, version, plural), the builder of a training stage,
-which pods speak for it (the label selector of its pods, rank 0 first when sorted by name:
-its exit code and termination message become the stage's), and how its status conditions map
-to succeeded, failed and suspended (whether an unfinished one runs, its pods say:
-kube.Kube._unfinished). Adding a launcher is one entry here, its value in
-models.Launcher and its builder in builders.py.
+Each entry says a workload's API (group, version, plural), which pods speak for it (the
+label selector of its pods, rank 0 first when sorted by name: its exit code and termination
+message become the stage's), and how its status conditions map to succeeded, failed and
+suspended (whether an unfinished one runs, its pods say: kube.Kube._unfinished). Adding a
+launcher is one entry here, its value in models.Launcher and its builder in builders.py
+(builders.TRAINING_WORKLOADS). The two modules do not import each other: kube.py reads this
+table, reconcile.py the builders.
 
 A batch/v1 Job runs every stage but training, and training with `launcher: Job`; kube.py reads
 a Job's own status fields (kube.Kube._job_state), so its condition fields here only document it.
@@ -14,11 +15,8 @@ a Job's own status fields (kube.Kube._job_state), so its condition fields here o
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from sami_operator import builders
 from sami_operator.models import Launcher
 
 
@@ -29,8 +27,6 @@ class Workload:
     group: str
     version: str
     plural: str
-    # (metadata, run, stage, settings, config map name) -> the workload of a training stage.
-    build: Callable[..., dict[str, Any]]
     # The label selector of the pods that speak for a workload named {name}.
     pod_selector: str
     # Condition types whose status "True" means each phase.
@@ -58,7 +54,6 @@ JOB = Workload(
     group="batch",
     version="v1",
     plural="jobs",
-    build=builders.build_training_job,
     pod_selector="job-name={name}",
     succeeded=("Complete",),
     suspended=(),  # spec.suspend, read by kube.Kube._job_state
@@ -72,7 +67,6 @@ PYTORCHJOB = Workload(
     group="kubeflow.org",
     version="v1",
     plural="pytorchjobs",
-    build=builders.build_pytorchjob,
     pod_selector="training.kubeflow.org/job-name={name}",
     succeeded=("Succeeded",),
 )
@@ -84,7 +78,6 @@ JOBSET = Workload(
     group="jobset.x-k8s.io",
     version="v1alpha2",
     plural="jobsets",
-    build=builders.build_jobset,
     pod_selector="jobset.sigs.k8s.io/jobset-name={name}",
     succeeded=("Completed",),
 )
@@ -101,7 +94,6 @@ TRAINJOB = Workload(
     group="trainer.kubeflow.org",
     version="v1alpha1",
     plural="trainjobs",
-    build=builders.build_trainjob,
     pod_selector="jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node",
     succeeded=("Complete",),
 )
