@@ -22,6 +22,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from sami_operator.models import PromptFormat
@@ -67,8 +68,22 @@ def prompt_token_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_records(task: GenerateTask, backend: Backend, queries: list[str], principles):
-    """Generate and post-process; returns (kept records, stats)."""
+@dataclass(frozen=True)
+class PromptItem:
+    """One query ready for the engine: its sampled constitutions, their rendered texts, the
+    token ids of the prompt made from each, and the request seed of each prompt."""
+
+    query_id: int
+    query: str
+    constitutions: list
+    texts: list[str]
+    ids: list[list[int]]
+    seeds: list[int]
+
+
+def sample_items(task: GenerateTask, tokenizer, queries: list[str], principles) -> list[PromptItem]:
+    """Sample C constitutions per query and render and tokenise one prompt per constitution
+    (deterministic in the task's seed, iteration and query ids)."""
     by_name = {p.name: p for p in principles}
     fmt = "chat" if task.model.prompt_format == PromptFormat.chat else "base"
     c = task.constitutions.per_query
@@ -85,17 +100,21 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
         )
         texts = [con.render(by_name) for con in constitutions]
         prompts = [render_prompt(task.task.value, fmt, t, query) for t in texts]
-        ids = [prompt_token_ids(backend.tokenizer, p) for p in prompts]
-        items.append((query_id, query, constitutions, texts, ids))
+        ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+        seeds = [
+            request_seed(task.constitutions.seed, task.iteration, query_id, j) for j in range(c)
+        ]
+        items.append(PromptItem(query_id, query, constitutions, texts, ids, seeds))
+    return items
 
-    g = task.generation
-    settings = SamplingSettings(g.max_new_tokens, g.temperature, g.top_p, tuple(g.stop))
-    flat_prompts = [ids for item in items for ids in item[4]]
-    seeds = [
-        request_seed(task.constitutions.seed, task.iteration, item[0], j)
-        for item in items
-        for j in range(c)
-    ]
+
+def generate_completions(
+    backend: Backend, settings: SamplingSettings, items: list[PromptItem]
+) -> tuple[list, int, float]:
+    """Run every prompt through the engine, BATCH_PROMPTS at a time, logging progress after
+    each call; returns (completions in prompt order, generated tokens, seconds)."""
+    flat_prompts = [ids for item in items for ids in item.ids]
+    seeds = [seed for item in items for seed in item.seeds]
     completions = []
     started = time.monotonic()
     generated_tokens = 0
@@ -114,11 +133,24 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
             len(flat_prompts),
             generated_tokens / max(elapsed, 1e-9),
         )
-    elapsed = time.monotonic() - started
+    return completions, generated_tokens, time.monotonic() - started
 
+
+def postprocess(
+    task: GenerateTask,
+    tokenizer,
+    items: list[PromptItem],
+    completions: list,
+    generated_tokens: int,
+    elapsed: float,
+) -> tuple[list[dict], dict]:
+    """Cut each response at turn markers, drop the queries the filters reject, and build the
+    dataset records; returns (kept records, stats)."""
+    g = task.generation
+    c = task.constitutions.per_query
     dropped: Counter[str] = Counter()
     records = []
-    for n, (query_id, query, constitutions, texts, ids) in enumerate(items):
+    for n, item in enumerate(items):
         outs = completions[n * c : (n + 1) * c]
         responses = [cut_response(o.text, g.stop) for o in outs]
         reason = filter_reason(responses, g.filters.debris_markers)
@@ -131,16 +163,14 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
             continue
         # The stored response ids are the canonical tokenisation of the stored text; EOS is
         # kept apart (ended_with_eos) and scored in training when the model emitted it.
-        response_ids = [
-            backend.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses
-        ]
+        response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
         records.append(
             {
-                "query_id": query_id,
-                "query": query,
-                "constitutions": [constitution_record(k) for k in constitutions],
-                "constitution_texts": texts,
-                "prompt_token_ids": ids,
+                "query_id": item.query_id,
+                "query": item.query,
+                "constitutions": [constitution_record(k) for k in item.constitutions],
+                "constitution_texts": item.texts,
+                "prompt_token_ids": item.ids,
                 "responses": responses,
                 "response_token_ids": response_ids,
                 "response_tokens": [len(r) for r in response_ids],
@@ -153,7 +183,7 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
         )
     kept_tokens = [t for r in records for t in r["response_tokens"]]
     stats = {
-        "queries": len(queries),
+        "queries": len(items),
         "kept": len(records),
         "dropped": {reason: dropped.get(reason, 0) for reason in ("empty", "identical", "debris")},
         "responses_generated": len(completions),
@@ -164,6 +194,15 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
         "backend": g.backend,
     }
     return records, stats
+
+
+def build_records(task: GenerateTask, backend: Backend, queries: list[str], principles):
+    """Sample, generate and post-process; returns (kept records, stats)."""
+    g = task.generation
+    items = sample_items(task, backend.tokenizer, queries, principles)
+    settings = SamplingSettings(g.max_new_tokens, g.temperature, g.top_p, tuple(g.stop))
+    completions, generated_tokens, elapsed = generate_completions(backend, settings, items)
+    return postprocess(task, backend.tokenizer, items, completions, generated_tokens, elapsed)
 
 
 def write_dataset(records: list[dict], directory: Path, fmt: str) -> Path:
