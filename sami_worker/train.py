@@ -566,8 +566,47 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class TrainRun:
+    """What setup hands the loop and the publishing: this process's place in the job, its
+    scratch folder, the data order, the sharded model with its optimizer and schedule, and
+    the step to start from."""
+
+    device: torch.device
+    rank: int
+    world: int
+    out: storage.Storage
+    workdir: Path
+    tokenizer: object
+    pad_id: int
+    n_blocks: int
+    schedule: BlockSchedule
+    save_dtype: torch.dtype
+    scorer: SamiScorer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    states: storage.Storage
+    start: int
+    metrics_path: Path
+    peaks: PhasePeaks
+
+
 def run(task: TrainTask) -> dict:
     device = distributed.init()
+    # Scratch space (datasets, resumed state, export files) on the cache volume, not the
+    # container's root filesystem.
+    with scratch_dir("train") as tmp:
+        r = setup(task, device, Path(tmp))
+        train_loop(task, r)
+        summary = publish(task, r)
+        distributed.barrier()
+    distributed.shutdown()
+    return summary
+
+
+def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
+    """Seed, download the datasets, build the sharded model and its optimizer, and resume
+    from the newest complete training state if there is one."""
     rank, world = distributed.rank(), distributed.world_size()
     out = open_uri(task.output, task.storage)
     t = task.training
@@ -575,92 +614,114 @@ def run(task: TrainTask) -> dict:
     random.seed(task.seed)
 
     peaks = PhasePeaks(device)
-    # Scratch space (datasets, resumed state, export files) on the cache volume, not the
-    # container's root filesystem.
-    with scratch_dir("train") as tmp:
-        workdir = Path(tmp)
-        base_dir = resolve_model_dir(task.model.uri, lambda u: fetch_model(u, task.storage))
-        init_dir = base_dir
-        if task.init_uri:
-            init_dir = resolve_model_dir(task.init_uri, lambda u: fetch_model(u, task.storage))
-        tokenizer = load_tokenizer(base_dir, task.model)
-        pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+    base_dir = resolve_model_dir(task.model.uri, lambda u: fetch_model(u, task.storage))
+    init_dir = base_dir
+    if task.init_uri:
+        init_dir = resolve_model_dir(task.init_uri, lambda u: fetch_model(u, task.storage))
+    tokenizer = load_tokenizer(base_dir, task.model)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
-        blocks: list[Block] = []
-        for i, uri in enumerate(task.datasets):
-            local = workdir / f"dataset-{i}"
-            storage.download_stage(open_uri(uri, task.storage), "", local)
-            blocks += read_blocks(local, tokenizer.eos_token_id)
-        size = t.micro_batch_queries
-        schedule = BlockSchedule(blocks, world * t.gradient_accumulation * size, task.seed)
+    blocks: list[Block] = []
+    for i, uri in enumerate(task.datasets):
+        local = workdir / f"dataset-{i}"
+        storage.download_stage(open_uri(uri, task.storage), "", local)
+        blocks += read_blocks(local, tokenizer.eos_token_id)
+    size = t.micro_batch_queries
+    schedule = BlockSchedule(blocks, world * t.gradient_accumulation * size, task.seed)
 
-        peaks.start("load")
-        save_dtype = published_dtype(init_dir)  # the export goes back to the model's dtype
-        scorer = build_sharded_scorer(init_dir, task, device)
-        optimizer = build_optimizer(scorer.parameters(), task)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_factor(
-                s, task.iteration_steps, t.optimizer.warmup_steps, t.optimizer.schedule
-            ),
-        )
+    peaks.start("load")
+    save_dtype = published_dtype(init_dir)  # the export goes back to the model's dtype
+    scorer = build_sharded_scorer(init_dir, task, device)
+    optimizer = build_optimizer(scorer.parameters(), task)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s, task.iteration_steps, t.optimizer.warmup_steps, t.optimizer.schedule
+        ),
+    )
 
-        states = out.child("state")
-        start = latest_state(states) or 0
-        metrics_path = workdir / METRICS_FILE
-        if start:
-            log.info("resuming from %s at step %d", states.uri(_state_name(start)), start)
-            load_state(states, scorer, optimizer, scheduler, start, workdir)
-        peaks.end()
+    states = out.child("state")
+    start = latest_state(states) or 0
+    metrics_path = workdir / METRICS_FILE
+    if start:
+        log.info("resuming from %s at step %d", states.uri(_state_name(start)), start)
+        load_state(states, scorer, optimizer, scheduler, start, workdir)
+    peaks.end()
+    return TrainRun(
+        device=device,
+        rank=rank,
+        world=world,
+        out=out,
+        workdir=workdir,
+        tokenizer=tokenizer,
+        pad_id=pad_id,
+        n_blocks=len(blocks),
+        schedule=schedule,
+        save_dtype=save_dtype,
+        scorer=scorer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        states=states,
+        start=start,
+        metrics_path=metrics_path,
+        peaks=peaks,
+    )
 
-        peaks.start("train")
-        for step in range(start, task.iteration_steps):
-            row = train_step(scorer, optimizer, schedule, step, task, pad_id, device)
-            scheduler.step()
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                log.info(
-                    "step %d/%d loss %.4f mi_lower_bound %.4f grad_norm %.3f %.0f tokens/s",
-                    step + 1,
-                    task.iteration_steps,
-                    row["loss"],
-                    row["mi_lower_bound"],
-                    row["grad_norm"],
-                    row["tokens_per_s"],
-                )
-            done = step + 1
-            if done % t.checkpoint_every == 0 and done < task.iteration_steps:
-                save_state(states, scorer, optimizer, scheduler, done, workdir)
-                if rank == 0:  # progress for observers; the stage manifest lists it at the end
-                    out.write_bytes(METRICS_FILE, metrics_path.read_bytes())
-        peaks.end()
 
-        summary = {}
-        if rank == 0:
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-            summary = summarize(rows, task, world, len(blocks))
-        peaks.start("export")
-        export_checkpoint(out, scorer, tokenizer, save_dtype, workdir, summary)
-        peaks.end()
-        memory = distributed.gather_objects(peaks.report())
-        if rank == 0:
-            summary["memory"] = {"device": device.type, "ranks": memory}
-            storage.write_stage_files(
-                out,
-                "",
-                {
-                    METRICS_FILE: metrics_path.read_bytes(),
-                    SUMMARY_FILE: json.dumps(summary, indent=2).encode(),
-                },
-                stage="train",
-                meta=summary,
+def train_loop(task: TrainTask, r: TrainRun) -> None:
+    """The optimizer steps from r.start on: rank 0 appends each step's metrics and logs them;
+    a training state is saved every `checkpointEvery` steps except after the last."""
+    t = task.training
+    r.peaks.start("train")
+    for step in range(r.start, task.iteration_steps):
+        row = train_step(r.scorer, r.optimizer, r.schedule, step, task, r.pad_id, r.device)
+        r.scheduler.step()
+        if r.rank == 0:
+            with r.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info(
+                "step %d/%d loss %.4f mi_lower_bound %.4f grad_norm %.3f %.0f tokens/s",
+                step + 1,
+                task.iteration_steps,
+                row["loss"],
+                row["mi_lower_bound"],
+                row["grad_norm"],
+                row["tokens_per_s"],
             )
-            prune_states(out, task)
-        distributed.barrier()
-    distributed.shutdown()
+        done = step + 1
+        if done % t.checkpoint_every == 0 and done < task.iteration_steps:
+            save_state(r.states, r.scorer, r.optimizer, r.scheduler, done, r.workdir)
+            if r.rank == 0:  # progress for observers; the stage manifest lists it at the end
+                r.out.write_bytes(METRICS_FILE, r.metrics_path.read_bytes())
+    r.peaks.end()
+
+
+def publish(task: TrainTask, r: TrainRun) -> dict:
+    """Export the model, then (rank 0) write the metrics and summary with the stage's
+    manifest and prune the training states; returns the summary (empty on other ranks)."""
+    summary = {}
+    if r.rank == 0:
+        rows = [json.loads(line) for line in r.metrics_path.read_text().splitlines()]
+        summary = summarize(rows, task, r.world, r.n_blocks)
+    r.peaks.start("export")
+    export_checkpoint(r.out, r.scorer, r.tokenizer, r.save_dtype, r.workdir, summary)
+    r.peaks.end()
+    memory = distributed.gather_objects(r.peaks.report())
+    if r.rank == 0:
+        summary["memory"] = {"device": r.device.type, "ranks": memory}
+        storage.write_stage_files(
+            r.out,
+            "",
+            {
+                METRICS_FILE: r.metrics_path.read_bytes(),
+                SUMMARY_FILE: json.dumps(summary, indent=2).encode(),
+            },
+            stage="train",
+            meta=summary,
+        )
+        prune_states(r.out, task)
     return summary
 
 
