@@ -8,6 +8,7 @@ this module only, and only when the vLLM backend is opened; transformers only in
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from sami_operator.models import EngineSpec, ModelSpec
 # The records both backends share live in `completions`, which `hf` imports too; they stay
 # importable from here, where the rest of the worker takes them from.
 from sami_worker.completions import Backend, Completion, SamplingSettings
+from sami_worker.reproducibility import VLLM_MULTIPROCESSING, VLLM_MULTIPROCESSING_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,12 @@ class VLLMBackend:
         self, model_dir: str, model: ModelSpec, engine: EngineSpec, seed: int, scoring: bool
     ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Reproducible runs (sami_worker.reproducibility): with the engine core in a process
+        # of its own, it starts stepping while requests are still arriving, so which prompts
+        # share a batch (and with it the floating-point results) depends on timing. In this
+        # process every request of a call is queued before the first step. Set it to 1 in
+        # the environment to trade that for overlap.
+        os.environ.setdefault(VLLM_MULTIPROCESSING, VLLM_MULTIPROCESSING_DEFAULT)
         from vllm import LLM
 
         started = time.monotonic()
@@ -117,7 +125,10 @@ class VLLMBackend:
         return scores
 
     def close(self) -> None:
+        # The engine lives in this process: free its weights and KV cache before the next
+        # engine (the judge, the scoring engine) is built.
         del self.llm
+        gc.collect()
 
 
 def open_backend(

@@ -164,7 +164,8 @@ def test_invalid_task_file_is_rejected(tmp_path):
 
 
 @pytest.mark.vllm
-def test_vllm_generation_on_tiny_llama(tiny_llama, tmp_path):
+def test_vllm_generation_on_tiny_llama_gives_the_same_token_ids_twice(tiny_llama, tmp_path):
+    """Sampled (temperature 0.7), in two processes: the same responses, token for token."""
     task = generate_task(
         tiny_llama,
         str(tmp_path / "out"),
@@ -175,7 +176,12 @@ def test_vllm_generation_on_tiny_llama(tiny_llama, tmp_path):
     stats = json.loads((tmp_path / "out" / STATS_FILE).read_text())
     assert stats["backend"] == "vllm" and stats["queries"] == 4
     assert stats["tokens_per_second"] > 0
-    assert len(read_dataset(tmp_path / "out")) == stats["kept"]
+    records = read_dataset(tmp_path / "out")
+    assert len(records) == stats["kept"]
+
+    again = task.model_copy(update={"output": str(tmp_path / "again")})
+    assert run_worker("generate", again, tmp_path).returncode == 0
+    assert read_dataset(tmp_path / "again") == records
 
 
 @pytest.mark.vllm
@@ -200,6 +206,10 @@ def test_vllm_scores_agree_with_transformers(tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "scores" / "scores.jsonl").read_text().splitlines()
     vllm_scores = [json.loads(line) for line in lines]
+    # Scored again in another process: the same log-probs, bit for bit.
+    again = task.model_copy(update={"output": str(tmp_path / "again")})
+    assert run_worker("score", again, tmp_path).returncode == 0
+    assert (tmp_path / "again" / "scores.jsonl").read_text().splitlines() == lines
     expected = hf.score(
         [p["promptTokenIds"] + p["responseTokenIds"] for p in pairs],
         [len(p["promptTokenIds"]) for p in pairs],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -89,6 +90,12 @@ def test_mini_run_end_to_end_and_rerun_is_a_no_op(tiny_llama, tmp_path):
     assert (
         status["latestMiLowerBound"] == status["iterations"][1]["metrics"]["miLowerBound"]["value"]
     )
+    # What the numbers depend on beyond the spec, as the workers had it.
+    recorded = status["reproducibility"]
+    assert recorded["seed"] == 0
+    assert {"python", "torch", "transformers", "vllm", "sami-align"} <= set(recorded["versions"])
+    assert recorded["settings"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert recorded["settings"]["cpus"] == str(os.cpu_count())
     report = prefix / "report"
     assert {
         "summary.md",
@@ -204,15 +211,45 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_llama, tmp_path)
     assert (prefix / "iterations" / "1" / "train" / "checkpoint" / "_manifest.json").exists()
 
 
+# Outputs that must not depend on the run: datasets, responses with their log-prob matrices,
+# weights. (metrics.json names the evaluated model's path, which is the run's own; the metrics
+# are compared in status.json.)
+REPRODUCED = ("dataset.jsonl", "responses.jsonl", "model.safetensors")
+
+
+def reproduced_files(prefix: Path) -> dict[str, str]:
+    """sha256 of each output a run must reproduce, by its path under the run prefix."""
+    return {
+        str(path.relative_to(prefix)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(prefix.rglob("*"))
+        if path.name in REPRODUCED
+    }
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_mini_run_on_vllm(tiny_llama, tmp_path):
-    path = write(tmp_path, mini_manifest(tiny_llama, tmp_path / "runs", backend="vllm"))
-    result = sami_run(path, tmp_path, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    status = json.loads((run_dir(tmp_path / "runs") / "status.json").read_text())
-    assert status["phase"] == "Succeeded"
-    assert status["iterations"][1]["metrics"]["meanResponseTokens"]["value"] > 0
+def test_a_vllm_run_twice_from_scratch_gives_the_same_files_and_metrics(tiny_llama, tmp_path):
+    """The same spec run twice on one machine, each from scratch (its own storage): vLLM
+    generation and scoring, training and evaluation give byte-identical datasets, responses,
+    weights and metrics."""
+    runs = []
+    for name in ("first", "second"):
+        manifest = mini_manifest(tiny_llama, tmp_path / name, backend="vllm")
+        (tmp_path / name).mkdir()
+        path = write(tmp_path / name, manifest)
+        result = sami_run(path, tmp_path / name)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs.append(run_dir(tmp_path / name))
+    first, second = (json.loads((p / "status.json").read_text()) for p in runs)
+    assert first["phase"] == second["phase"] == "Succeeded"
+    assert first["iterations"][1]["metrics"]["meanResponseTokens"]["value"] > 0
+    assert first["reproducibility"] == second["reproducibility"]
+    assert [(i["metrics"], i.get("heldOutMetrics")) for i in first["iterations"]] == [
+        (i["metrics"], i.get("heldOutMetrics")) for i in second["iterations"]
+    ]
+    files = reproduced_files(runs[0])
+    assert {Path(k).name for k in files} == set(REPRODUCED)
+    assert files == reproduced_files(runs[1])
 
 
 def test_without_storage_a_local_run_writes_under_its_workdir(tiny_llama, tmp_path):

@@ -28,12 +28,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from sami_operator.models import SAMIRun, SAMIRunStatus, StagePhase, StorageSpec
+from sami_operator.models import (
+    Reproducibility,
+    SAMIRun,
+    SAMIRunStatus,
+    StagePhase,
+    StorageSpec,
+)
 from sami_operator.planner import Stage, plan, run_prefix
 from sami_operator.report import build_report
 from sami_operator.status import StageRecord, derive_status
 from sami_worker import storage
 from sami_worker.common import open_uri
+from sami_worker.reproducibility import record as reproducibility_record
 from sami_worker.tasks import dump_task
 
 log = logging.getLogger(__name__)
@@ -156,6 +163,10 @@ class LocalRunner:
         self.echo = echo or self._write
         self.records: dict[str, StageRecord] = {}
         self.status: SAMIRunStatus | None = None
+        # The workers inherit this process's environment: what they will run with.
+        self.reproducibility = Reproducibility.model_validate(
+            reproducibility_record(run.spec.constitutions.seed)
+        )
 
     def _write(self, line: str) -> None:
         # Lines go above the stage progress bar (tqdm, shown on terminals only).
@@ -280,7 +291,7 @@ class LocalRunner:
     def _publish_status(self) -> None:
         self.status = derive_status(
             self.run, self.uid, self.records, now(), self.status, self.stages
-        )
+        ).model_copy(update={"reproducibility": self.reproducibility})
         data = json.dumps(self.status.to_api(), indent=2).encode()
         self.storage.write_bytes(STATUS_FILE, data)
 

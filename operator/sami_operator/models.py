@@ -1316,6 +1316,21 @@ class IterationStatus(APIModel):
     )
 
 
+class Reproducibility(APIModel):
+    """What a run's numbers depend on beyond its spec (sami_worker.reproducibility)."""
+
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="Python and the packages that compute the numbers."
+    )
+    seed: int = Field(ge=0, description="constitutions.seed, from which every seed derives.")
+    settings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment settings that change results, as the workers had them "
+        "(VLLM_ENABLE_V1_MULTIPROCESSING, VLLM_BATCH_INVARIANT, OMP_NUM_THREADS, ...), "
+        "the CPU count and the machine type.",
+    )
+
+
 class SAMIRunStatus(APIModel):
     """Observed state of a SAMIRun. Full metric histories live in storage, not here."""
 
@@ -1350,6 +1365,11 @@ class SAMIRunStatus(APIModel):
     )
     start_time: str | None = Field(default=None, description="When the first stage started.")
     completion_time: str | None = Field(default=None, description="When the run finished.")
+    reproducibility: Reproducibility | None = Field(
+        default=None,
+        description="Versions, seed and settings the workers ran with; written by `sami "
+        "run`, whose workers share its environment (the operator leaves it unset).",
+    )
 
 
 class ObjectMeta(BaseModel):
