@@ -573,13 +573,10 @@ class TrainRun:
     the step to start from."""
 
     device: torch.device
-    rank: int
-    world: int
     out: storage.Storage
     workdir: Path
     tokenizer: object
     pad_id: int
-    n_blocks: int
     schedule: BlockSchedule
     save_dtype: torch.dtype
     scorer: SamiScorer
@@ -587,8 +584,20 @@ class TrainRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     states: storage.Storage
     start: int
-    metrics_path: Path
     peaks: PhasePeaks
+
+    @property
+    def rank(self) -> int:
+        return distributed.rank()
+
+    @property
+    def world(self) -> int:
+        return distributed.world_size()
+
+    @property
+    def metrics_path(self) -> Path:
+        """Rank 0's metrics lines, one per step, published with the stage."""
+        return self.workdir / METRICS_FILE
 
 
 def run(task: TrainTask) -> dict:
@@ -607,7 +616,6 @@ def run(task: TrainTask) -> dict:
 def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
     """Seed, download the datasets, build the sharded model and its optimizer, and resume
     from the newest complete training state if there is one."""
-    rank, world = distributed.rank(), distributed.world_size()
     out = open_uri(task.output, task.storage)
     t = task.training
     torch.manual_seed(task.seed)
@@ -629,7 +637,8 @@ def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
         storage.download_stage(open_uri(uri, task.storage), "", local)
         blocks += read_blocks(local, tokenizer.eos_token_id)
     size = t.micro_batch_queries
-    schedule = BlockSchedule(blocks, world * t.gradient_accumulation * size, task.seed)
+    per_step = distributed.world_size() * t.gradient_accumulation * size
+    schedule = BlockSchedule(blocks, per_step, task.seed)
 
     peaks.start("load")
     save_dtype = published_dtype(init_dir)  # the export goes back to the model's dtype
@@ -644,20 +653,16 @@ def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
 
     states = out.child("state")
     start = latest_state(states) or 0
-    metrics_path = workdir / METRICS_FILE
     if start:
         log.info("resuming from %s at step %d", states.uri(_state_name(start)), start)
         load_state(states, scorer, optimizer, scheduler, start, workdir)
     peaks.end()
     return TrainRun(
         device=device,
-        rank=rank,
-        world=world,
         out=out,
         workdir=workdir,
         tokenizer=tokenizer,
         pad_id=pad_id,
-        n_blocks=len(blocks),
         schedule=schedule,
         save_dtype=save_dtype,
         scorer=scorer,
@@ -665,7 +670,6 @@ def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
         scheduler=scheduler,
         states=states,
         start=start,
-        metrics_path=metrics_path,
         peaks=peaks,
     )
 
@@ -704,7 +708,7 @@ def publish(task: TrainTask, r: TrainRun) -> dict:
     summary = {}
     if r.rank == 0:
         rows = [json.loads(line) for line in r.metrics_path.read_text().splitlines()]
-        summary = summarize(rows, task, r.world, r.n_blocks)
+        summary = summarize(rows, task, r.world, r.schedule.n)
     r.peaks.start("export")
     export_checkpoint(r.out, r.scorer, r.tokenizer, r.save_dtype, r.workdir, summary)
     r.peaks.end()
