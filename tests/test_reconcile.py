@@ -578,8 +578,9 @@ def cleanup(samirun_doc, monkeypatch):
     return call, events, kubes
 
 
-class _PassKube:
-    """A cluster with no children yet, for one reconcile pass: records what it creates."""
+class FakeKubeWithoutChildren:
+    """In-memory stand-in for sami_operator.kube in one handler pass (the real API server is
+    in tests/test_operator.py): a cluster with no children yet; records what is created."""
 
     def __init__(self):
         self.created: list[tuple[str, str]] = []
@@ -605,7 +606,7 @@ def test_a_reconcile_pass_plans_the_run_once(samirun_doc, monkeypatch):
         namespace="team-a", uid="u1", generation=1, creationTimestamp=created
     )
     samirun_doc["spec"]["training"]["launcher"] = "Job"
-    kube = _PassKube()
+    kube = FakeKubeWithoutChildren()
     monkeypatch.setattr(handlers, "SETTINGS", SETTINGS)
     monkeypatch.setitem(handlers._state, "kube", kube)
     monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: None)
