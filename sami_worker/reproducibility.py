@@ -44,10 +44,10 @@ SETTINGS = (
 )
 
 
-def record(seed: int, environ: dict[str, str] | None = None) -> dict:
-    """Versions, seed and settings a run's workers have in `environ` (default: this
-    process's, which local workers inherit)."""
-    env = os.environ if environ is None else environ
+def record(seed: int) -> dict:
+    """Versions, seed and settings a run's workers have: this process's environment, which
+    local workers inherit."""
+    env = os.environ
     versions = {"python": platform.python_version()}
     for package, distributions in PACKAGES.items():
         for distribution in distributions:
