@@ -31,9 +31,14 @@ CHECKPOINT = "checkpoint"  # under the train stage's prefix
 _STAGE_KEY = re.compile(rf"{ITERATIONS}/(\d+)/([a-z]+)")
 
 
+def namespace_key(namespace: str) -> str:
+    """The part of a storage URI that holds one namespace's runs: <namespace>."""
+    return namespace
+
+
 def run_key(namespace: str, name: str, uid: str) -> str:
     """A run's prefix, relative to its storage URI: <namespace>/<name>/<uid>."""
-    return f"{namespace}/{name}/{uid}"
+    return f"{namespace_key(namespace)}/{name}/{uid}"
 
 
 def stage_key(name: str, iteration: int) -> str:

@@ -68,6 +68,7 @@ from sami_worker.hf import (
     load_tokenizer,
     published_dtype,
 )
+from sami_worker.layout import CHECKPOINT
 from sami_worker.logprobs import (
     assemble_matrices,
     block_pairs,
@@ -85,6 +86,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STATES = "state"  # under the stage prefix: the resumable training states, one per folder
 KEEP_STATES = 2
 
 
@@ -520,11 +522,11 @@ def export_checkpoint(out, scorer, tokenizer, dtype: torch.dtype, workdir: Path,
     """The trained model as a Hugging Face folder under checkpoint/, streamed (`export.py`):
     rank 0 uploads each weights file while the next is written, deletes it locally, and
     publishes the manifest last. Every rank must call it."""
-    local = workdir / "checkpoint"
+    local = workdir / CHECKPOINT
     main = distributed.is_main()
     entries: list = []
     if main:
-        storage.unpublish(out, "checkpoint")
+        storage.unpublish(out, CHECKPOINT)
     with ThreadPoolExecutor(max_workers=1) as uploader:
         pending = []
 
@@ -545,13 +547,13 @@ def export_checkpoint(out, scorer, tokenizer, dtype: torch.dtype, workdir: Path,
     if main:
         done = {e.path for e in entries}
         rest = sorted(p.name for p in local.iterdir() if p.is_file() and p.name not in done)
-        entries += storage.upload_files(out, "checkpoint", local, rest)
-        storage.publish_manifest(out, "checkpoint", entries, stage="checkpoint", meta=meta)
+        entries += storage.upload_files(out, CHECKPOINT, local, rest)
+        storage.publish_manifest(out, CHECKPOINT, entries, stage="checkpoint", meta=meta)
     distributed.barrier()
 
 
 def _upload_and_drop(out, local: Path, name: str) -> list:
-    entries = storage.upload_files(out, "checkpoint", local, [name])
+    entries = storage.upload_files(out, CHECKPOINT, local, [name])
     (local / name).unlink()  # the cache volume holds one weights file at a time, not the model
     return entries
 
@@ -651,7 +653,7 @@ def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
         ),
     )
 
-    states = out.child("state")
+    states = out.child(STATES)
     start = latest_state(states) or 0
     if start:
         log.info("resuming from %s at step %d", states.uri(_state_name(start)), start)
@@ -734,9 +736,9 @@ def prune_states(out: storage.Storage, task: TrainTask) -> None:
     from its training states: delete them unless the task keeps them. Also run for a stage
     found complete (sami_worker.__main__), in case a crash came between its manifest and
     this."""
-    if not task.keep_states and out.list("state"):
-        log.info("deleting the training states under %s (cleanup.trainingStates)", out.uri("state"))
-        out.delete_prefix("state")
+    if not task.keep_states and out.list(STATES):
+        log.info("deleting the training states under %s (cleanup.trainingStates)", out.uri(STATES))
+        out.delete_prefix(STATES)
 
 
 def train_step(scorer, optimizer, schedule, step, task: TrainTask, pad_id, device) -> dict:
@@ -810,5 +812,5 @@ def summarize(rows: list[dict], task: TrainTask, world: int, n_blocks: int) -> d
         "final_mi_lower_bound": last["mi_lower_bound"],
         "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
-        "checkpoint": "checkpoint",
+        "checkpoint": CHECKPOINT,
     }

@@ -78,7 +78,7 @@ def foreign_uris(run: SAMIRun, shared_root: str) -> list[str]:
     own namespace's part. One problem per URI of the spec that reaches into another
     namespace's part, or spans the whole shared root."""
     root = shared_root.rstrip("/")
-    own = f"{root}/{run.metadata.namespace or 'default'}/"
+    own = f"{root}/{layout.namespace_key(run.metadata.namespace or 'default')}/"
     problems = []
     spec = run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     # The run writes under <storage uri>/<namespace>/...: that is what must stay its own.
