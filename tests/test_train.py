@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from sami_worker.train import (
     prompt_sharing_window,
     prune_states,
 )
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 from tests.test_generate import VLLM_CPU
 
 PROMPTS = ("Answer kindly and helpfully. {q}", "Answer rudely and unhelpfully. {q}")
@@ -111,6 +112,14 @@ def losses(output: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+def documented_keys(caption: str) -> set[str]:
+    """The keys named in the first column of the docs/method.md table under `caption`."""
+    text = (ROOT / "docs" / "method.md").read_text()
+    after = text[text.index(caption) :].split("\n\n")[1]
+    rows = [line for line in after.splitlines() if line.startswith("| `")]
+    return {key for row in rows for key in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+
+
 def test_training_lowers_the_loss_and_raises_the_mi_bound(tiny_llama, dataset, tmp_path):
     result = launch(train_task(tiny_llama, dataset, tmp_path / "out"), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -118,19 +127,13 @@ def test_training_lowers_the_loss_and_raises_the_mi_bound(tiny_llama, dataset, t
     assert len(rows) == 6
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
     assert rows[-1]["mi_lower_bound"] > rows[0]["mi_lower_bound"] + 0.1
-    for key in (
-        "loss_row",
-        "loss_col",
-        "diag_accuracy",
-        "grad_norm",
-        "lr",
-        "tokens_per_s",
-        "peak_memory_mb",
-    ):
-        assert all(key in r for r in rows)
+    # Every row and the summary hold exactly the keys docs/method.md's metric tables explain.
+    assert all(set(r) == documented_keys("Training, one row of `metrics.jsonl`") for r in rows)
     out = storage.open_storage(str(tmp_path / "out"))
     assert storage.is_complete(out, "") and storage.is_complete(out, "checkpoint")
-    assert storage.read_manifest(out, "").meta["final_loss"] == rows[-1]["loss"]
+    summary = storage.read_manifest(out, "").meta
+    assert set(summary) == documented_keys("Training, `summary.json`")
+    assert summary["final_loss"] == rows[-1]["loss"]
 
     import torch
     from transformers import AutoModelForCausalLM
