@@ -19,8 +19,9 @@ import yaml
 
 from benchmarks.common import EXAMPLES
 from sami_operator.models import Principle
+from sami_worker.completions import prompt_token_ids
 from sami_worker.constitutions import derive_rng, sample_constitutions
-from sami_worker.generate import DATASET_JSONL, prompt_token_ids
+from sami_worker.generate import DATASET_JSONL
 from sami_worker.prompts import render_prompt
 
 C = 2

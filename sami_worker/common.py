@@ -8,12 +8,22 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from sami_operator.models import GenerationSpec, ModelSpec, Principle, QuerySource, StorageSpec
+from sami_operator.models import (
+    GenerationSpec,
+    ModelSpec,
+    Principle,
+    PromptFormat,
+    QuerySource,
+    StorageSpec,
+)
 from sami_worker import storage
 from sami_worker.backends import Backend, open_backend, resolve_model_dir
+from sami_worker.completions import NoChatTemplate, prompt_token_ids
 from sami_worker.datasets import DatasetError, load_queries, parse_principles
+from sami_worker.prompts import render_prompt
 from sami_worker.settings import cache_dir
 from sami_worker.tasks import PrinciplesRef, TaskError
 
@@ -53,6 +63,22 @@ def open_model_backend(
     return open_backend(
         generation.backend, model_dir, model, generation.engine, seed=seed, scoring=scoring
     )
+
+
+def query_prompt_ids(
+    model: ModelSpec, task: str, tokenizer, constitution_texts: Sequence[str], query: str
+) -> list[list[int]]:
+    """Token ids of one query's prompts, one per rendered constitution, in the model's prompt
+    format (docs/method.md, 'Generation'); a chat prompt for a model without a chat template
+    is bad input that names model.promptFormat."""
+    fmt = "chat" if model.prompt_format == PromptFormat.chat else "base"
+    prompts = [render_prompt(task, fmt, text, query) for text in constitution_texts]
+    try:
+        return [prompt_token_ids(tokenizer, p) for p in prompts]
+    except NoChatTemplate as err:
+        raise TaskError(
+            f"model.promptFormat: chat, but {err}; use promptFormat: base for a base model"
+        ) from None
 
 
 def fetch_model(uri: str, spec: StorageSpec | None) -> Path:

@@ -53,7 +53,6 @@ from sami_operator.models import (
     Metrics,
     ModelSpec,
     Principle,
-    PromptFormat,
     WinRate,
 )
 from sami_worker import storage
@@ -62,9 +61,15 @@ from sami_worker.backends import (
     SamplingSettings,
     request_seed,
 )
-from sami_worker.common import load_principles, load_task_queries, open_model_backend, open_uri
+from sami_worker.common import (
+    load_principles,
+    load_task_queries,
+    open_model_backend,
+    open_uri,
+    query_prompt_ids,
+)
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
-from sami_worker.generate import constitution_record, prompt_token_ids
+from sami_worker.generate import constitution_record
 from sami_worker.judge import (
     Judge,
     JudgeCache,
@@ -76,7 +81,7 @@ from sami_worker.judge import (
 )
 from sami_worker.logprobs import assemble_matrices, block_pairs
 from sami_worker.objective import mean_and_stderr, plugin_mi, sami_loss
-from sami_worker.prompts import cut_response, render_prompt
+from sami_worker.prompts import cut_response
 from sami_worker.tasks import EvaluateTask, TaskError
 from sami_worker.winrate import compute_win_rate
 
@@ -114,14 +119,13 @@ def evaluate_principles(
     pair, and reduce to the metrics."""
     tok = backend.tokenizer
     by_name = {p.name: p for p in principles}
-    fmt = "chat" if task.model.prompt_format == PromptFormat.chat else "base"
     items: list[tuple[list[Constitution], list[list[int]]]] = []
     for query_id, query in enumerate(queries):
         constitutions = constitutions_for(task, principles, query_id)
-        prompts = [
-            render_prompt(task.task.value, fmt, c.render(by_name), query) for c in constitutions
-        ]
-        items.append((constitutions, [prompt_token_ids(tok, p) for p in prompts]))
+        texts = [c.render(by_name) for c in constitutions]
+        items.append(
+            (constitutions, query_prompt_ids(task.model, task.task.value, tok, texts, query))
+        )
     k = len(items[0][0])
 
     g = task.generation

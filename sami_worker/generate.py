@@ -25,16 +25,21 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sami_operator.models import PromptFormat
 from sami_worker import storage
 from sami_worker.backends import (
     Backend,
     SamplingSettings,
     request_seed,
 )
-from sami_worker.common import load_principles, load_task_queries, open_model_backend, open_uri
+from sami_worker.common import (
+    load_principles,
+    load_task_queries,
+    open_model_backend,
+    open_uri,
+    query_prompt_ids,
+)
 from sami_worker.constitutions import derive_rng, sample_constitutions
-from sami_worker.prompts import cut_response, filter_reason, render_prompt
+from sami_worker.prompts import cut_response, filter_reason
 from sami_worker.tasks import GenerateTask, TaskError
 
 log = logging.getLogger(__name__)
@@ -49,23 +54,6 @@ def constitution_record(constitution) -> list[dict]:
     """A constitution as stored in datasets: its principles in order, each kept or negated
     (a list of records, so JSONL and Parquet hold the same shape)."""
     return [{"principle": name, "kept": kept} for name, kept in constitution.items]
-
-
-def prompt_token_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of a rendered prompt. Chat templates already include BOS and the like, so
-    they are tokenised without adding special tokens again."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    try:
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    except Exception:
-        # Templates that reject a system role get the constitution in the first user turn.
-        system, first, *rest = prompt
-        merged = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
-        text = tokenizer.apply_chat_template(
-            [merged, *rest], add_generation_prompt=True, tokenize=False
-        )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +73,6 @@ def sample_items(task: GenerateTask, tokenizer, queries: list[str], principles) 
     """Sample C constitutions per query and render and tokenise one prompt per constitution
     (deterministic in the task's seed, iteration and query ids)."""
     by_name = {p.name: p for p in principles}
-    fmt = "chat" if task.model.prompt_format == PromptFormat.chat else "base"
     c = task.constitutions.per_query
     items = []
     for index, query in enumerate(queries):
@@ -99,8 +86,7 @@ def sample_items(task: GenerateTask, tokenizer, queries: list[str], principles) 
             per_constitution=task.constitutions.principles_per_constitution,
         )
         texts = [con.render(by_name) for con in constitutions]
-        prompts = [render_prompt(task.task.value, fmt, t, query) for t in texts]
-        ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+        ids = query_prompt_ids(task.model, task.task.value, tokenizer, texts, query)
         seeds = [
             request_seed(task.constitutions.seed, task.iteration, query_id, j) for j in range(c)
         ]

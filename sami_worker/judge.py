@@ -49,6 +49,7 @@ from sami_operator.models import Endpoint, ModelSpec
 from sami_worker import chat, storage
 from sami_worker.backends import Backend, SamplingSettings, request_seed
 from sami_worker.chat import ChatClient, EndpointUnavailable
+from sami_worker.completions import NoChatTemplate, complete_chat
 from sami_worker.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -468,27 +469,17 @@ class LocalJudge(Judge):
         if self.backend is None:
             log.info("judge %s: loading the model", self.model)
             self.backend = self.open_backend(ModelSpec(uri=self.model))
-        tok = self.backend.tokenizer
         settings = SamplingSettings(JUDGE_MAX_TOKENS, 0.0, 1.0, ())
         for start in range(0, len(prompts), self.batch):
             chunk = prompts[start : start + self.batch]
+            seeds = [request_seed("judge", self.model, p) for p in chunk]
             try:
-                texts = [
-                    tok.apply_chat_template(
-                        [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                    )
-                    for p in chunk
-                ]
-            except ValueError as err:  # transformers: no chat template
+                completions = complete_chat(self.backend, chunk, settings, seeds)
+            except NoChatTemplate as err:
                 raise TaskError(
                     f"evaluation.judge.model: {self.model} cannot be prompted as a chat model "
                     f"({err}); use an instruct model"
                 ) from None
-            # The template already holds the special tokens (BOS and the like).
-            ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-            seeds = [request_seed("judge", self.model, p) for p in chunk]
-            try:
-                completions = self.backend.generate(ids, settings, seeds)
             except ValueError as err:  # vLLM: a prompt longer than the context
                 raise TaskError(f"evaluation.judge.model: {self.model}: {err}") from None
             self.requests += len(chunk)

@@ -26,6 +26,7 @@ from sami_worker import storage
 from sami_worker.backends import SamplingSettings
 from sami_worker.chat import ChatClient
 from sami_worker.common import PRINCIPLES_FILE, open_model_backend, open_uri
+from sami_worker.completions import NoChatTemplate, complete_chat
 from sami_worker.tasks import TaskError, WritePrinciplesTask
 
 log = logging.getLogger(__name__)
@@ -127,17 +128,19 @@ def _lines(answer: str) -> list[dict]:
 
 class _LocalWriter:
     def __init__(self, task: WritePrinciplesTask):
-        model = ModelSpec(uri=task.writer.model)
+        self.model = task.writer.model
+        model = ModelSpec(uri=self.model)
         self.backend = open_model_backend(model, task.generation, task.storage, seed=task.seed)
         self.settings = SamplingSettings(task.writer.max_tokens, task.writer.temperature, 1.0, ())
 
     def __call__(self, prompt: str, attempt: int) -> str:
-        tok = self.backend.tokenizer
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return self.backend.generate([ids], self.settings, [attempt])[0].text
+        try:
+            return complete_chat(self.backend, [prompt], self.settings, [attempt])[0].text
+        except NoChatTemplate as err:
+            raise TaskError(
+                f"principles.writer.model: {self.model} cannot be prompted as a chat model "
+                f"({err}); use an instruct model"
+            ) from None
 
 
 def write_principles(ask, instruction: str, count: int) -> list[Principle]:

@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -640,15 +639,9 @@ def test_a_judge_model_runs_in_the_worker_after_the_evaluated_model(
     assert again["metrics"]["winRates"] == meta["metrics"]["winRates"]
 
 
-def test_a_judge_model_without_a_chat_template_is_bad_input(tiny_llama, tmp_path):
-    plain = tmp_path / "plain-llama"
-    shutil.copytree(tiny_llama, plain)
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+def test_a_judge_model_without_a_chat_template_is_bad_input(plain_llama):
     generation = GenerationSpec(backend="transformers")
-    judge = LocalJudge(str(plain), lambda m: open_model_backend(m, generation, None, 0))
+    judge = LocalJudge(str(plain_llama), lambda m: open_model_backend(m, generation, None, 0))
     prompt = build_judge_prompt("dialogue", "1. Be brief.", "Hi?", "Hi.", "Hello there!")
     with pytest.raises(TaskError, match="cannot be prompted as a chat model"):
         judge.complete_many([prompt])

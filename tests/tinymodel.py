@@ -7,6 +7,8 @@ attention kernels of vLLM reject 16.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,18 @@ def tiny_llama(tmp_path_factory) -> Path:
 def other_llama(tmp_path_factory) -> Path:
     """Another tiny random Llama (same tokenizer, other weights), e.g. a reference model."""
     return build_tiny_llama(tmp_path_factory.mktemp("other-llama"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def plain_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama without a chat template: a base model, which chat prompts cannot reach."""
+    plain = tmp_path_factory.mktemp("plain-llama") / "model"
+    shutil.copytree(tiny_llama, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    return plain
 
 
 @pytest.fixture(scope="session")
