@@ -10,8 +10,12 @@ prompt), giving per query a K x K matrix of mean and of summed response log-prob
 - the paper's plug-in MI (summed log-probs; the number the paper plots, not bounded by log K);
 - the mean response length in tokens;
 
-each as a mean over queries with its standard error. Held-out principles (never trained on)
-get the same metrics, reported apart.
+each as a mean over queries with its standard error. With `evaluation.seeds` S > 1 the
+responses are generated and scored S times, with S sets of request seeds (seed 0's are those
+of a one-seed evaluation); the metrics average over seeds too, and report the standard error
+over seeds (seedStderr) beside the one over queries, so that an iteration's change can be told
+from generation noise. Held-out principles (never trained on) get the same metrics, reported
+apart.
 
 The same program evaluates the reference model (evaluation.judge.reference, the planner's
 'reference' stage): same queries, constitutions and seeds as the base model.
@@ -19,10 +23,12 @@ The same program evaluates the reference model (evaluation.judge.reference, the 
 With `evaluation.judge` set, iteration t >= 1 is also compared with each of the task's
 `baselines`: the base model ('base', iteration 0's responses.jsonl) and, when configured, the
 reference model ('reference'). An LLM judge sees both models' responses to the same query
-under the same constitution, and the win rate vs each baseline, raw and length-corrected with
-95% intervals, goes into the metrics' `winRates`, for training and held-out principles apart
-(sami_worker.judge, sami_worker.winrate). Every constitution counts, negated ones too: the
-question is always which response follows the constitution it was written under. The judge
+under the same constitution (and generation seed), and the win rate vs each baseline, raw and
+length-corrected with 95% intervals, goes into the metrics' `winRates`, for training and
+held-out principles apart (sami_worker.judge, sami_worker.winrate). The responses judged are
+those written under the constitution with every principle kept, as in the paper;
+`evaluation.judge.constitutions: all` judges every evaluation constitution's, negated ones too:
+the question is always which response follows the constitution it was written under. The judge
 is an OpenAI-compatible endpoint or a model this worker loads itself once its own engine is
 closed (evaluation.judge.model). judgments.jsonl keeps every prompt's answer and verdict; the
 win rates count ties and unparsable verdicts. Two files outside the manifest let a failed
@@ -40,6 +46,7 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,37 +110,53 @@ def constitutions_for(task: EvaluateTask, principles: list[Principle], query_id:
         pool = rng.sample(
             principles, min(len(principles), task.constitutions.principles_per_constitution)
         )
-    k = task.evaluation.constitutions
-    return evaluation_constitutions(pool, k if k in (2, 2 ** len(pool)) else 2)
+    try:
+        return evaluation_constitutions(pool, task.evaluation.constitutions)
+    except ValueError as err:  # a spec that bypassed validation: no silent other K
+        raise TaskError(f"evaluation.constitutions: {err}") from None
 
 
-def estimate(values) -> Estimate:
-    mean, stderr = mean_and_stderr(values)
-    return Estimate(value=mean, stderr=None if math.isnan(stderr) else stderr)
+def estimate(per_seed: Sequence[Sequence[float]]) -> Estimate:
+    """Mean over queries and generation seeds (per_seed[s][q]), with the standard error over
+    queries of each query's mean over seeds, and over seeds of each seed's mean over queries
+    (None where there is one query, or one seed)."""
+    values = torch.tensor(per_seed, dtype=torch.float64)
+    mean, stderr = mean_and_stderr(values.mean(dim=0))
+    _, seed_stderr = mean_and_stderr(values.mean(dim=1))
+    return Estimate(
+        value=mean,
+        stderr=None if math.isnan(stderr) else stderr,
+        seed_stderr=None if math.isnan(seed_stderr) else seed_stderr,
+    )
 
 
-def evaluate_principles(
-    task: EvaluateTask, backend: Backend, queries: list[str], principles: list[Principle]
-) -> tuple[Metrics, list[dict]]:
-    """Generate under each evaluation constitution, score every (constitution, response)
-    pair, and reduce to the metrics."""
+@dataclass(frozen=True)
+class Sample:
+    """One generation seed's responses to every prompt, and what scoring them gave: per
+    query, K x K matrices of mean and summed response log-probs, the InfoNCE bound and the
+    plug-in MI, and the response lengths."""
+
+    texts: list[str]
+    lengths: list[int]
+    mean_matrices: torch.Tensor
+    sum_matrices: torch.Tensor
+    bounds: list[float]
+    plug_in: list[float]
+
+
+def sample_and_score(
+    task: EvaluateTask, backend: Backend, prompts: list[list[int]], k: int, seed_index: int
+) -> Sample:
+    """Generate one response per prompt (k prompts per query, in query order) with the
+    request seeds of `seed_index` (seed 0's are those of an evaluation with one seed), then
+    score every response under every prompt of its query."""
     tok = backend.tokenizer
-    by_name = {p.name: p for p in principles}
-    items: list[tuple[list[Constitution], list[list[int]]]] = []
-    for query_id, query in enumerate(queries):
-        constitutions = constitutions_for(task, principles, query_id)
-        texts = [c.render(by_name) for c in constitutions]
-        items.append(
-            (constitutions, query_prompt_ids(task.model, task.task.value, tok, texts, query))
-        )
-    k = len(items[0][0])
-
     g = task.generation
     max_new = task.evaluation.max_new_tokens or g.max_new_tokens
     settings = SamplingSettings(max_new, g.temperature, g.top_p, tuple(g.stop))
-    flat = [ids for _, prompt_ids in items for ids in prompt_ids]
-    seeds = [request_seed("evaluate", task.iteration, n) for n in range(len(flat))]
-    completions = backend.generate(flat, settings, seeds)
+    extra = (seed_index,) if seed_index else ()
+    seeds = [request_seed("evaluate", task.iteration, n, *extra) for n in range(len(prompts))]
+    completions = backend.generate(prompts, settings, seeds)
 
     texts, scored_ids = [], []
     for completion in completions:
@@ -146,48 +169,80 @@ def evaluate_principles(
         texts.append(text)
         scored_ids.append(ids)
 
-    pairs = block_pairs(k, len(items))
+    queries = len(prompts) // k
+    pairs = block_pairs(k, queries)
     sequences, starts = [], []
     for i, j in pairs:
-        prompt = flat[i]
-        sequences.append(prompt + scored_ids[j])
-        starts.append(len(prompt))
+        sequences.append(prompts[i] + scored_ids[j])
+        starts.append(len(prompts[i]))
     scores = backend.score(sequences, starts)
     sums = torch.tensor([s for s, _ in scores], dtype=torch.float64)
     counts = torch.tensor([c for _, c in scores], dtype=torch.float64)
-    mean_matrices = assemble_matrices(sums / counts, pairs, k, len(items))
-    sum_matrices = assemble_matrices(sums, pairs, k, len(items))
+    mean_matrices = assemble_matrices(sums / counts, pairs, k, queries)
+    sum_matrices = assemble_matrices(sums, pairs, k, queries)
+    return Sample(
+        texts=texts,
+        lengths=[len(tok(t, add_special_tokens=False)["input_ids"]) if t else 0 for t in texts],
+        mean_matrices=mean_matrices,
+        sum_matrices=sum_matrices,
+        bounds=sami_loss(mean_matrices).block_mi_lower_bound.tolist(),
+        plug_in=plugin_mi(sum_matrices).tolist(),
+    )
 
-    bounds = sami_loss(mean_matrices).block_mi_lower_bound
-    plug_in = plugin_mi(sum_matrices)
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) if t else 0 for t in texts]
-    per_query_length = [sum(lengths[n * k : (n + 1) * k]) / k for n in range(len(items))]
+
+def evaluate_principles(
+    task: EvaluateTask, backend: Backend, queries: list[str], principles: list[Principle]
+) -> tuple[Metrics, list[dict]]:
+    """Generate under each evaluation constitution, score every (constitution, response)
+    pair, and reduce to the metrics; once per generation seed (evaluation.seeds), each
+    seed's responses a record per query."""
+    by_name = {p.name: p for p in principles}
+    constitutions, prompts = [], []
+    for query_id, query in enumerate(queries):
+        query_constitutions = constitutions_for(task, principles, query_id)
+        texts = [c.render(by_name) for c in query_constitutions]
+        constitutions.append(query_constitutions)
+        prompts += query_prompt_ids(task.model, task.task.value, backend.tokenizer, texts, query)
+    k = len(constitutions[0])
+    samples = [sample_and_score(task, backend, prompts, k, s) for s in range(task.evaluation.seeds)]
+
+    def per_query_length(sample: Sample) -> list[float]:
+        return [sum(sample.lengths[n * k : (n + 1) * k]) / k for n in range(len(queries))]
+
     metrics = Metrics(
-        mi_lower_bound=estimate(bounds.tolist()),
-        plug_in_mi=estimate(plug_in.tolist()),
-        mean_response_tokens=estimate(per_query_length),
+        mi_lower_bound=estimate([sample.bounds for sample in samples]),
+        plug_in_mi=estimate([sample.plug_in for sample in samples]),
+        mean_response_tokens=estimate([per_query_length(sample) for sample in samples]),
     )
     records = [
         {
-            "query": queries[n],
-            "constitutions": [constitution_record(c) for c in constitutions],
-            "responses": texts[n * k : (n + 1) * k],
-            "response_tokens": lengths[n * k : (n + 1) * k],
-            "mean_logprobs": mean_matrices[n].tolist(),
-            "sum_logprobs": sum_matrices[n].tolist(),
+            "seed": s,
+            "query": query,
+            "constitutions": [constitution_record(c) for c in constitutions[n]],
+            "responses": sample.texts[n * k : (n + 1) * k],
+            "response_tokens": sample.lengths[n * k : (n + 1) * k],
+            "mean_logprobs": sample.mean_matrices[n].tolist(),
+            "sum_logprobs": sample.sum_matrices[n].tolist(),
         }
-        for n, (constitutions, _) in enumerate(items)
+        for s, sample in enumerate(samples)
+        for n, query in enumerate(queries)
     ]
     return metrics, records
 
 
 def build_judge_items(
-    records: list[dict], baseline_records: list[dict], principles: list[Principle]
+    records: list[dict],
+    baseline_records: list[dict],
+    principles: list[Principle],
+    constitutions: str = "kept",
 ) -> list[JudgeItem]:
     """Pair each response with the baseline's response to the same query under the same
-    constitution (same principles, same order: the same prompt)."""
+    constitution (same principles, same order: the same prompt) and the same generation seed
+    (records from before evaluation.seeds have seed 0); the responses of every evaluation
+    constitution, or with `constitutions` "kept" only those of the one with every principle
+    kept."""
     baseline = {
-        (r["query"], json.dumps(c)): (text, tokens)
+        (r.get("seed", 0), r["query"], json.dumps(c)): (text, tokens)
         for r in baseline_records
         for c, text, tokens in zip(
             r["constitutions"], r["responses"], r["response_tokens"], strict=True
@@ -199,7 +254,9 @@ def build_judge_items(
         for c, text, tokens in zip(
             r["constitutions"], r["responses"], r["response_tokens"], strict=True
         ):
-            match = baseline.get((r["query"], json.dumps(c)))
+            if constitutions == "kept" and not all(i["kept"] for i in c):
+                continue
+            match = baseline.get((r.get("seed", 0), r["query"], json.dumps(c)))
             if match is not None:
                 constitution = Constitution(tuple((i["principle"], i["kept"]) for i in c))
                 items.append(
@@ -228,6 +285,7 @@ def judge_against_baseline(
     counts = result.counts()
     win_rate = WinRate(
         baseline=baseline,
+        constitutions=spec.constitutions,
         rate=raw.value,
         low=raw.low,
         high=raw.high,
@@ -325,7 +383,9 @@ def add_win_rates(
         win_rates = list(metrics.win_rates)
         for baseline in baselines:
             responses = [r for r in baseline.records if r.get("set", "training") == set_name]
-            items = build_judge_items(records, responses, set_principles)
+            items = build_judge_items(
+                records, responses, set_principles, task.evaluation.judge.constitutions
+            )
             if not items:
                 model = _BASELINE_MODELS.get(baseline.name, baseline.name)
                 raise TaskError(

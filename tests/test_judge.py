@@ -444,11 +444,13 @@ def test_cache_survives_a_failure_and_a_rerun_pays_nothing(scripted, tmp_path):
 # Win rates in the evaluation stage
 
 
-def judge_doc(judge: str) -> dict:
-    """evaluation.judge: an endpoint for an http(s) URL, else a model loaded in-process."""
+def judge_doc(judge: str, constitutions: str = "all") -> dict:
+    """evaluation.judge: an endpoint for an http(s) URL, else a model loaded in-process; 5 of
+    the 6 items of every constitution ('all'), or the 3 of the all-kept one ('kept')."""
+    doc = {"items": 5, "constitutions": constitutions}
     if judge.startswith(("http://", "https://")):
-        return {"endpoint": {"url": judge, "model": "judge"}, "items": 5}
-    return {"model": judge, "items": 5}
+        return {"endpoint": {"url": judge, "model": "judge"}, **doc}
+    return {"model": judge, **doc}
 
 
 def evaluate_task(
@@ -545,6 +547,28 @@ def test_evaluation_reports_win_rates_against_the_base_model(tiny_llama, tmp_pat
     held = [j for j in judgments if j["set"] == "heldOut"]
     assert all("Be brief." in j["constitution"] or "Ramble." in j["constitution"] for j in held)
     assert (out / evaluate.JUDGE_CACHE_FILE).exists()
+
+
+def test_by_default_the_judge_sees_the_all_kept_constitutions_responses(
+    tiny_llama, tmp_path, scripted
+):
+    """The paper's win rates: only responses written under the constitution with every
+    principle kept are judged (one per query), and the win rate says so."""
+    url, server = scripted
+    server.respond = staticmethod(lambda body, n: (200, "Final answer: A"))
+    evaluation = {"constitutions": 2, "judge": judge_doc(url, constitutions="kept")}
+    del evaluation["judge"]["constitutions"]  # the default
+    meta, out, _ = run_two_iterations(tiny_llama, tmp_path, url, evaluation=evaluation)
+    judgments = read_jsonl(out / evaluate.JUDGMENTS_FILE)
+    for key in ("metrics", "heldOutMetrics"):
+        (win_rate,) = Metrics.model_validate(meta[key]).win_rates
+        assert (win_rate.constitutions, win_rate.items) == ("kept", 3)  # of 3 queries
+    assert len(judgments) == len(server.requests) == 6
+    antitheses = ("Dodge.", "Help with harm.", "Ramble.")
+    assert not [j for j in judgments if any(a in j["constitution"] for a in antitheses)]
+    assert {j["query"] for j in judgments if j["set"] == "training"} == set(
+        r["query"] for r in read_jsonl(out / evaluate.RESPONSES_FILE)
+    )
 
 
 def responses_of(stage: Path) -> set[str]:
@@ -867,7 +891,7 @@ def test_report_plots_win_rates_and_adds_their_columns(tmp_path):
                 _win_rate("reference", rate - 0.3, items=250, ties=3),
             ]
             held_out["winRates"] = [
-                _win_rate("base", 0.55, items=250),
+                _win_rate("base", 0.55, items=250, constitutions="kept"),
                 _win_rate("reference", 0.25, items=250),
             ]
         _write_evaluation(run, f"iterations/{t}/evaluate", metrics, held_out, iteration=t)
@@ -900,10 +924,11 @@ def test_report_plots_win_rates_and_adds_their_columns(tmp_path):
     assert "Reference model (s3://m/instruct): evaluated once like the base model" in markdown
     assert "over the base model's (vs base) or the reference model's (vs reference)" in markdown
     assert (
-        "- iteration 2 vs base, training principles: 250 items judged; 2 ties and 1 unparsable "
-        "verdicts (each counts 0.5)\n- iteration 2 vs base, held-out principles: 250 items "
-        "judged; 0 ties and 0 unparsable verdicts (each counts 0.5)\n- iteration 2 vs reference, "
-        "training principles: 250 items judged; 3 ties"
+        "- iteration 2 vs base, training principles, every evaluation constitution: 250 "
+        "items judged; 2 ties and 1 unparsable verdicts (each counts 0.5)\n- iteration 2 vs "
+        "base, held-out principles, all-kept constitution: 250 items judged; 0 ties and 0 "
+        "unparsable verdicts (each counts 0.5)\n- iteration 2 vs reference, training "
+        "principles, every evaluation constitution: 250 items judged; 3 ties"
     ) in markdown
 
 

@@ -231,10 +231,13 @@ def reproduced_files(prefix: Path) -> dict[str, str]:
 def test_a_vllm_run_twice_from_scratch_gives_the_same_files_and_metrics(tiny_llama, tmp_path):
     """The same spec run twice on one machine, each from scratch (its own storage): vLLM
     generation and scoring, training and evaluation give byte-identical datasets, responses,
-    weights and metrics."""
+    weights and metrics, sampling at temperature 0.7, with two evaluation seeds whose spread
+    the metrics report."""
     runs = []
     for name in ("first", "second"):
         manifest = mini_manifest(tiny_llama, tmp_path / name, backend="vllm")
+        manifest["spec"]["generation"]["temperature"] = 0.7  # sampled, not greedy
+        manifest["spec"]["evaluation"] = {"seeds": 2}
         (tmp_path / name).mkdir()
         path = write(tmp_path / name, manifest)
         result = sami_run(path, tmp_path / name)
@@ -243,6 +246,8 @@ def test_a_vllm_run_twice_from_scratch_gives_the_same_files_and_metrics(tiny_lla
     first, second = (json.loads((p / "status.json").read_text()) for p in runs)
     assert first["phase"] == second["phase"] == "Succeeded"
     assert first["iterations"][1]["metrics"]["meanResponseTokens"]["value"] > 0
+    # Sampled (temperature 0.7): vLLM's second seed on CPU gives other responses.
+    assert all(i["metrics"]["miLowerBound"]["seedStderr"] > 0 for i in first["iterations"])
     assert first["reproducibility"] == second["reproducibility"]
     assert [(i["metrics"], i.get("heldOutMetrics")) for i in first["iterations"]] == [
         (i["metrics"], i.get("heldOutMetrics")) for i in second["iterations"]

@@ -199,6 +199,59 @@ def test_judge_is_an_endpoint_or_a_model(samirun_doc):
         assert info.value.problems == [message.format(given)]
 
 
+BRIEF = [{"name": "brief", "definition": "Be brief.", "antithesis": "Ramble."}]
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"spec.evaluation.constitutions": 4}, None),  # 2^2 for the example's 2 principles
+        ({"spec.evaluation.constitutions": 2}, None),
+        (
+            {"spec.evaluation.constitutions": 8},
+            "spec.evaluation.constitutions: 8 is not 2 (all kept, all negated) or 2^n (every "
+            "variant of n principles) for evaluation constitutions of 2 training principles; "
+            "valid: [2, 4]",
+        ),
+        (
+            {
+                "spec.evaluation.constitutions": 4,
+                "spec.principles.heldOut": [
+                    {"name": "brief", "definition": "a", "antithesis": "b"}
+                ],
+            },
+            "spec.evaluation.constitutions: 4 is not 2 (all kept, all negated) or 2^n (every "
+            "variant of n principles) for evaluation constitutions of 2 training and 1 held-out "
+            "principles; valid: [2]",
+        ),
+        (
+            {
+                "spec.constitutions.mode": "diverse",
+                "spec.constitutions.principlesPerConstitution": 1,
+                "spec.evaluation.constitutions": 4,
+            },
+            "spec.evaluation.constitutions: 4 is not 2 (all kept, all negated) or 2^n (every "
+            "variant of n principles) for evaluation constitutions of 1 training principles; "
+            "valid: [2]",
+        ),
+    ],
+)
+def test_evaluation_constitutions_must_fit_every_principle_set(samirun_doc, changes, problem):
+    """No K falls back to another (and with it another MI ceiling): K is 2 or 2^n for the
+    training and the held-out principles of an evaluation constitution."""
+    for path, value in changes.items():
+        _set(samirun_doc, path, value)
+    if problem is None:
+        assert (
+            parse_samirun(samirun_doc).spec.evaluation.constitutions
+            == changes["spec.evaluation.constitutions"]
+        )
+        return
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert info.value.problems == [problem]
+
+
 def test_diverse_mode_limits(samirun_doc):
     _set(samirun_doc, "spec.constitutions.mode", "diverse")
     _set(samirun_doc, "spec.constitutions.principlesPerConstitution", 3)

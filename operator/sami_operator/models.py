@@ -642,6 +642,9 @@ class ReferenceModelSpec(ModelSpec):
     )
 
 
+JudgedConstitutions = Literal["kept", "all"]
+
+
 class JudgeSpec(APIModel):
     """An LLM judge for win rates: each iteration's responses against the base model's (and an
     optional reference model's), for the same query and constitution (needs
@@ -691,6 +694,13 @@ class JudgeSpec(APIModel):
         "training and for held-out principles each; a seeded sample, the same in every "
         "iteration.",
     )
+    constitutions: JudgedConstitutions = Field(
+        default="kept",
+        description="Whose responses are judged: 'kept', those written under the evaluation "
+        "constitution with every principle kept (the paper's win rates); 'all', those of every "
+        "evaluation constitution, negated ones too, where the judge is asked which response "
+        "better follows the antitheses.",
+    )
     max_concurrency: int = Field(
         default=8,
         ge=1,
@@ -728,7 +738,9 @@ class EvaluationSpec(APIModel):
         default=4,
         ge=2,
         le=16,
-        description="K evaluation constitutions (paper: 4 for two principles, 2 for diverse).",
+        description="K evaluation constitutions: 2 (all kept, all negated) or 2^n (every "
+        "variant of the n principles of a constitution, training and held-out alike); paper: 4 "
+        "for two principles, 2 for diverse.",
     )
     max_new_tokens: int | None = Field(
         default=None,
@@ -739,6 +751,15 @@ class EvaluationSpec(APIModel):
     include_base: bool = Field(
         default=True,
         description="Also evaluate the base model, reported as iteration 0.",
+    )
+    seeds: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Generation seeds per evaluation: each generates and scores every "
+        "response again (that much more evaluation time) and the metrics report their spread "
+        "over seeds (seedStderr), beside the spread over queries. Only sampled decoding "
+        "(generation.temperature > 0) differs by seed.",
     )
     judge: JudgeSpec | None = Field(
         default=None,
@@ -1109,7 +1130,32 @@ class SAMIRunSpec(APIModel):
                         f"constitutions.perQuery: diverse mode with {k} principles per "
                         f"constitution allows at most {2**k} distinct constitutions, got {c}"
                     )
+        self._check_evaluation_constitutions()
         return self
+
+    def _check_evaluation_constitutions(self) -> None:
+        """evaluation.constitutions K is 2 (all kept, all negated) or 2^n (every variant of
+        the n principles of an evaluation constitution) for the training principles and the
+        held-out ones alike: nothing falls back to another K, and with it another MI
+        ceiling (log K)."""
+        k = self.evaluation.constitutions
+        p = self.principles
+        sets = {"training": len(p.inline) if p.inline is not None else p.writer.count}
+        if p.held_out:
+            sets["held-out"] = len(p.held_out)
+        if self.constitutions.mode == ConstitutionMode.diverse:
+            per = self.constitutions.principles_per_constitution
+            sets = {name: min(n, per) for name, n in sets.items()}
+        sizes = set(sets.values())
+        if k == 2 or sizes == {k.bit_length() - 1} and k & (k - 1) == 0:
+            return
+        valid = sorted({2} | ({2 ** sizes.pop()} if len(sizes) == 1 else set()))
+        counts = " and ".join(f"{n} {name}" for name, n in sets.items())
+        raise ValueError(
+            f"evaluation.constitutions: {k} is not 2 (all kept, all negated) or 2^n (every "
+            f"variant of n principles) for evaluation constitutions of {counts} principles; "
+            f"valid: {valid}"
+        )
 
     @model_validator(mode="after")
     def _launcher_carries_the_pods(self) -> SAMIRunSpec:
@@ -1236,10 +1282,19 @@ class StageStatus(APIModel):
 
 
 class Estimate(APIModel):
-    """A mean with its standard error."""
+    """A mean with its standard errors over queries and over generation seeds."""
 
-    value: float = Field(description="Mean over held-out queries.")
-    stderr: float | None = Field(default=None, description="Standard error of the mean.")
+    value: float = Field(description="Mean over held-out queries (and generation seeds).")
+    stderr: float | None = Field(
+        default=None,
+        description="Standard error over queries (of each query's mean over seeds); none for "
+        "one query.",
+    )
+    seed_stderr: float | None = Field(
+        default=None,
+        description="Standard error over generation seeds (of each seed's mean over queries); "
+        "set when evaluation.seeds > 1.",
+    )
 
 
 # WinRate.baseline values: the base model (evaluate-0) and evaluation.judge.reference.
@@ -1253,6 +1308,12 @@ class WinRate(APIModel):
     baseline: str = Field(
         description="What the iteration was compared with: 'base' (the base model) or "
         "'reference' (evaluation.judge.reference)."
+    )
+    constitutions: JudgedConstitutions = Field(
+        default="all",
+        description="Whose responses were judged (evaluation.judge.constitutions): 'kept', "
+        "the all-principles-kept constitution's; 'all', every evaluation constitution's "
+        "(what results from before the field judged).",
     )
     rate: float = Field(ge=0, le=1, description="Raw win rate (ties count 0.5).")
     low: float = Field(ge=0, le=1, description="95% interval, lower end.")

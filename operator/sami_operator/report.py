@@ -72,11 +72,15 @@ def _read_evaluation(entry: IterationResult, meta: dict) -> None:
 
 
 def _fmt(estimate) -> str:
+    """value ± the standard error over queries (seeds ± the one over generation seeds)."""
     if estimate is None:
         return "-"
-    if estimate.stderr is None:
-        return f"{estimate.value:.3f}"
-    return f"{estimate.value:.3f} ± {estimate.stderr:.3f}"
+    text = f"{estimate.value:.3f}"
+    if estimate.stderr is not None:
+        text += f" ± {estimate.stderr:.3f}"
+    if estimate.seed_stderr is not None:
+        text += f" (seeds ± {estimate.seed_stderr:.3f})"
+    return text
 
 
 def win_rate(metrics: Metrics | None, baseline: str = BASELINE_BASE) -> WinRate | None:
@@ -109,18 +113,24 @@ def _win_cells(metrics: Metrics | None, baseline: str) -> list[str]:
     ]
 
 
+JUDGED = {  # WinRate.constitutions
+    "kept": "all-kept constitution",
+    "all": "every evaluation constitution",
+}
+
+
 def judge_counts(results: list[IterationResult]) -> list[str]:
-    """One line per judged iteration, baseline and principle set: items, ties, unparsable
-    verdicts."""
+    """One line per judged iteration, baseline and principle set: whose responses were judged,
+    items, ties, unparsable verdicts."""
     lines = []
     for r in results:
         for baseline in baselines_judged(results):
             for name, metrics in (("training", r.metrics), ("held-out", r.held_out)):
                 if (w := win_rate(metrics, baseline)) is not None:
                     lines.append(
-                        f"- iteration {r.iteration} vs {baseline}, {name} principles: {w.items} "
-                        f"items judged; {w.ties} ties and {w.unparsable} unparsable verdicts "
-                        "(each counts 0.5)"
+                        f"- iteration {r.iteration} vs {baseline}, {name} principles, "
+                        f"{JUDGED[w.constitutions]}: {w.items} items judged; {w.ties} ties and "
+                        f"{w.unparsable} unparsable verdicts (each counts 0.5)"
                     )
     return lines
 
@@ -270,6 +280,14 @@ def build_report(run: storage.Storage, directory: Path) -> str:
         if r.train
     ]
     counts = judge_counts(results)
+    seeded = any(
+        e is not None and e.seed_stderr is not None
+        for r in [*results, reference]
+        if r is not None
+        for m in (r.metrics, r.held_out)
+        if m is not None
+        for e in (m.mi_lower_bound, m.plug_in_mi, m.mean_response_tokens)
+    )
     whose = " or ".join(
         f"the {_BASELINE_MODELS.get(b, b)}'s (vs {b})" for b in baselines_judged(results)
     )
@@ -281,7 +299,12 @@ def build_report(run: storage.Storage, directory: Path) -> str:
             "",
             table,
             "MI lower bound: log C - column loss on held-out queries (InfoNCE, at most log K).",
-            "Plug-in MI: the paper's plotted estimate. ± is one standard error over queries.",
+            "Plug-in MI: the paper's plotted estimate. ± is one standard error over queries"
+            + (
+                "; seeds ±, one standard error over the generation seeds (evaluation.seeds)."
+                if seeded
+                else "."
+            ),
             *(
                 [
                     f"Reference model ({reference.model or 'evaluation.judge.reference'}): "
@@ -293,8 +316,10 @@ def build_report(run: storage.Storage, directory: Path) -> str:
             *(
                 [
                     "Win rate: an LLM judge's pairwise preference for the iteration's response "
-                    f"over {whose} to the same query under the same constitution (ties and "
-                    "unparsable verdicts count 0.5), with a 95% Wilson interval; "
+                    f"over {whose} to the same query under the same constitution (the one "
+                    "with every principle kept, as in the paper, or every evaluation "
+                    "constitution: each line below says which; ties and unparsable verdicts "
+                    "count 0.5), with a 95% Wilson interval; "
                     "length-corrected: the win rate at equal response length (logistic "
                     "regression on the standardised length difference), 95% interval.",
                     "",
