@@ -1,13 +1,13 @@
 """The generation stage's dataset, one typed record per query (docs/method.md, 'Generation').
 
-`generate` writes it and `train` reads it, possibly another release's worker and days later;
-both go through this module, so the file holds what the reader expects or the reader says
-which file, line and field do not. A record is one query's block: the C constitutions sampled
-for it, the prompt rendered under each and its token ids, and the response generated under
-each, as text and as token ids (EOS kept apart: `ended_with_eos`, scored in training when the
-model emitted it). Checked on every read and write: each per-constitution list has C >= 2
-entries and `response_tokens[i] == len(response_token_ids[i])`; the records of one file share
-their C.
+`generate` writes it and `train` reads it back in another process, often another pod; both
+go through this module, so the file holds what the reader expects, or the reader says which
+file, line and field do not. A record is one query's block: the C constitutions sampled for it,
+the prompt rendered under each and its token ids, and the response generated under each, as
+text and as token ids (EOS kept apart: `ended_with_eos`, scored in training when the model
+emitted it). A record checks itself whenever it is made or read: each per-constitution list has
+C >= 2 entries and `response_tokens[i] == len(response_token_ids[i])`; reading also checks that
+the records of one file share their C.
 
 The files: DATASET_JSONL, one JSON object per line (`json.dumps` of the record's fields in
 their order, so a dataset is byte for byte what it was before these types), or DATASET_PARQUET,
