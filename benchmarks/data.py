@@ -21,8 +21,8 @@ from benchmarks.common import EXAMPLES
 from sami_operator.models import Principle
 from sami_worker.completions import prompt_token_ids
 from sami_worker.constitutions import derive_rng, sample_constitutions
-from sami_worker.generate import DATASET_JSONL
 from sami_worker.prompts import render_prompt
+from sami_worker.records import DATASET_JSONL, DatasetRecord, encode_jsonl, token_record
 
 C = 2
 LONG_POST_TOKENS = 70
@@ -39,7 +39,7 @@ def _lines(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def make_records(tokenizer, n: int, kind: str = "long") -> list[dict]:
+def make_records(tokenizer, n: int, kind: str = "long") -> list[DatasetRecord]:
     """n dataset records (the generation stage's format) of C = 2 prompts and responses."""
     posts = [row["post"] for row in _lines("posts-train")]
     if kind == "long":
@@ -66,24 +66,16 @@ def make_records(tokenizer, n: int, kind: str = "long") -> list[dict]:
         for j in range(C):
             ids = tokenizer(posts[(b + 1 + j) % len(posts)], add_special_tokens=False)["input_ids"]
             responses.append(ids if kind == "long" else ids[:SHORT_RESPONSE_TOKENS])
-        records.append(
-            {
-                "query_id": b,
-                "prompt_token_ids": prompts,
-                "response_token_ids": responses,
-                "ended_with_eos": [j == 0 for j in range(C)],
-            }
-        )
+        records.append(token_record(b, prompts, responses, [j == 0 for j in range(C)]))
     return records
 
 
-def write_dataset(records: list[dict], directory: Path) -> Path:
+def write_dataset(records: list[DatasetRecord], directory: Path) -> Path:
     """Publish records as a complete generation stage (dataset and manifest) in a folder."""
     from sami_worker import storage
 
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
     stage = storage.open_storage(str(directory))
-    storage.write_stage_files(stage, "", {DATASET_JSONL: data}, stage="generate")
+    storage.write_stage_files(stage, "", {DATASET_JSONL: encode_jsonl(records)}, stage="generate")
     return directory
 
 

@@ -71,6 +71,7 @@ def write_blocks(target: Path, vocab: int) -> Path:
     """A generation-stage dataset of short blocks (C = 2): the cost under test is the model's
     state, not activations, so the sequences are kept short."""
     from sami_worker import storage
+    from sami_worker.records import DATASET_JSONL, encode_jsonl, token_record
 
     records = []
     for q in range(N_BLOCKS):
@@ -88,17 +89,12 @@ def write_blocks(target: Path, vocab: int) -> Path:
                 1,
             )
         ]
-        records.append(
-            {
-                "query_id": q,
-                "prompt_token_ids": ids,
-                "response_token_ids": responses,
-                "ended_with_eos": [True, False],
-            }
-        )
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        records.append(token_record(q, ids, responses, [True, False]))
     storage.write_stage_files(
-        storage.open_storage(str(target)), "", {"dataset.jsonl": data}, stage="generate"
+        storage.open_storage(str(target)),
+        "",
+        {DATASET_JSONL: encode_jsonl(records)},
+        stage="generate",
     )
     return target
 

@@ -76,7 +76,6 @@ from sami_worker.common import (
     query_prompt_ids,
 )
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
-from sami_worker.generate import constitution_record
 from sami_worker.judge import (
     Judge,
     JudgeCache,
@@ -89,6 +88,7 @@ from sami_worker.judge import (
 from sami_worker.logprobs import assemble_matrices, block_pairs
 from sami_worker.objective import mean_and_stderr, plugin_mi, sami_loss
 from sami_worker.prompts import cut_response
+from sami_worker.records import constitution_record
 from sami_worker.tasks import EvaluateTask, TaskError
 from sami_worker.winrate import compute_win_rate
 

@@ -3,7 +3,8 @@
 
 For every query, sample C constitutions, render one prompt per constitution, generate one
 response per prompt, post-process (cut at turn markers, drop empty / identical / debris
-pairs), and publish the dataset with its stats under the stage prefix, manifest last.
+pairs), and publish the dataset (one typed record per query: `sami_worker.records`) with its
+stats under the stage prefix, manifest last.
 
 Differences from the paper's code: prompts are tokenised once here and the dataset records
 the exact prompt and response token ids, so training scores precisely what was generated
@@ -40,20 +41,13 @@ from sami_worker.common import (
 )
 from sami_worker.constitutions import derive_rng, sample_constitutions
 from sami_worker.prompts import cut_response, filter_reason
+from sami_worker.records import DatasetRecord, constitution_record, write_dataset
 from sami_worker.tasks import GenerateTask, TaskError
 
 log = logging.getLogger(__name__)
 
-DATASET_JSONL = "dataset.jsonl"
-DATASET_PARQUET = "dataset.parquet"
 STATS_FILE = "stats.json"
 BATCH_PROMPTS = 256  # prompts per engine call: progress is logged after each
-
-
-def constitution_record(constitution) -> list[dict]:
-    """A constitution as stored in datasets: its principles in order, each kept or negated
-    (a list of records, so JSONL and Parquet hold the same shape)."""
-    return [{"principle": name, "kept": kept} for name, kept in constitution.items]
 
 
 @dataclass(frozen=True)
@@ -129,7 +123,7 @@ def postprocess(
     completions: list,
     generated_tokens: int,
     elapsed: float,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[DatasetRecord], dict]:
     """Cut each response at turn markers, drop the queries the filters reject, and build the
     dataset records; returns (kept records, stats)."""
     g = task.generation
@@ -151,23 +145,23 @@ def postprocess(
         # kept apart (ended_with_eos) and scored in training when the model emitted it.
         response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
         records.append(
-            {
-                "query_id": item.query_id,
-                "query": item.query,
-                "constitutions": [constitution_record(k) for k in item.constitutions],
-                "constitution_texts": item.texts,
-                "prompt_token_ids": item.ids,
-                "responses": responses,
-                "response_token_ids": response_ids,
-                "response_tokens": [len(r) for r in response_ids],
-                "finish_reasons": [o.finish_reason for o in outs],
-                "ended_with_eos": [
+            DatasetRecord(
+                query_id=item.query_id,
+                query=item.query,
+                constitutions=[constitution_record(k) for k in item.constitutions],
+                constitution_texts=item.texts,
+                prompt_token_ids=item.ids,
+                responses=responses,
+                response_token_ids=response_ids,
+                response_tokens=[len(r) for r in response_ids],
+                finish_reasons=[o.finish_reason for o in outs],
+                ended_with_eos=[
                     o.ended_with_eos and r == o.text.strip()
                     for o, r in zip(outs, responses, strict=True)
                 ],
-            }
+            )
         )
-    kept_tokens = [t for r in records for t in r["response_tokens"]]
+    kept_tokens = [t for r in records for t in r.response_tokens]
     stats = {
         "queries": len(items),
         "kept": len(records),
@@ -189,21 +183,6 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
     settings = SamplingSettings(g.max_new_tokens, g.temperature, g.top_p, tuple(g.stop))
     completions, generated_tokens, elapsed = generate_completions(backend, settings, items)
     return postprocess(task, backend.tokenizer, items, completions, generated_tokens, elapsed)
-
-
-def write_dataset(records: list[dict], directory: Path, fmt: str) -> Path:
-    if fmt == "jsonl":
-        path = directory / DATASET_JSONL
-        with path.open("w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        return path
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = directory / DATASET_PARQUET
-    pq.write_table(pa.Table.from_pylist(records), path)
-    return path
 
 
 def run(task: GenerateTask) -> dict:

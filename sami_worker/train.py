@@ -60,7 +60,6 @@ from sami_worker import distributed, storage
 from sami_worker.backends import resolve_model_dir
 from sami_worker.common import fetch_model, open_uri, scratch_dir
 from sami_worker.export import MAX_SHARD_BYTES, export_weights
-from sami_worker.generate import DATASET_JSONL, DATASET_PARQUET
 from sami_worker.hf import (
     build_empty_model,
     has_weight_conversions,
@@ -79,6 +78,7 @@ from sami_worker.logprobs import (
 )
 from sami_worker.memory import PhasePeaks
 from sami_worker.objective import sami_loss
+from sami_worker.records import read_dataset
 from sami_worker.settings import export_shard_bytes
 from sami_worker.tasks import TaskError, TrainTask
 
@@ -103,21 +103,15 @@ class Block:
 
 
 def read_blocks(local_dir: Path, eos_id: int) -> list[Block]:
-    """Blocks from a generation stage's dataset; EOS appended where the model emitted it."""
-    if (local_dir / DATASET_JSONL).exists():
-        lines = (local_dir / DATASET_JSONL).read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-    else:
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(local_dir / DATASET_PARQUET).to_pylist()
+    """Blocks from a generation stage's dataset (`sami_worker.records`, checked as it is read);
+    EOS appended where the model emitted it."""
     blocks = []
-    for r in records:
+    for r in read_dataset(local_dir):
         responses = [
-            tuple(ids) + ((eos_id,) if eos else ())
-            for ids, eos in zip(r["response_token_ids"], r["ended_with_eos"], strict=True)
+            ids + ((eos_id,) if eos else ())
+            for ids, eos in zip(r.response_token_ids, r.ended_with_eos, strict=True)
         ]
-        blocks.append(Block(tuple(map(tuple, r["prompt_token_ids"])), tuple(responses)))
+        blocks.append(Block(r.prompt_token_ids, tuple(responses)))
     return blocks
 
 

@@ -416,23 +416,19 @@ def write_dataset(target: Path, stream: TokenStream, sizes: dict) -> None:
     """A generation stage's output as the training worker reads it: per query, C = 2 prompts
     (the same query under two constitutions) and the two responses."""
     from sami_worker import storage
+    from sami_worker.records import DATASET_JSONL, encode_jsonl, token_record
 
     records = []
     for block in range(sizes["blocks"]):
         query = stream.take(sizes["train_prompt"] - 8)
         prompts = [stream.take(8) + query for _ in range(2)]
         responses = [stream.take(sizes["train_response"]) for _ in range(2)]
-        records.append(
-            {
-                "query_id": block,
-                "prompt_token_ids": prompts,
-                "response_token_ids": responses,
-                "ended_with_eos": [True, False],
-            }
-        )
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        records.append(token_record(block, prompts, responses, [True, False]))
     storage.write_stage_files(
-        storage.open_storage(str(target)), "", {"dataset.jsonl": data}, stage="generate"
+        storage.open_storage(str(target)),
+        "",
+        {DATASET_JSONL: encode_jsonl(records)},
+        stage="generate",
     )
 
 

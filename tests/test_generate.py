@@ -14,7 +14,8 @@ import pytest
 
 from sami_operator.models import ModelSpec, QuerySource
 from sami_worker import storage
-from sami_worker.generate import DATASET_JSONL, STATS_FILE
+from sami_worker.generate import STATS_FILE
+from sami_worker.records import DATASET_JSONL, read_dataset
 from sami_worker.tasks import GenerateTask, PrinciplesRef, ScoreTask, dump_task
 from tests.conftest import EXAMPLES
 
@@ -55,10 +56,6 @@ def run_worker(stage: str, task, tmp_path: Path, env=None, **kwargs) -> subproce
     )
 
 
-def read_dataset(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / DATASET_JSONL).read_text().splitlines()]
-
-
 def test_generate_with_transformers_backend(tiny_llama, tmp_path):
     from sami_worker import generate
 
@@ -73,20 +70,20 @@ def test_generate_with_transformers_backend(tiny_llama, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     for record in records:
-        assert len(record["responses"]) == len(record["prompt_token_ids"]) == 2
+        assert len(record.responses) == len(record.prompt_token_ids) == 2
         # Constitution 0 keeps every principle (pair mode); the other negates some.
-        assert all(item["kept"] for item in record["constitutions"][0])
-        assert not all(item["kept"] for item in record["constitutions"][1])
+        assert all(item.kept for item in record.constitutions[0])
+        assert not all(item.kept for item in record.constitutions[1])
         for text, ids, prompt_ids, constitution in zip(
-            record["responses"],
-            record["response_token_ids"],
-            record["prompt_token_ids"],
-            record["constitution_texts"],
+            record.responses,
+            record.response_token_ids,
+            record.prompt_token_ids,
+            record.constitution_texts,
             strict=True,
         ):
             assert tok.decode(ids) == text
             assert constitution in tok.decode(prompt_ids)
-        assert record["query"] in tok.decode(record["prompt_token_ids"][0])
+        assert record.query in tok.decode(record.prompt_token_ids[0])
 
 
 def test_generation_is_deterministic_and_a_finished_stage_is_not_redone(
@@ -292,7 +289,7 @@ def test_bad_credentials_fail_without_leaking_them(tiny_llama, s3_server, s3_buc
 
 def test_parquet_datasets_train(tiny_llama, tmp_path):
     from sami_worker import generate
-    from sami_worker.generate import DATASET_PARQUET
+    from sami_worker.records import DATASET_PARQUET
     from sami_worker.train import read_blocks
 
     task = generate_task(tiny_llama, str(tmp_path / "out"), outputFormat="parquet")

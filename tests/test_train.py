@@ -16,6 +16,7 @@ import pytest
 
 from sami_worker import storage
 from sami_worker.export import INDEX_FILE
+from sami_worker.records import DATASET_JSONL, encode_jsonl, token_record
 from sami_worker.tasks import TrainTask, dump_task
 from sami_worker.train import (
     METRICS_FILE,
@@ -41,18 +42,18 @@ def make_dataset(model_dir: Path, output: Path, n: int) -> str:
     for i, line in enumerate(lines):
         query = json.loads(line)["query"]
         records.append(
-            {
-                "query_id": i,
-                "prompt_token_ids": [tok(p.format(q=query))["input_ids"] for p in PROMPTS],
-                "response_token_ids": [
-                    tok(r, add_special_tokens=False)["input_ids"] for r in RESPONSES
-                ],
-                "ended_with_eos": [True, False],
-            }
+            token_record(
+                i,
+                [tok(p.format(q=query))["input_ids"] for p in PROMPTS],
+                [tok(r, add_special_tokens=False)["input_ids"] for r in RESPONSES],
+                [True, False],
+            )
         )
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
     storage.write_stage_files(
-        storage.open_storage(str(output)), "", {"dataset.jsonl": data}, stage="generate"
+        storage.open_storage(str(output)),
+        "",
+        {DATASET_JSONL: encode_jsonl(records)},
+        stage="generate",
     )
     return str(output)
 
@@ -283,6 +284,16 @@ def test_bad_training_tasks_fail_as_bad_input(tiny_llama, dataset, tmp_path):
     result = launch(too_big, tmp_path)
     assert result.returncode == 65
     assert "has 16 query blocks but one optimizer step needs 64" in result.stderr
+    corrupt = tmp_path / "corrupt"
+    storage.write_stage_files(
+        storage.open_storage(str(corrupt)),
+        "",
+        {DATASET_JSONL: b'{"query_id": 0}\n'},
+        stage="generate",
+    )
+    result = launch(train_task(tiny_llama, str(corrupt), tmp_path / "c"), tmp_path)
+    assert result.returncode == 65
+    assert f"{DATASET_JSONL}: line 1: query: Field required" in result.stderr
 
 
 def test_block_schedule_covers_each_epoch_once():
