@@ -84,3 +84,23 @@ def complete_chat(
     model; the backend's ValueError for a prompt longer than its context."""
     ids = [prompt_token_ids(backend.tokenizer, [{"role": "user", "content": q}]) for q in questions]
     return backend.generate(ids, settings, seeds)
+
+
+def response_token_ids(tokenizer, completion: Completion, text: str) -> tuple[list[int], bool]:
+    """The generated token ids of the response `text` (the completion cut at a stop marker and
+    stripped), and whether they are the generated ones: all of them when their decoding strips
+    to `text` (a leading space token included, as generated), else the shortest prefix that
+    does (the tokens of a stop marker, and the whitespace before it, left out). Where no prefix
+    decodes to `text` (one token spans the cut), the tokenisation of `text` alone, and False.
+    Training and evaluation score these ids, so they score what the model generated."""
+    ids = list(completion.token_ids)
+
+    def decoded(m: int) -> str:
+        return tokenizer.decode(ids[:m], skip_special_tokens=True).strip()
+
+    if decoded(len(ids)) == text:
+        return ids, True
+    for m in range(len(ids)):
+        if decoded(m) == text:
+            return ids[:m], True
+    return tokenizer(text, add_special_tokens=False)["input_ids"], False

@@ -75,6 +75,7 @@ from sami_worker.common import (
     open_uri,
     query_prompt_ids,
 )
+from sami_worker.completions import response_token_ids
 from sami_worker.constitutions import Constitution, derive_rng, evaluation_constitutions
 from sami_worker.judge import (
     Judge,
@@ -158,15 +159,16 @@ def sample_and_score(
     seeds = [request_seed("evaluate", task.iteration, n, *extra) for n in range(len(prompts))]
     completions = backend.generate(prompts, settings, seeds)
 
-    texts, scored_ids = [], []
+    texts, lengths, scored_ids = [], [], []
     for completion in completions:
         text = cut_response(completion.text, g.stop)
-        ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        ids, _ = response_token_ids(tok, completion, text)
+        texts.append(text)
+        lengths.append(len(ids))
         # A response that ended (EOS, or an immediate new turn) is scored with its EOS, as
         # in training; an empty one is just the EOS.
         if completion.ended_with_eos or not ids:
             ids = [*ids, tok.eos_token_id]
-        texts.append(text)
         scored_ids.append(ids)
 
     queries = len(prompts) // k
@@ -182,7 +184,7 @@ def sample_and_score(
     sum_matrices = assemble_matrices(sums, pairs, k, queries)
     return Sample(
         texts=texts,
-        lengths=[len(tok(t, add_special_tokens=False)["input_ids"]) if t else 0 for t in texts],
+        lengths=lengths,
         mean_matrices=mean_matrices,
         sum_matrices=sum_matrices,
         bounds=sami_loss(mean_matrices).block_mi_lower_bound.tolist(),

@@ -7,8 +7,9 @@ pairs), and publish the dataset (one typed record per query: `sami_worker.record
 stats under the stage prefix, manifest last.
 
 Differences from the paper's code: prompts are tokenised once here and the dataset records
-the exact prompt and response token ids, so training scores precisely what was generated
-(prompt and response joined as ids, EOS scored when generation ended with it).
+the prompt ids and the generated response ids (up to a stop marker), so training scores
+precisely what was generated (prompt and response joined as ids, EOS scored when generation
+ended with it), not a re-tokenisation of the stripped text.
 
     python -m sami_worker generate --task task.json
 
@@ -39,6 +40,7 @@ from sami_worker.common import (
     open_uri,
     query_prompt_ids,
 )
+from sami_worker.completions import response_token_ids
 from sami_worker.constitutions import derive_rng, sample_constitutions
 from sami_worker.prompts import cut_response, filter_reason
 from sami_worker.records import DatasetRecord, constitution_record, write_dataset
@@ -130,6 +132,7 @@ def postprocess(
     c = task.constitutions.per_query
     dropped: Counter[str] = Counter()
     records = []
+    retokenized = 0
     for n, item in enumerate(items):
         outs = completions[n * c : (n + 1) * c]
         responses = [cut_response(o.text, g.stop) for o in outs]
@@ -141,9 +144,11 @@ def postprocess(
         if reason is not None:
             dropped[reason] += 1
             continue
-        # The stored response ids are the canonical tokenisation of the stored text; EOS is
-        # kept apart (ended_with_eos) and scored in training when the model emitted it.
-        response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+        # The stored response ids are the generated ones (completions.response_token_ids);
+        # EOS is kept apart (ended_with_eos) and scored in training when the model emitted it.
+        kept = [response_token_ids(tokenizer, o, r) for o, r in zip(outs, responses, strict=True)]
+        response_ids = [ids for ids, _ in kept]
+        retokenized += sum(not generated for _, generated in kept)
         records.append(
             DatasetRecord(
                 query_id=item.query_id,
@@ -168,6 +173,9 @@ def postprocess(
         "dropped": {reason: dropped.get(reason, 0) for reason in ("empty", "identical", "debris")},
         "responses_generated": len(completions),
         "mean_response_tokens": sum(kept_tokens) / len(kept_tokens) if kept_tokens else 0.0,
+        # Kept responses whose generated ids could not be cut at their stop marker (one token
+        # spanned it), stored as their text's own tokenisation instead.
+        "retokenized_responses": retokenized,
         "generated_tokens": generated_tokens,
         "seconds": round(elapsed, 3),
         "tokens_per_second": generated_tokens / elapsed if elapsed > 0 else 0.0,

@@ -76,7 +76,8 @@ class DatasetRecord(BaseModel):
     constitution_texts: tuple[StrictStr, ...]
     prompt_token_ids: tuple[tuple[StrictInt, ...], ...]
     responses: tuple[StrictStr, ...]
-    # The canonical tokenisation of each stored response, EOS excluded.
+    # The generated token ids of each stored response (completions.response_token_ids), EOS
+    # excluded.
     response_token_ids: tuple[tuple[StrictInt, ...], ...]
     response_tokens: tuple[StrictInt, ...]
     finish_reasons: tuple[StrictStr, ...]

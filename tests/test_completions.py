@@ -1,23 +1,29 @@
 """How prompts become token ids (sami_worker.completions.prompt_token_ids, complete_chat) for
-generation, evaluation, the local judge and the local principle writer, on the tiny Llama's
-real tokenizer and, for complete_chat, its real transformers backend."""
+generation, evaluation, the local judge and the local principle writer, and which ids of a
+response are kept (response_token_ids); on the tiny Llama's real byte-level BPE tokenizer (and,
+for complete_chat, its real transformers backend) and a real SentencePiece-style tokenizer."""
 
 from __future__ import annotations
 
 import jinja2
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import SentencePieceBPETokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sami_operator.models import GenerationSpec, ModelSpec, PrincipleWriter
 from sami_worker import principle_writer
 from sami_worker.common import open_model_backend, query_prompt_ids
 from sami_worker.completions import (
+    Completion,
     NoChatTemplate,
     SamplingSettings,
     complete_chat,
     prompt_token_ids,
+    response_token_ids,
 )
+from sami_worker.prompts import cut_response
 from sami_worker.tasks import TaskError, WritePrinciplesTask
+from tests.conftest import EXAMPLES
 
 NO_SYSTEM_ROLE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -94,3 +100,71 @@ def test_the_local_principle_writer_on_a_base_model_is_bad_input(plain_llama, tm
     with pytest.raises(TaskError, match=r"^principles\.writer\.model: .* use an instruct model$"):
         principle_writer.run(task)
     assert not (tmp_path / "principles").exists()  # nothing published
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE tokenizer ('▁' marks a word start), trained on the project's
+    example queries: the other family of tokenizers (Llama 2, Mistral) beside byte-level BPE."""
+    corpus = [line for path in sorted((EXAMPLES / "data").glob("*.jsonl")) for line in path.open()]
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(corpus, vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=sp._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+# (prompt, response as generated): a byte-level BPE model writes ' Sure' after 'Assistant:',
+# a SentencePiece one 'Sure' without a word-start marker after a newline.
+BOUNDARIES = {
+    "byte-level BPE": ("Human: Hi?\n\nAssistant:", " Sure, here it is."),
+    "SentencePiece": ("<|im_start|>assistant\n", "Sure, here it is."),
+}
+
+
+@pytest.fixture(params=sorted(BOUNDARIES))
+def boundary(request, tokenizer):
+    tok = tokenizer if request.param == "byte-level BPE" else sentencepiece_tokenizer()
+    return (tok, *BOUNDARIES[request.param])
+
+
+def generated(tok, prompt: str, continuation: str) -> tuple[list[int], Completion]:
+    """The prompt's ids and a completion as a model writing `continuation` after it: the ids
+    that follow the prompt's in the joint tokenisation."""
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    joint = tok(prompt + continuation, add_special_tokens=False)["input_ids"]
+    assert joint[: len(prompt_ids)] == prompt_ids  # the boundary falls between tokens
+    ids = tuple(joint[len(prompt_ids) :])
+    return prompt_ids, Completion(tok.decode(ids), ids, "stop", ended_with_eos=True)
+
+
+def test_a_response_keeps_the_ids_the_model_generated(boundary):
+    tok, prompt, response = boundary
+    prompt_ids, completion = generated(tok, prompt, response)
+    text = cut_response(completion.text)
+    ids, generated_ids = response_token_ids(tok, completion, text)
+    assert (ids, generated_ids) == (list(completion.token_ids), True)
+    # Joined as ids, prompt and response are the sequence the model saw and wrote, which
+    # re-tokenising the stored (stripped) text would not give.
+    assert prompt_ids + ids == tok(prompt + response, add_special_tokens=False)["input_ids"]
+    assert tok(text, add_special_tokens=False)["input_ids"] != ids
+
+
+def test_a_response_cut_at_a_stop_marker_keeps_the_generated_ids_before_it(boundary):
+    tok, prompt, response = boundary
+    _, whole = generated(tok, prompt, response)
+    _, completion = generated(tok, prompt, response + "\n\nHuman: And then?")
+    text = cut_response(completion.text)
+    assert text == response.strip()
+    ids, generated_ids = response_token_ids(tok, completion, text)
+    assert (ids, generated_ids) == (list(whole.token_ids), True)
+
+
+def test_where_a_token_spans_the_cut_the_text_is_tokenised_alone(tokenizer):
+    tok = tokenizer
+    ids = tuple(tok("Sure thing", add_special_tokens=False)["input_ids"])
+    completion = Completion(tok.decode(ids), ids, "length", ended_with_eos=False)
+    text = "Sure thi"  # a cut inside the last token
+    assert response_token_ids(tok, completion, text) == (
+        tok(text, add_special_tokens=False)["input_ids"],
+        False,
+    )

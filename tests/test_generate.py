@@ -81,7 +81,7 @@ def test_generate_with_transformers_backend(tiny_llama, tmp_path):
             record.constitution_texts,
             strict=True,
         ):
-            assert tok.decode(ids) == text
+            assert tok.decode(ids).strip() == text  # the generated ids: a leading space kept
             assert constitution in tok.decode(prompt_ids)
         assert record.query in tok.decode(record.prompt_token_ids[0])
 
