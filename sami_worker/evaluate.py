@@ -166,8 +166,8 @@ def sample_and_score(
         texts.append(text)
         lengths.append(len(ids))
         # A response that ended (EOS, or an immediate new turn) is scored with its EOS, as
-        # in training; an empty one is just the EOS.
-        if completion.ended_with_eos or not ids:
+        # in training (training.scoreEos); an empty one is just the EOS.
+        if (completion.ended_with_eos and task.score_eos) or not ids:
             ids = [*ids, tok.eos_token_id]
         scored_ids.append(ids)
 

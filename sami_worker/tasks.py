@@ -155,6 +155,9 @@ class EvaluateTask(APIModel):
     queries: QuerySource
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    score_eos: bool = Field(
+        default=True, description="training.scoreEos: EOS scored after a response, as in training."
+    )
     baselines: list[Baseline] = Field(
         default_factory=list,
         description="Evaluations to judge this model's responses against with "

@@ -102,13 +102,13 @@ class Block:
     responses: tuple[tuple[int, ...], ...]
 
 
-def read_blocks(local_dir: Path, eos_id: int) -> list[Block]:
+def read_blocks(local_dir: Path, eos_id: int | None) -> list[Block]:
     """Blocks from a generation stage's dataset (`sami_worker.records`, checked as it is read);
-    EOS appended where the model emitted it."""
+    EOS appended where the model emitted it, unless `eos_id` is None (training.scoreEos)."""
     blocks = []
     for r in read_dataset(local_dir):
         responses = [
-            ids + ((eos_id,) if eos else ())
+            ids + ((eos_id,) if eos and eos_id is not None else ())
             for ids, eos in zip(r.response_token_ids, r.ended_with_eos, strict=True)
         ]
         blocks.append(Block(r.prompt_token_ids, tuple(responses)))
@@ -631,7 +631,7 @@ def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
     for i, uri in enumerate(task.datasets):
         local = workdir / f"dataset-{i}"
         storage.download_stage(open_uri(uri, task.storage), "", local)
-        blocks += read_blocks(local, tokenizer.eos_token_id)
+        blocks += read_blocks(local, tokenizer.eos_token_id if t.score_eos else None)
     size = t.micro_batch_queries
     per_step = distributed.world_size() * t.gradient_accumulation * size
     schedule = BlockSchedule(blocks, per_step, task.seed)

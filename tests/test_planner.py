@@ -75,6 +75,15 @@ def test_a_judge_compares_every_iteration_with_evaluate_0(samirun_doc):
     assert dumped["baselines"] == [{"name": "base", "uri": base}]
 
 
+@pytest.mark.parametrize("score_eos", [True, False])
+def test_evaluation_scores_eos_as_training_does(samirun_doc, score_eos):
+    samirun_doc["spec"]["training"]["scoreEos"] = score_eos
+    stages = plan(parse_samirun(samirun_doc), "u1")
+    evaluations = [s.task for s in stages if s.id.startswith("evaluate-")]
+    assert evaluations and {task.score_eos for task in evaluations} == {score_eos}
+    assert {s.task.training.score_eos for s in stages if s.id.startswith("train-")} == {score_eos}
+
+
 def test_a_reference_model_is_evaluated_once_after_the_base_model(samirun_doc):
     samirun_doc["spec"]["evaluation"]["judge"] = {**JUDGE, "reference": REFERENCE}
     run = parse_samirun(samirun_doc)

@@ -24,6 +24,7 @@ from sami_worker.train import (
     lr_factor,
     prompt_sharing_window,
     prune_states,
+    read_blocks,
 )
 from tests.conftest import EXAMPLES, ROOT
 from tests.test_generate import VLLM_CPU
@@ -294,6 +295,16 @@ def test_bad_training_tasks_fail_as_bad_input(tiny_llama, dataset, tmp_path):
     result = launch(train_task(tiny_llama, str(corrupt), tmp_path / "c"), tmp_path)
     assert result.returncode == 65
     assert f"{DATASET_JSONL}: line 1: query: Field required" in result.stderr
+
+
+@pytest.mark.parametrize(("score_eos", "suffix"), [(True, (2,)), (False, ())])
+def test_eos_is_scored_after_a_response_that_ended_with_it_unless_off(tmp_path, score_eos, suffix):
+    """training.scoreEos: the EOS id follows the responses that ended with it, or none does
+    (the paper-era code's setting)."""
+    record = token_record(0, [[1, 5], [1, 6]], [[7, 8], [9]], ended_with_eos=[True, False])
+    (tmp_path / DATASET_JSONL).write_bytes(encode_jsonl([record]))
+    (block,) = read_blocks(tmp_path, eos_id=2 if score_eos else None)
+    assert block.responses == ((7, 8, *suffix), (9,))
 
 
 def test_block_schedule_covers_each_epoch_once():

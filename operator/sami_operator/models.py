@@ -551,6 +551,13 @@ class TrainingSpec(APIModel):
         le=4096,
         description="Micro-steps per optimizer step (gradients really accumulate).",
     )
+    score_eos: bool = Field(
+        default=True,
+        description="Score the end-of-sequence token after a response that ended with it, in "
+        "training and in the evaluation's log-probs: how a response ends is part of following "
+        "the constitution. false leaves it out, as the paper-era code did (an empty "
+        "evaluation response is still scored as its EOS alone).",
+    )
     precision: Literal["bf16", "bf16-mixed", "fp32"] = Field(
         default="bf16",
         description="Number formats, on GPU and CPU alike, and their memory per parameter "

@@ -228,6 +228,7 @@ def _evaluate_task(
         queries=spec.data.eval,
         evaluation=spec.evaluation,
         generation=spec.generation,
+        score_eos=spec.training.score_eos,
         baselines=baselines,
     )
 
