@@ -19,7 +19,16 @@ from pathlib import Path
 
 from benchmarks.common import machine, unmeasured
 
-SUITES = ("generation", "training", "scaling", "memory", "operator", "e2e", "download")
+SUITES = (
+    "generation",
+    "training",
+    "scaling",
+    "memory",
+    "operator",
+    "e2e",
+    "download",
+    "alignment",
+)
 HERE = Path(__file__).resolve().parent
 NOT_YET: list[tuple[str, str]] = []
 
