@@ -86,7 +86,8 @@ BROKEN = [
     ),
     (
         "spec.principles.inline.0.antithesis",
-        "The assistant gives a direct, specific answer that addresses what the human asked.",
+        "The assistant answers the human's request in depth and with clarity, with detailed, "
+        "insightful content.",
         "spec.principles.inline[0].antithesis: must differ from the definition",
     ),
     (
@@ -103,9 +104,9 @@ BROKEN = [
     ),
     ("spec.storage.uri", "/data/runs", "spec.storage.credentials: only used with s3:// storage"),
     (
-        "spec.data.eval.uri",
+        "spec.data.eval.1.uri",
         "s3://bucket/queries.jsonl",
-        "spec.data.eval: set exactly one of 'uri' and 'dataset'",
+        "spec.data.eval[1]: set exactly one of 'uri' and 'dataset'",
     ),
     (
         "spec.principles.writer",

@@ -56,7 +56,7 @@ def test_generate_and_evaluate_read_the_data_sources_as_written(samirun_doc):
 
 def test_training_steps_grow_and_init_follows_the_spec(run):
     stages = {s.id: s for s in plan(run, "u1")}
-    assert [stages[f"train-{t}"].task.iteration_steps for t in (1, 2, 3)] == [16, 32, 48]
+    assert [stages[f"train-{t}"].task.iteration_steps for t in (1, 2, 3)] == [2, 4, 6]
     assert all(stages[f"train-{t}"].task.init_uri is None for t in (1, 2, 3))  # from base
 
     continuing = run.model_copy(deep=True)
