@@ -22,7 +22,7 @@ from sami_operator.models import (
 from sami_worker import storage
 from sami_worker.backends import Backend, open_backend, resolve_model_dir
 from sami_worker.completions import NoChatTemplate, prompt_token_ids
-from sami_worker.datasets import DatasetError, load_queries, parse_principles
+from sami_worker.datasets import DatasetError, load_query_sources, parse_principles
 from sami_worker.prompts import render_prompt
 from sami_worker.settings import cache_dir
 from sami_worker.tasks import PrinciplesRef, TaskError
@@ -107,8 +107,11 @@ def load_principles(ref: PrinciplesRef, spec: StorageSpec | None) -> list[Princi
     return list(principles)
 
 
-def load_task_queries(source: QuerySource, offset: int, spec: StorageSpec | None) -> list[str]:
-    return load_queries(source, read_bytes=lambda uri: read_uri(uri, spec), offset=offset)
+def load_task_queries(
+    sources: QuerySource | list[QuerySource], offset: int, spec: StorageSpec | None
+) -> list[str]:
+    """A task's queries: one source's, or each listed source's in order, concatenated."""
+    return load_query_sources(sources, read_bytes=lambda uri: read_uri(uri, spec), offset=offset)
 
 
 def scratch_dir(stage: str) -> tempfile.TemporaryDirectory:

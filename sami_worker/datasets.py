@@ -9,7 +9,13 @@ through an adapter:
 - "tldr":    `info.post` (openai/summarize_from_feedback records), or a flat `post`.
 The hh-rlhf and tldr adapters ignore `source.field`. Empty queries are skipped and repeats
 dropped (the TL;DR comparison sets hold each post once per comparison), then `count` queries are
-taken from `offset` on, so successive iterations can rotate through one file.
+taken from `offset` on, so successive iterations could rotate through one file (the planner
+passes offset 0: every iteration generates for the same queries).
+
+A data field may list several sources (`load_query_sources`): each gives its own `count`
+queries, from the same `offset` on, and the lists are concatenated in order; repeats are
+dropped within each source, not across sources. Rotating a list by an offset therefore moves
+every source's window by that many queries.
 
 Parsing (`parse_records`, `build_queries`, `parse_principles`) is pure; only `load_queries` reads
 files or the hub. S3 stays with the caller, which passes storage's reader as `read_bytes`.
@@ -28,7 +34,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 from pydantic import ValidationError
 
-from sami_operator.models import HFAdapter, Principle, QuerySource
+from sami_operator.models import HFAdapter, Principle, QuerySource, query_sources
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +300,23 @@ def load_queries(
     selected = select_queries(queries, source, offset)
     log.info("%s: %d queries from offset %d", name, len(selected), offset)
     return selected
+
+
+def load_query_sources(
+    sources: QuerySource | list[QuerySource],
+    *,
+    read_bytes: ReadBytes | None = None,
+    offset: int = 0,
+) -> list[str]:
+    """The queries of one source, or of each source of a list in order, concatenated: each
+    gives its own `count` from `offset` on (load_queries). A source that cannot give them
+    fails, named by its index in the list (`queries[1]: ...`)."""
+    if isinstance(sources, QuerySource):
+        return load_queries(sources, read_bytes=read_bytes, offset=offset)
+    queries: list[str] = []
+    for index, source in enumerate(query_sources(sources)):
+        try:
+            queries += load_queries(source, read_bytes=read_bytes, offset=offset)
+        except DatasetError as err:
+            raise DatasetError(f"queries[{index}]: {err}") from err
+    return queries

@@ -21,7 +21,7 @@ from sami_operator.models import (
     ModelSpec,
     Principle,
     PrincipleWriter,
-    QuerySource,
+    QuerySources,
     StorageSpec,
     Task,
     TrainingSpec,
@@ -51,8 +51,14 @@ class GenerateTask(APIModel):
     task: Task = Task.dialogue
     principles: PrinciplesRef
     constitutions: ConstitutionsSpec = Field(default_factory=ConstitutionsSpec)
-    queries: QuerySource
-    query_offset: int = Field(default=0, ge=0, description="Skip this many queries first.")
+    queries: QuerySources
+    query_offset: int = Field(
+        default=0,
+        ge=0,
+        description="Skip this many usable queries of each source first (with several "
+        "sources, every one skips as many); query ids are this offset plus the position in "
+        "the concatenated list.",
+    )
     iteration: int = Field(default=1, ge=0, description="SAMI iteration (seeds depend on it).")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     output_format: Literal["jsonl", "parquet"] = Field(default="jsonl")
@@ -152,7 +158,7 @@ class EvaluateTask(APIModel):
     principles: PrinciplesRef
     held_out: list[Principle] = Field(default_factory=list)
     constitutions: ConstitutionsSpec = Field(default_factory=ConstitutionsSpec)
-    queries: QuerySource
+    queries: QuerySources
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     score_eos: bool = Field(

@@ -77,6 +77,8 @@ def test_samirun_crd_validates_and_defaults(control_plane, samirun_crd, k8s_name
     run = cp.kubectl_json("get", "samirun", "-n", ns, "mistral-hh")
     assert run["spec"]["training"]["optimizer"]["lr"] == 5e-7
     assert run["spec"]["model"]["uri"] == "s3://models/mistral-7b-v0.1/"
+    # data.train is a list of sources, kept as written (the models validate it, not the server).
+    assert [s["subset"] for s in run["spec"]["data"]["train"]] == ["helpful-base", "harmless-base"]
 
     # Schema validation happens in the apiserver, and names the field.
     bad = example()
@@ -145,6 +147,8 @@ def test_kubectl_explain(control_plane, samirun_crd):
     assert "launcher" in out
     out = control_plane.kubectl("explain", "samirun.spec.training.optimizer.lr").stdout
     assert "Peak learning rate" in out
+    out = control_plane.kubectl("explain", "samirun.spec.data.train").stdout
+    assert "or a list of up to 64" in out and "count (required)" in out
 
 
 def test_status_subresource_and_printer_columns(control_plane, samirun_crd, k8s_namespace):

@@ -36,8 +36,10 @@ def test_schema_is_structural():
     for path, node in _nodes(SCHEMA):
         assert not {"$ref", "anyOf", "allOf", "oneOf", "$defs", "const", "title"} & set(node), path
         assert node.get("additionalProperties") is not False, path
+        # Kubernetes lets two kinds of node go untyped: int-or-string, and one that keeps
+        # whatever is written (a field that is one object or a list of them).
         typed = "type" in node or node.get("x-kubernetes-int-or-string")
-        assert typed, f"{path} has no type"
+        assert typed or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
         if "properties" in node:
             assert node["type"] == "object", path
         if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(
@@ -87,6 +89,22 @@ def test_crd_schema_accepts_a_judge_model_and_a_reference(samirun_doc):
     jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
     samirun_doc["spec"]["evaluation"]["judge"]["reference"]["promptFormat"] = "plain"
     with pytest.raises(jsonschema.ValidationError, match="'plain' is not one of"):
+        jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
+
+
+def test_data_sources_are_one_source_or_a_list_in_the_crd(samirun_doc):
+    """The API server takes data.train and data.eval as written, one source or a list (the
+    models validate them); `kubectl explain` shows the sources' fields in the description."""
+    data = SCHEMA["properties"]["spec"]["properties"]["data"]
+    for name in ("train", "eval"):
+        node = data["properties"][name]
+        assert node["x-kubernetes-preserve-unknown-fields"] is True and "type" not in node
+        assert "count (required): How many queries" in node["description"]
+        assert "adapter: How a record becomes a query" in node["description"]
+    source = samirun_doc["spec"]["data"]["train"]
+    source = source if isinstance(source, dict) else source[0]
+    for train in (source, [source, dict(source, subset="harmless-base")]):
+        samirun_doc["spec"]["data"]["train"] = train
         jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
 
 

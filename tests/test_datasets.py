@@ -15,6 +15,7 @@ from sami_worker.datasets import (
     DatasetError,
     first_human_turn,
     load_queries,
+    load_query_sources,
     parse_principles,
 )
 
@@ -135,6 +136,36 @@ def test_offset_rotates_through_the_file(tmp_path):
     assert load_queries(src) == ["q0", "q1", "q2"]
     assert load_queries(src, offset=3) == ["q3", "q4", "q5"]
     assert load_queries(src, offset=7) == ["q7", "q8", "q9"]
+
+
+def test_a_list_of_sources_is_concatenated_each_with_its_count():
+    """Two example files, each with its own count and field, read in order."""
+    dialogue = source(DATA / "dialogue-train.jsonl", 3)
+    posts = source(DATA / "posts-train.jsonl", 2, field="post")
+    queries = load_query_sources([dialogue, posts])
+    assert queries == load_queries(dialogue) + load_queries(posts)
+    assert len(queries) == 5 and queries[3].startswith("My girlfriend (27F)")
+    assert load_query_sources(dialogue) == load_queries(dialogue)  # one source as before
+
+
+def test_an_offset_moves_every_sources_window(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"query": f"a{i}"} for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"query": f"b{i}"} for i in range(6)])
+    sources = [source(a, 2), source(b, 1)]
+    assert load_query_sources(sources) == ["a0", "a1", "b0"]
+    assert load_query_sources(sources, offset=2) == ["a2", "a3", "b2"]
+
+
+def test_repeats_are_dropped_within_a_source_not_across(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"query": q} for q in ["x", "x", "y"]])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"query": q} for q in ["y", "z"]])
+    assert load_query_sources([source(a, 2), source(b, 2)]) == ["x", "y", "y", "z"]
+
+
+def test_a_source_of_a_list_that_falls_short_is_named_by_its_index(tmp_path):
+    short = write_jsonl(tmp_path / "short.jsonl", [{"query": "only"}])
+    with pytest.raises(DatasetError, match=r"^queries\[1\]: uri .*short.jsonl.* has 1 usable"):
+        load_query_sources([source(DATA / "dialogue-train.jsonl", 3), source(short, 2)])
 
 
 def test_empty_and_repeated_queries_are_dropped_keeping_the_first(tmp_path, caplog):

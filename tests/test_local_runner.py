@@ -321,6 +321,34 @@ def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
     assert other.spec.principles.writer.model == str(project / "writer")
 
 
+def test_relative_paths_of_a_list_of_sources_resolve_each_and_missing_ones_are_named(tmp_path):
+    from sami_operator.local import missing_local_paths, resolve_relative_paths
+    from sami_operator.validate import parse_samirun
+
+    project = tmp_path / "project"
+    manifest = relative_manifest(project)
+    data = manifest["spec"]["data"]
+    data["train"] = [
+        data["train"],
+        {"uri": "data/absent.jsonl", "count": 2},
+        {"uri": "s3://bucket/q.jsonl", "count": 2},  # a URI: as written
+        {"dataset": "Anthropic/hh-rlhf", "subset": "harmless-base", "count": 2},
+    ]
+    resolved = resolve_relative_paths(parse_samirun(manifest), project)
+
+    train = resolved.spec.data.train
+    assert [s.uri for s in train] == [
+        str(project / "data" / "dialogue-train.jsonl"),
+        str(project / "data" / "absent.jsonl"),
+        "s3://bucket/q.jsonl",
+        None,
+    ]
+    assert resolved.spec.data.eval.uri == str(project / "data" / "dialogue-eval.jsonl")
+    assert missing_local_paths(resolved) == [
+        f"spec.data.train[1].uri: no such file: {project / 'data' / 'absent.jsonl'}"
+    ]
+
+
 def test_the_same_manifest_is_the_same_run_from_any_directory(tmp_path, monkeypatch):
     from sami_operator.cli import load_for_run
     from sami_operator.local import missing_local_paths, run_uid

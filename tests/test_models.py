@@ -7,7 +7,14 @@ import copy
 import pytest
 import yaml
 
-from sami_operator.models import MAX_RUN_NAME, PodSpec, SAMIRun, TrainingSpec
+from sami_operator.models import (
+    MAX_RUN_NAME,
+    PodSpec,
+    QuerySource,
+    SAMIRun,
+    TrainingSpec,
+    query_sources,
+)
 from sami_operator.validate import SpecError, load_manifests, parse_samirun
 from tests.conftest import example_manifests
 
@@ -79,7 +86,8 @@ BROKEN = [
     ),
     (
         "spec.principles.inline.0.antithesis",
-        "The assistant gives a direct, specific answer that addresses what the human asked.",
+        "The assistant answers the human's request in depth and with clarity, with detailed, "
+        "insightful content.",
         "spec.principles.inline[0].antithesis: must differ from the definition",
     ),
     (
@@ -96,9 +104,9 @@ BROKEN = [
     ),
     ("spec.storage.uri", "/data/runs", "spec.storage.credentials: only used with s3:// storage"),
     (
-        "spec.data.train.uri",
+        "spec.data.eval.1.uri",
         "s3://bucket/queries.jsonl",
-        "spec.data.train: set exactly one of 'uri' and 'dataset'",
+        "spec.data.eval[1]: set exactly one of 'uri' and 'dataset'",
     ),
     (
         "spec.principles.writer",
@@ -116,6 +124,82 @@ def test_broken_copies_name_the_field(samirun_doc, path, value, expected):
     with pytest.raises(SpecError) as info:
         parse_samirun(samirun_doc)
     assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+HELPFUL = {"dataset": "Anthropic/hh-rlhf", "subset": "helpful-base", "adapter": "hh-rlhf"}
+HARMLESS = {**HELPFUL, "subset": "harmless-base"}
+
+
+def test_a_data_source_is_one_source_or_a_list(samirun_doc):
+    """One source stays a mapping in the API form (a manifest written for one source is the
+    same run as before); a list is read in order, each source with its own count."""
+    samirun_doc["spec"]["data"]["train"] = {**HELPFUL, "count": 1000}
+    one = parse_samirun(samirun_doc)
+    assert isinstance(one.spec.data.train, QuerySource)
+    assert one.to_api()["spec"]["data"]["train"] == {
+        **HELPFUL,
+        "count": 1000,
+        "format": "auto",
+        "field": "query",
+        "split": "train",
+    }
+    assert query_sources(one.spec.data.train) == [one.spec.data.train]
+
+    samirun_doc["spec"]["data"]["train"] = [{**HELPFUL, "count": 1000}, {**HARMLESS, "count": 500}]
+    samirun_doc["spec"]["data"]["eval"] = [
+        {**HELPFUL, "split": "test", "count": 250},
+        {**HARMLESS, "split": "test", "count": 250},
+    ]
+    both = parse_samirun(samirun_doc)
+    assert [(s.subset, s.count) for s in query_sources(both.spec.data.train)] == [
+        ("helpful-base", 1000),
+        ("harmless-base", 500),
+    ]
+    assert [s.split for s in query_sources(both.spec.data.eval)] == ["test", "test"]
+    assert parse_samirun(both.to_api()) == both
+
+
+@pytest.mark.parametrize(
+    "train,problem",
+    [
+        (
+            [{**HELPFUL, "count": 1000}, {**HARMLESS, "count": 0}],
+            "spec.data.train[1].count: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            [{**HELPFUL, "count": 1000}, {**HARMLESS, "count": 5, "cout": 5}],
+            "spec.data.train[1].cout: unknown field; valid fields here: adapter, count, dataset, "
+            "field, format, split, subset, uri",
+        ),
+        (
+            [{**HELPFUL, "count": 1000}, {"uri": "s3://b/q.jsonl", "dataset": "x", "count": 5}],
+            "spec.data.train[1]: set exactly one of 'uri' and 'dataset'",
+        ),
+        ([], "spec.data.train: List should have at least 1 item after validation, not 0"),
+        ("helpful-base", "spec.data.train: Input should be a query source (a mapping) or a list"),
+    ],
+    ids=["count", "unknown-field", "two-kinds", "empty", "string"],
+)
+def test_data_source_errors_name_the_list_index(samirun_doc, train, problem):
+    samirun_doc["spec"]["data"]["train"] = train
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert [p for p in info.value.problems if p.startswith(problem)], info.value.problems
+
+
+def test_no_eval_source_reads_a_training_sources_queries(samirun_doc):
+    samirun_doc["spec"]["data"]["train"] = [{**HELPFUL, "count": 1000}, {**HARMLESS, "count": 9}]
+    samirun_doc["spec"]["data"]["eval"] = [
+        {**HELPFUL, "split": "test", "count": 250},
+        {**HARMLESS, "count": 250},  # split train: the second training source's queries
+    ]
+    with pytest.raises(SpecError) as info:
+        parse_samirun(samirun_doc)
+    assert info.value.problems == [
+        "spec.data.eval[1]: reads the same queries as data.train[1] (Anthropic/hh-rlhf subset "
+        "'harmless-base', split 'train'), so the evaluation would not be held out: name another "
+        "file or split (e.g. split: test)"
+    ]
 
 
 def test_launcher_job_is_single_node(samirun_doc):

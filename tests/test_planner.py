@@ -36,9 +36,27 @@ def test_each_iteration_samples_from_the_previous_model(run):
     assert stages["train-2"].task.datasets == [stages["generate-2"].prefix]
 
 
+def test_generate_and_evaluate_read_the_data_sources_as_written(samirun_doc):
+    """One source or a list goes to every generate (training queries) and evaluate (held-out
+    queries) task unchanged; every iteration generates for the same queries (offset 0)."""
+    hh = {"dataset": "Anthropic/hh-rlhf", "adapter": "hh-rlhf", "count": 4}
+    for train in (
+        dict(hh, subset="helpful-base"),
+        [dict(hh, subset="helpful-base"), dict(hh, subset="harmless-base", count=2)],
+    ):
+        samirun_doc["spec"]["data"]["train"] = train
+        run = parse_samirun(samirun_doc)
+        for stage in plan(run, "u1"):
+            if stage.name == "generate":
+                assert stage.task.queries == run.spec.data.train
+                assert stage.task.query_offset == 0
+            if stage.name == "evaluate":
+                assert stage.task.queries == run.spec.data.eval
+
+
 def test_training_steps_grow_and_init_follows_the_spec(run):
     stages = {s.id: s for s in plan(run, "u1")}
-    assert [stages[f"train-{t}"].task.iteration_steps for t in (1, 2, 3)] == [16, 32, 48]
+    assert [stages[f"train-{t}"].task.iteration_steps for t in (1, 2, 3)] == [2, 4, 6]
     assert all(stages[f"train-{t}"].task.init_uri is None for t in (1, 2, 3))  # from base
 
     continuing = run.model_copy(deep=True)

@@ -90,6 +90,9 @@ def build_structural_schema(node: dict[str, Any], defs: dict[str, Any]) -> dict[
             out["description"] = node["description"]
         return out
 
+    if "oneOf" in node and node.get("x-kubernetes-preserve-unknown-fields"):
+        return _one_or_list(node, defs)
+
     if "anyOf" in node:
         # Optional[X] is anyOf [X, null]: an omitted (or pruned null) field is the same thing.
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
@@ -126,6 +129,28 @@ def build_structural_schema(node: dict[str, Any], defs: dict[str, Any]) -> dict[
     if "items" in node:
         out["items"] = build_structural_schema(node["items"], defs)
     return _ordered(out)
+
+
+def _one_or_list(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A field that is one object or a list of them (models.QuerySources). A structural schema
+    cannot type it, so it has no type and keeps what is written
+    (x-kubernetes-preserve-unknown-fields): the models validate it, `sami validate` before
+    applying and the operator on every pass. `kubectl explain` shows only this node's
+    description, so the object's fields are listed in it."""
+    one, many = node["oneOf"]
+    if "$ref" not in one or many.get("type") != "array" or many.get("items") != one:
+        raise ValueError(f"cannot express oneOf {node['oneOf']} structurally")
+    target = defs[one["$ref"].rsplit("/", 1)[-1]]
+    required = set(target.get("required", []))
+    fields = "; ".join(
+        f"{name}{' (required)' if name in required else ''}: "
+        + child.get("description", "").rstrip(".")
+        for name, child in target["properties"].items()
+    )
+    return {
+        "description": f"{node['description']} Fields of a source: {fields}.",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
 
 
 def _ordered(node: dict[str, Any]) -> dict[str, Any]:

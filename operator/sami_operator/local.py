@@ -61,7 +61,8 @@ def run_uid(run: SAMIRun) -> str:
 # Spec fields that may name something on this machine, and what: "file" fields are local paths
 # unless they have a scheme (s3://, file://); "model" fields may also be Hugging Face hub names,
 # so they are paths only as the workers tell (sami_worker.backends.resolve_model_dir): when
-# they start with '.' or name something that exists.
+# they start with '.' or name something that exists. A data field may hold a list of sources:
+# each item's uri is a field of its own (data.train[1].uri).
 LOCAL_PATH_FIELDS: tuple[tuple[str, str], ...] = (
     ("model.uri", "model"),
     ("model.tokenizer", "model"),
@@ -82,9 +83,7 @@ def resolve_relative_paths(run: SAMIRun, base_dir: Path) -> SAMIRun:
     names that are no path there (hub names) stay as written."""
     base = Path(os.path.abspath(base_dir))
     spec = run.spec
-    for field, kind in LOCAL_PATH_FIELDS:
-        parts = field.split(".")
-        value = _field(spec, parts)
+    for _, parts, kind, value in _local_path_values(run.spec):
         if isinstance(value, str) and (path := _resolved(value, kind, base)) is not None:
             spec = _with_field(spec, parts, path)
     return run.model_copy(update={"spec": spec})
@@ -99,16 +98,32 @@ def _resolved(value: str, kind: str, base: Path) -> str | None:
     return os.path.normpath(candidate)
 
 
-def _field(obj, parts: list[str]):
-    for part in parts:
-        if obj is None:
-            return None
-        obj = getattr(obj, part)
-    return obj
+def _local_path_values(spec):
+    """(field as messages name it, its path of attributes and list indices, kind, value) for
+    each LOCAL_PATH_FIELDS field the spec reaches, a field under a list once per item."""
+    for field, kind in LOCAL_PATH_FIELDS:
+        for name, parts, value in _expand(spec, field.split("."), "", ()):
+            yield name, parts, kind, value
 
 
-def _with_field(obj, parts: list[str], value):
+def _expand(obj, parts: list[str], name: str, at: tuple):
+    if not parts:
+        yield name, at, obj
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from _expand(item, parts, f"{name}[{i}]", (*at, i))
+    elif obj is not None:
+        head, *rest = parts
+        named = f"{name}.{head}" if name else head
+        yield from _expand(getattr(obj, head), rest, named, (*at, head))
+
+
+def _with_field(obj, parts, value):
     head, *rest = parts
+    if isinstance(head, int):
+        items = list(obj)
+        items[head] = _with_field(items[head], rest, value) if rest else value
+        return items
     new = _with_field(getattr(obj, head), rest, value) if rest else value
     return obj.model_copy(update={head: new})
 
@@ -117,8 +132,7 @@ def missing_local_paths(run: SAMIRun) -> list[str]:
     """One line per data file or model folder the spec names on this machine that is not
     there, naming the field (storage folders are created, so they need not exist)."""
     problems = []
-    for field, kind in LOCAL_PATH_FIELDS:
-        value = _field(run.spec, field.split("."))
+    for field, _, kind, value in _local_path_values(run.spec):
         if field == "storage.uri" or not isinstance(value, str) or not value:
             continue
         if value.startswith("file://"):

@@ -15,7 +15,15 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP = "sami.dev"
@@ -388,15 +396,71 @@ class QuerySource(APIModel):
         return self
 
 
+# A data source is one QuerySource or a list of them. Pydantic names the form it validated
+# against in an error's location (spec.data.train.list[QuerySource].1.count);
+# validate.describe_error leaves these names out of the field path (spec.data.train[1].count).
+ONE_SOURCE = "QuerySource"
+SOURCE_LIST = "list[QuerySource]"
+MAX_SOURCES = 64
+
+
+def _source_form(value: Any) -> str | None:
+    if isinstance(value, (dict, QuerySource)):
+        return ONE_SOURCE
+    if isinstance(value, (list, tuple)):
+        return SOURCE_LIST
+    return None  # neither: the union's own error, below
+
+
+QuerySources = Annotated[
+    Annotated[QuerySource, Tag(ONE_SOURCE)]
+    | Annotated[
+        Annotated[list[QuerySource], Field(min_length=1, max_length=MAX_SOURCES)],
+        Tag(SOURCE_LIST),
+    ],
+    Discriminator(
+        _source_form,
+        custom_error_type="query_sources",
+        custom_error_message="Input should be a query source (a mapping) or a list of them",
+    ),
+    # Kubernetes' structural schemas cannot type a field that is an object or a list: the CRD
+    # keeps it as written (crd.build_structural_schema) and the models validate it.
+    Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}),
+]
+
+_SOURCES_HELP = (
+    f" One query source, or a list of up to {MAX_SOURCES} read in order and concatenated, "
+    "each with its own count, adapter, subset and split (e.g. 1000 queries of HH-RLHF's "
+    "helpful-base, then 1000 of its harmless-base); repeats are dropped within a source, not "
+    "across sources."
+)
+
+
+def query_sources(sources: QuerySource | list[QuerySource]) -> list[QuerySource]:
+    """A data field's sources as a list, in order (one source is a list of one)."""
+    return [sources] if isinstance(sources, QuerySource) else list(sources)
+
+
+def describe_sources(field: str, sources: QuerySource | list[QuerySource]) -> list[str]:
+    """Each source's path in messages: `data.train` for one source, `data.train[i]` in a
+    list."""
+    if isinstance(sources, QuerySource):
+        return [field]
+    return [f"{field}[{i}]" for i in range(len(sources))]
+
+
 class DataSpec(APIModel):
     """Training and held-out evaluation queries."""
 
-    train: QuerySource = Field(
-        description="Training queries; each iteration generates responses for `count` of them."
+    train: QuerySources = Field(
+        description="Training queries: each iteration generates responses for all of them "
+        "(the counts summed); training.steps decides how many of the generated query blocks "
+        "train-t trains on." + _SOURCES_HELP
     )
-    eval: QuerySource = Field(
-        description="Held-out queries for evaluation (the paper uses 250): another file, or "
-        "another split of the dataset (split defaults to train), than data.train."
+    eval: QuerySources = Field(
+        description="Held-out queries for evaluation (the paper uses 250 per query set): "
+        "other files, or other splits of the datasets (split defaults to train), than "
+        "data.train's." + _SOURCES_HELP
     )
 
     @model_validator(mode="after")
@@ -404,12 +468,24 @@ class DataSpec(APIModel):
         def source(q: QuerySource):
             return (q.uri.rstrip("/"),) if q.uri else (q.dataset, q.subset, q.split)
 
-        if source(self.train) == source(self.eval):
-            where = self.eval.uri or f"{self.eval.dataset} split {self.eval.split!r}"
-            raise ValueError(
-                f"eval: reads the same queries as data.train ({where}), so the evaluation "
-                "would not be held out: name another file or split (e.g. split: test)"
+        train = dict(
+            zip(
+                map(source, query_sources(self.train)),
+                describe_sources("data.train", self.train),
+                strict=True,
             )
+        )
+        for field, q in zip(
+            describe_sources("eval", self.eval), query_sources(self.eval), strict=True
+        ):
+            if source(q) in train:
+                subset = f" subset {q.subset!r}," if q.subset else ""
+                where = q.uri or f"{q.dataset}{subset} split {q.split!r}"
+                raise ValueError(
+                    f"{field}: reads the same queries as {train[source(q)]} ({where}), so the "
+                    "evaluation would not be held out: name another file or split (e.g. "
+                    "split: test)"
+                )
         return self
 
 

@@ -1,6 +1,7 @@
-"""The run report: per-iteration metrics as a markdown table and plots (the paper's Figure 2a,
-and Figure 2b when an LLM judge ran: the win rate per iteration, one plot per baseline: the
-base model, and the reference model when evaluation.judge.reference is set).
+"""The run report: per-iteration metrics as a markdown table and plots (the MI estimates and
+the mean response length per iteration, and, when an LLM judge ran, the win rate per iteration,
+one plot per baseline: the base model, and the reference model when evaluation.judge.reference
+is set; docs/paper.md says how these compare with the paper's figures).
 
 Built from stored results only (the evaluation and training manifests under a run prefix), so
 `sami report DIR_OR_URI` rebuilds it any time, for a local run or one on a cluster.
@@ -218,9 +219,9 @@ def write_plots(results: list[IterationResult], directory: Path) -> list[Path]:
 def write_win_rate_plot(
     results: list[IterationResult], directory: Path, plt, baseline: str = BASELINE_BASE
 ) -> Path | None:
-    """The paper's Figure 2b for one baseline: the win rate against it per iteration with 95%
-    intervals, raw and length-corrected, training and held-out principles, and the 0.5 line
-    (no better than the baseline)."""
+    """The win rate against one baseline per iteration (the paper's win-rate plots; see
+    docs/paper.md) with 95% intervals, raw and length-corrected, training and held-out
+    principles, and the 0.5 line (no better than the baseline)."""
     series = []
     for label, pick, field, style in [
         ("raw", lambda r: r.metrics, "", "o-"),

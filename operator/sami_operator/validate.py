@@ -13,9 +13,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sami_operator.models import SAMIRun
+from sami_operator.models import ONE_SOURCE, SOURCE_LIST, SAMIRun
 
-_FIELD_RE = re.compile(r"^[A-Za-z][\w/.-]*$")
+_FIELD_RE = re.compile(r"^[A-Za-z][\w/.\[\]-]*$")
+# Names pydantic gives the branches of a union in an error's location: not fields.
+_BRANCHES = (ONE_SOURCE, SOURCE_LIST, "int", "str")
 
 
 class SpecError(ValueError):
@@ -167,7 +169,7 @@ def _render_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith(("function-", "lax-or-strict")) or part in ("int", "str"):
+        elif str(part).startswith(("function-", "lax-or-strict")) or part in _BRANCHES:
             continue  # pydantic's union/validator branch names, not fields
         else:
             out += f".{part}" if out else str(part)
@@ -178,7 +180,7 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names (aliases) accepted at `loc`, following nested models."""
     current: Any = model
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or part in _BRANCHES:
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
