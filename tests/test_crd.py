@@ -72,9 +72,14 @@ def test_cel_rules_are_carried_over():
     (rule,) = evaluation["x-kubernetes-validations"]
     assert rule["rule"] == "!has(self.judge) || !has(self.includeBase) || self.includeBase"
     judge = evaluation["properties"]["judge"]
-    (rule,) = judge["x-kubernetes-validations"]
-    assert rule["rule"] == "has(self.endpoint) != has(self.model)"
+    assert [r["rule"] for r in judge["x-kubernetes-validations"]] == [
+        "has(self.endpoint) != has(self.model)",
+        "!has(self.engine) || has(self.model)",
+    ]
     assert "required" not in judge  # endpoint or model
+    writer = principles["properties"]["writer"]
+    (rule,) = writer["x-kubernetes-validations"]
+    assert rule["rule"] == "!has(self.engine) || has(self.model)"
     reference = judge["properties"]["reference"]
     assert reference["required"] == ["uri"] and "promptFormat" in reference["properties"]
 
@@ -88,6 +93,35 @@ def test_crd_schema_accepts_a_judge_model_and_a_reference(samirun_doc):
     samirun_doc["spec"]["evaluation"]["judge"]["reference"]["promptFormat"] = "plain"
     with pytest.raises(jsonschema.ValidationError, match="'plain' is not one of"):
         jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
+
+
+def test_engine_overrides_have_no_defaults_for_the_api_server_to_fill_in():
+    """A stage's engine holds only the options its author set: a default the API server wrote
+    into evaluation.engine would override generation.engine's value."""
+    spec = SCHEMA["properties"]["spec"]["properties"]
+    overrides = {
+        "evaluation.engine": spec["evaluation"]["properties"]["engine"],
+        "evaluation.judge.engine": spec["evaluation"]["properties"]["judge"]["properties"][
+            "engine"
+        ],
+        "principles.writer.engine": spec["principles"]["properties"]["writer"]["properties"][
+            "engine"
+        ],
+    }
+    engine = spec["generation"]["properties"]["engine"]["properties"]
+    # The same fields and bounds as generation.engine, without its defaults.
+    bounds = {
+        f: {k: v for k, v in s.items() if k not in ("description", "default")}
+        for f, s in engine.items()
+    }
+    for where, schema in overrides.items():
+        assert not [f for f, s in schema["properties"].items() if "default" in s], where
+        own = {
+            f: {k: v for k, v in s.items() if k != "description"}
+            for f, s in schema["properties"].items()
+        }
+        assert own == bounds, where
+    assert engine["tensorParallelSize"]["default"] == 1
 
 
 @pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)
