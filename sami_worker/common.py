@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sami_operator.models import (
+    EngineSpec,
     GenerationSpec,
     ModelSpec,
     Principle,
@@ -56,13 +57,13 @@ def open_model_backend(
     storage_spec: StorageSpec | None,
     seed: int,
     scoring: bool = False,
+    engine: EngineSpec | None = None,
 ) -> Backend:
     """The generation backend (vLLM or transformers) on `model`, fetched first when it lives
-    in storage."""
+    in storage; vLLM with `engine` (the task's resolved engine), default generation.engine."""
     model_dir = resolve_model_dir(model.uri, lambda uri: fetch_model(uri, storage_spec))
-    return open_backend(
-        generation.backend, model_dir, model, generation.engine, seed=seed, scoring=scoring
-    )
+    engine = generation.engine if engine is None else engine
+    return open_backend(generation.backend, model_dir, model, engine, seed=seed, scoring=scoring)
 
 
 def query_prompt_ids(

@@ -364,7 +364,7 @@ def open_judge(task: EvaluateTask, out: storage.Storage) -> Judge:
 
     def open_judge_model(model: ModelSpec):
         # The evaluated model's engine is closed by now (generate_and_score).
-        return open_model_backend(model, task.generation, task.storage, 0)
+        return open_model_backend(model, task.generation, task.storage, 0, engine=task.judge_engine)
 
     return LocalJudge(spec.model, open_judge_model, cache)
 
@@ -454,7 +454,9 @@ def generate_and_score(task: EvaluateTask, principles: list[Principle]) -> Evalu
         raise TaskError("queries: the evaluation source yields no queries")
     # One engine for generating and scoring; scoring reads prompt log-probs, which vLLM does
     # not compute for prefix-cached positions, so this engine runs without the cache.
-    backend = open_model_backend(task.model, task.generation, task.storage, 0, scoring=True)
+    backend = open_model_backend(
+        task.model, task.generation, task.storage, 0, scoring=True, engine=task.engine
+    )
     try:
         metrics, records = evaluate_principles(task, backend, queries, principles)
         held_out, held_records = None, []

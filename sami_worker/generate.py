@@ -200,7 +200,7 @@ def run(task: GenerateTask) -> dict:
     if not queries:
         raise TaskError(f"queries: the source yields no queries ({task.queries.uri})")
     backend = open_model_backend(
-        task.model, task.generation, task.storage, seed=task.constitutions.seed
+        task.model, task.generation, task.storage, seed=task.constitutions.seed, engine=task.engine
     )
     try:
         records, stats = build_records(task, backend, queries, principles)

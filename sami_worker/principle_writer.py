@@ -130,7 +130,9 @@ class _LocalWriter:
     def __init__(self, task: WritePrinciplesTask):
         self.model = task.writer.model
         model = ModelSpec(uri=self.model)
-        self.backend = open_model_backend(model, task.generation, task.storage, seed=task.seed)
+        self.backend = open_model_backend(
+            model, task.generation, task.storage, seed=task.seed, engine=task.engine
+        )
         self.settings = SamplingSettings(task.writer.max_tokens, task.writer.temperature, 1.0, ())
 
     def __call__(self, prompt: str, attempt: int) -> str:

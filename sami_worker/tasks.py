@@ -16,6 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from sami_operator.models import (
     APIModel,
     ConstitutionsSpec,
+    EngineSpec,
     EvaluationSpec,
     GenerationSpec,
     ModelSpec,
@@ -63,6 +64,11 @@ class GenerateTask(APIModel):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     output_format: Literal["jsonl", "parquet"] = Field(default="jsonl")
 
+    @property
+    def engine(self) -> EngineSpec:
+        """The vLLM engine options of the sampled model: generation.engine."""
+        return self.generation.engine
+
 
 class ScorePair(APIModel):
     """One (prompt, response) to score, as token ids."""
@@ -92,6 +98,12 @@ class WritePrinciplesTask(APIModel):
     writer: PrincipleWriter
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     seed: int = 0
+
+    @property
+    def engine(self) -> EngineSpec:
+        """The vLLM engine options of the writer model: principles.writer.engine over
+        generation.engine."""
+        return self.generation.engine_with(self.writer.engine)
 
 
 class TrainTask(APIModel):
@@ -170,6 +182,19 @@ class EvaluateTask(APIModel):
         "evaluation.judge (the base model's and the reference model's, for iteration >= 1); "
         "none: no judging.",
     )
+
+    @property
+    def engine(self) -> EngineSpec:
+        """The vLLM engine options of the evaluated model (generating and scoring):
+        evaluation.engine over generation.engine."""
+        return self.generation.engine_with(self.evaluation.engine)
+
+    @property
+    def judge_engine(self) -> EngineSpec:
+        """The vLLM engine options of a judge model: evaluation.judge.engine over
+        generation.engine (evaluation.engine does not apply to the judge)."""
+        judge = self.evaluation.judge
+        return self.generation.engine_with(judge.engine if judge is not None else None)
 
     @model_validator(mode="after")
     def _baselines(self) -> EvaluateTask:

@@ -74,9 +74,14 @@ def test_cel_rules_are_carried_over():
     (rule,) = evaluation["x-kubernetes-validations"]
     assert rule["rule"] == "!has(self.judge) || !has(self.includeBase) || self.includeBase"
     judge = evaluation["properties"]["judge"]
-    (rule,) = judge["x-kubernetes-validations"]
-    assert rule["rule"] == "has(self.endpoint) != has(self.model)"
+    assert [r["rule"] for r in judge["x-kubernetes-validations"]] == [
+        "has(self.endpoint) != has(self.model)",
+        "!has(self.engine) || has(self.model)",
+    ]
     assert "required" not in judge  # endpoint or model
+    writer = principles["properties"]["writer"]
+    (rule,) = writer["x-kubernetes-validations"]
+    assert rule["rule"] == "!has(self.engine) || has(self.model)"
     reference = judge["properties"]["reference"]
     assert reference["required"] == ["uri"] and "promptFormat" in reference["properties"]
 
@@ -106,6 +111,35 @@ def test_data_sources_are_one_source_or_a_list_in_the_crd(samirun_doc):
     for train in (source, [source, dict(source, subset="harmless-base")]):
         samirun_doc["spec"]["data"]["train"] = train
         jsonschema.Draft4Validator(SCHEMA).validate(samirun_doc)
+
+
+def test_engine_overrides_have_no_defaults_for_the_api_server_to_fill_in():
+    """A stage's engine holds only the options its author set: a default the API server wrote
+    into evaluation.engine would override generation.engine's value."""
+    spec = SCHEMA["properties"]["spec"]["properties"]
+    overrides = {
+        "evaluation.engine": spec["evaluation"]["properties"]["engine"],
+        "evaluation.judge.engine": spec["evaluation"]["properties"]["judge"]["properties"][
+            "engine"
+        ],
+        "principles.writer.engine": spec["principles"]["properties"]["writer"]["properties"][
+            "engine"
+        ],
+    }
+    engine = spec["generation"]["properties"]["engine"]["properties"]
+    # The same fields and bounds as generation.engine, without its defaults.
+    bounds = {
+        f: {k: v for k, v in s.items() if k not in ("description", "default")}
+        for f, s in engine.items()
+    }
+    for where, schema in overrides.items():
+        assert not [f for f, s in schema["properties"].items() if "default" in s], where
+        own = {
+            f: {k: v for k, v in s.items() if k != "description"}
+            for f, s in schema["properties"].items()
+        }
+        assert own == bounds, where
+    assert engine["tensorParallelSize"]["default"] == 1
 
 
 @pytest.mark.parametrize("path", example_manifests(), ids=lambda p: p.name)

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sami_operator.models import Endpoint, GenerationSpec, Metrics
-from sami_worker import evaluate, storage
+from sami_operator.models import Endpoint, EngineSpec, GenerationSpec, Metrics
+from sami_worker import common, evaluate, storage
 from sami_worker.common import open_model_backend
 from sami_worker.judge import (
     JudgeCache,
@@ -617,38 +617,52 @@ def test_a_judge_model_runs_in_the_worker_after_the_evaluated_model(
 ):
     """evaluation.judge.model: no server; the worker closes the evaluated model's engine,
     loads the judge model with the generation backend (with vLLM: a second engine in the same
-    process), and judges through the same code path (orders, verdict parsing, cache). A rerun
-    from the cache never loads the judge model."""
-    events: list[tuple[str, str, bool]] = []
-    real_open = evaluate.open_model_backend
+    process), and judges through the same code path (orders, verdict parsing, cache). Each
+    engine has its own options: the evaluated model's evaluation.engine, the judge's
+    evaluation.judge.engine, both over generation.engine (recorded by wrapping the backend
+    factory, common.open_backend, that every engine is built through). A rerun from the cache
+    never loads the judge model."""
+    events: list[tuple[str, str, bool, EngineSpec | None]] = []
+    real_open = common.open_backend
 
-    def recording_open(model, generation, storage_spec, seed, scoring=False):
-        backend = real_open(model, generation, storage_spec, seed, scoring)
-        events.append(("open", model.uri, scoring))
+    def recording_open(kind, model_dir, model, engine, seed, scoring=False):
+        backend = real_open(kind, model_dir, model, engine, seed=seed, scoring=scoring)
+        events.append(("open", model.uri, scoring, engine))
         real_close = backend.close
 
         def close():
-            events.append(("close", model.uri, scoring))
+            events.append(("close", model.uri, scoring, None))
             real_close()
 
         backend.close = close
         return backend
 
-    monkeypatch.setattr(evaluate, "open_model_backend", recording_open)
+    monkeypatch.setattr(common, "open_backend", recording_open)
     judge = str(tiny_llama)  # a random model: a weak judge, but a real one
     generation = {"backend": backend, "maxNewTokens": 12, "temperature": 1.0, "engine": VLLM_CPU}
-    meta, out, task = run_two_iterations(tiny_llama, tmp_path, judge, generation=generation)
+    evaluation = {
+        "constitutions": 2,
+        "engine": {"maxModelLen": 1024},
+        "judge": {**judge_doc(judge), "engine": {"gpuMemoryUtilization": 0.25}},
+    }
+    meta, out, task = run_two_iterations(
+        tiny_llama, tmp_path, judge, generation=generation, evaluation=evaluation
+    )
     judgments = check_win_rates(meta, out)
     assert meta["judge"]["model"] == judge
     assert (meta["judge"]["requests"], meta["judge"]["cache_hits"]) == (10, 0)
-    # evaluate-0 (no judge), then evaluate-1: its own engine closed before the judge's opened.
+    # evaluate-0 (no judge), then evaluate-1: its own engine closed before the judge's opened;
+    # generation.engine's options under each engine's own, the judge's not the evaluation's.
+    engine = EngineSpec(gpu_memory_utilization=0.3, enforce_eager=True, max_model_len=1024)
+    judge_engine = EngineSpec(gpu_memory_utilization=0.25, enforce_eager=True)
+    assert (task.engine, task.judge_engine) == (engine, judge_engine)
     assert events == [
-        ("open", judge, True),
-        ("close", judge, True),
-        ("open", judge, True),
-        ("close", judge, True),
-        ("open", judge, False),
-        ("close", judge, False),
+        ("open", judge, True, engine),
+        ("close", judge, True, None),
+        ("open", judge, True, engine),
+        ("close", judge, True, None),
+        ("open", judge, False, judge_engine),
+        ("close", judge, False, None),
     ]
     assert all(isinstance(j["answer"], str) and j["answer"] for j in judgments)
     cache = JudgeCache(storage.open_storage(str(out)), evaluate.JUDGE_CACHE_FILE)

@@ -9,6 +9,9 @@ import yaml
 
 from sami_operator.models import (
     MAX_RUN_NAME,
+    EngineOverrides,
+    EngineSpec,
+    GenerationSpec,
     PodSpec,
     QuerySource,
     SAMIRun,
@@ -474,6 +477,144 @@ def test_tensor_parallelism_needs_gpus_for_a_principle_writer_model(samirun_doc)
     endpoint = {"url": "http://writer.svc:8000/v1", "model": "writer"}
     _set(samirun_doc, "spec.principles", {"writer": {"endpoint": endpoint, "instruction": "x"}})
     assert parse_samirun(samirun_doc).spec.principles.writer.endpoint is not None
+
+
+JUDGE_MODEL = {"model": "s3://models/judge-8b/"}
+WRITER_MODEL = {"model": "s3://models/writer/", "instruction": "Be good."}
+
+
+def test_stage_engines_override_the_generation_engine_field_by_field(samirun_doc):
+    generation = {"tensorParallelSize": 2, "maxModelLen": 4096, "gpuMemoryUtilization": 0.9}
+    _set(samirun_doc, "spec.generation.engine", generation)
+    _set(samirun_doc, "spec.pods.default.resources", _gpus(2))
+    for stage in ("generate", "evaluate"):
+        del samirun_doc["spec"]["pods"][stage]
+    _set(samirun_doc, "spec.evaluation.engine", {"gpuMemoryUtilization": 0.8})
+    _set(samirun_doc, "spec.evaluation.judge", {**JUDGE_MODEL, "engine": {"tensorParallelSize": 1}})
+    _set(
+        samirun_doc,
+        "spec.principles",
+        {"writer": {**WRITER_MODEL, "engine": {"enforceEager": True}}},
+    )
+    run = parse_samirun(samirun_doc)
+    spec = run.spec
+    base = EngineSpec(tensor_parallel_size=2, max_model_len=4096, gpu_memory_utilization=0.9)
+    assert spec.generation.engine == base
+    assert spec.generation.engine_with(None) == base  # no overrides: generation.engine
+    assert spec.generation.engine_with(spec.evaluation.engine) == base.model_copy(
+        update={"gpu_memory_utilization": 0.8}
+    )
+    # The judge's engine is over generation.engine, not over evaluation.engine.
+    assert spec.generation.engine_with(spec.evaluation.judge.engine) == base.model_copy(
+        update={"tensor_parallel_size": 1}
+    )
+    assert spec.generation.engine_with(spec.principles.writer.engine) == base.model_copy(
+        update={"enforce_eager": True}
+    )
+    # The API form keeps only what was set, so nothing fills in the rest on the way back.
+    api = run.to_api()["spec"]
+    assert api["evaluation"]["engine"] == {"gpuMemoryUtilization": 0.8}
+    assert api["evaluation"]["judge"]["engine"] == {"tensorParallelSize": 1}
+    assert parse_samirun(run.to_api()) == run
+
+
+def test_engine_overrides_fall_back_on_what_they_leave_unset():
+    base = GenerationSpec(engine=EngineSpec(max_model_len=2048, enforce_eager=True))
+    assert base.engine_with(EngineOverrides()) == base.engine
+    # A null is unset (the API server drops nulls): maxModelLen stays generation.engine's.
+    overrides = EngineOverrides.model_validate({"maxModelLen": None, "enforceEager": False})
+    assert base.engine_with(overrides) == EngineSpec(max_model_len=2048, enforce_eager=False)
+
+
+def test_a_judge_or_writer_engine_needs_a_model_it_loads(samirun_doc):
+    endpoint = {"url": "http://judge.svc:8000/v1", "model": "judge"}
+    _set(samirun_doc, "spec.evaluation.judge", {"endpoint": endpoint, "engine": {}})
+    assert _problems(samirun_doc) == [
+        "spec.evaluation.judge.engine: vLLM options for a judge model that the evaluation "
+        "worker loads itself (evaluation.judge.model), but the judge is an endpoint; remove "
+        "evaluation.judge.engine"
+    ]
+    _set(samirun_doc, "spec.evaluation.judge", {**JUDGE_MODEL, "engine": {}})
+    assert parse_samirun(samirun_doc).spec.evaluation.judge.engine == EngineOverrides()
+    writer = {"endpoint": endpoint, "instruction": "x", "engine": {"enforceEager": True}}
+    _set(samirun_doc, "spec.principles", {"writer": writer})
+    assert _problems(samirun_doc) == [
+        "spec.principles.writer.engine: vLLM options for a writer model that the principles "
+        "worker loads itself (principles.writer.model), but the writer is an endpoint; remove "
+        "principles.writer.engine"
+    ]
+    _set(samirun_doc, "spec.evaluation.engine", {"tensorParallelSize": 0})
+    assert (
+        "spec.evaluation.engine.tensorParallelSize: Input should be greater than or equal to 1 "
+        "(got 0)"
+    ) in _problems(samirun_doc)
+
+
+def test_tensor_parallelism_fits_each_stages_own_engine(samirun_doc):
+    """A 70B policy on 8 GPUs per engine, evaluated on 4, judged by a small model on 1."""
+    _set(samirun_doc, "spec.generation.engine.tensorParallelSize", 8)
+    _set(samirun_doc, "spec.pods.generate.resources", _gpus(8))
+    _set(samirun_doc, "spec.pods.evaluate.resources", _gpus(4))
+    assert _problems(samirun_doc) == [
+        "spec.generation.engine.tensorParallelSize: 8 GPUs per vLLM engine but "
+        "spec.pods.evaluate asks for 4 nvidia.com/gpu; set tensorParallelSize <= 4 or ask for "
+        "more GPUs"
+    ]
+    _set(samirun_doc, "spec.evaluation.engine", {"tensorParallelSize": 4})
+    assert parse_samirun(samirun_doc).spec.evaluation.engine.tensor_parallel_size == 4
+    # The judge model's engine takes generation.engine's 8 unless its own says otherwise.
+    _set(samirun_doc, "spec.evaluation.judge", JUDGE_MODEL)
+    assert _problems(samirun_doc) == [
+        "spec.generation.engine.tensorParallelSize: 8 GPUs per vLLM engine but "
+        "spec.pods.evaluate asks for 4 nvidia.com/gpu; set tensorParallelSize <= 4 or ask for "
+        "more GPUs"
+    ]
+    _set(samirun_doc, "spec.evaluation.judge.engine", {"tensorParallelSize": 8})
+    assert _problems(samirun_doc) == [
+        "spec.evaluation.judge.engine.tensorParallelSize: 8 GPUs per vLLM engine but "
+        "spec.pods.evaluate asks for 4 nvidia.com/gpu; set tensorParallelSize <= 4 or ask for "
+        "more GPUs"
+    ]
+    _set(samirun_doc, "spec.evaluation.judge.engine", {"tensorParallelSize": 1})
+    assert parse_samirun(samirun_doc).spec.evaluation.judge.engine.tensor_parallel_size == 1
+    _set(samirun_doc, "spec.evaluation.engine.tensorParallelSize", 8)
+    assert _problems(samirun_doc) == [
+        "spec.evaluation.engine.tensorParallelSize: 8 GPUs per vLLM engine but "
+        "spec.pods.evaluate asks for 4 nvidia.com/gpu; set tensorParallelSize <= 4 or ask for "
+        "more GPUs"
+    ]
+    # Evaluate pods without GPUs: only an engine without tensor parallelism fits them.
+    _set(samirun_doc, "spec.evaluation.engine.tensorParallelSize", 1)
+    _set(samirun_doc, "spec.pods.evaluate.resources", {"requests": {"cpu": 8}})
+    assert parse_samirun(samirun_doc).spec.pods.evaluate.gpus() is None
+    _set(samirun_doc, "spec.evaluation.judge.engine.tensorParallelSize", 2)
+    assert _problems(samirun_doc) == [
+        "spec.evaluation.judge.engine.tensorParallelSize: 2 GPUs per vLLM engine but "
+        "spec.pods.evaluate asks for no GPUs; ask for at least 2 GPUs (e.g. nvidia.com/gpu: 2) "
+        "or set tensorParallelSize: 1"
+    ]
+
+
+def test_tensor_parallelism_fits_the_writer_models_own_engine(samirun_doc):
+    _set(samirun_doc, "spec.generation.engine.tensorParallelSize", 2)
+    for stage in ("generate", "evaluate"):
+        _set(samirun_doc, f"spec.pods.{stage}.resources", _gpus(2))
+    writer = {**WRITER_MODEL, "engine": {"tensorParallelSize": 4}}
+    _set(samirun_doc, "spec.principles", {"writer": writer})
+    _set(samirun_doc, "spec.pods.principles.resources", _gpus(2))
+    assert _problems(samirun_doc) == [
+        "spec.principles.writer.engine.tensorParallelSize: 4 GPUs per vLLM engine but "
+        "spec.pods.principles asks for 2 nvidia.com/gpu; set tensorParallelSize <= 2 or ask for "
+        "more GPUs"
+    ]
+    # A writer on one GPU fits principles pods of one GPU, whatever generation.engine asks.
+    _set(samirun_doc, "spec.principles.writer.engine.tensorParallelSize", 1)
+    _set(samirun_doc, "spec.pods.principles.resources", _gpus(1))
+    assert parse_samirun(samirun_doc).spec.principles.writer.engine.tensor_parallel_size == 1
+    # The transformers backend has no tensor parallelism: nothing to fit.
+    _set(samirun_doc, "spec.principles.writer.engine.tensorParallelSize", 4)
+    _set(samirun_doc, "spec.generation.backend", "transformers")
+    assert parse_samirun(samirun_doc).spec.generation.backend == "transformers"
 
 
 @pytest.mark.parametrize("field", ["cacheSize", "shmSize"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sami_operator.models import Phase, StagePhase
 from sami_operator.planner import checkpoint_uri, next_stage, plan, run_prefix
 from sami_operator.status import StageRecord, derive_status
 from sami_operator.validate import parse_samirun
+from sami_worker.contract import program_of
+from sami_worker.tasks import dump_task, load_task
 
 
 @pytest.fixture
@@ -131,6 +135,72 @@ def test_a_reference_model_is_evaluated_once_after_the_base_model(samirun_doc):
             ("base", base.prefix),
             ("reference", reference.prefix),
         ]
+
+
+def _engines(stages, tmp_path) -> dict[str, tuple]:
+    """Per stage id, the vLLM engines its worker builds, read from the task file it gets
+    (written and loaded as the worker does): (its model's engine, the judge model's)."""
+    engines = {}
+    for stage in stages:
+        if stage.name == "train":
+            continue
+        path = tmp_path / f"{stage.id}.json"
+        path.write_text(dump_task(stage.task))
+        task = load_task(path, program_of(stage.task))
+        engines[stage.id] = (task.engine, getattr(task, "judge_engine", None))
+    return engines
+
+
+def test_without_engine_overrides_every_engine_is_the_generation_engine(samirun_doc, tmp_path):
+    samirun_doc["spec"]["principles"] = {"writer": {"model": "s3://m/w", "instruction": "x"}}
+    samirun_doc["spec"]["evaluation"]["judge"] = {"model": "s3://m/judge", "reference": REFERENCE}
+    samirun_doc["spec"]["generation"]["engine"] = {"maxModelLen": 4096, "enforceEager": True}
+    run = parse_samirun(samirun_doc)
+    stages = plan(run, "u1")
+    engine = run.spec.generation.engine
+    engines = _engines(stages, tmp_path)
+    assert {"principles", "reference", "generate-1", "evaluate-3"} <= engines.keys()
+    for stage_id, (own, judge) in engines.items():
+        assert own == engine, stage_id
+        assert judge in (None, engine), stage_id
+    # The task files are as before: no engine beside generation.engine.
+    docs = [json.loads(dump_task(s.task)) for s in stages if s.name != "train"]
+    for doc in docs:
+        evaluation = doc.get("evaluation", {})
+        assert "engine" not in evaluation and "engine" not in evaluation.get("judge", {})
+        assert "engine" not in doc.get("writer", {})
+
+
+def test_each_stage_task_carries_its_own_engine(samirun_doc, tmp_path):
+    """A 70B policy on 8 GPUs, evaluated with more memory headroom, judged by a model on 1 GPU,
+    principles written by a model on 2."""
+    spec = samirun_doc["spec"]
+    spec["generation"]["engine"] = {"tensorParallelSize": 8, "maxModelLen": 4096}
+    spec["pods"] = {"default": {"resources": {"limits": {"nvidia.com/gpu": 8}}}}
+    spec["evaluation"]["engine"] = {"gpuMemoryUtilization": 0.7}
+    spec["evaluation"]["judge"] = {
+        "model": "s3://m/judge",
+        "reference": REFERENCE,
+        "engine": {"tensorParallelSize": 1, "enforceEager": True},
+    }
+    writer = {"model": "s3://m/w", "instruction": "x", "engine": {"tensorParallelSize": 2}}
+    spec["principles"] = {"writer": writer}
+    run = parse_samirun(samirun_doc)
+    generation = run.spec.generation.engine
+    evaluation = generation.model_copy(update={"gpu_memory_utilization": 0.7})
+    judge = generation.model_copy(update={"tensor_parallel_size": 1, "enforce_eager": True})
+    writer = generation.model_copy(update={"tensor_parallel_size": 2})
+    # The reference model is evaluated like the others: with the evaluation's engine.
+    expected = {
+        "principles": (writer, None),
+        "generate": (generation, None),
+        "evaluate": (evaluation, judge),
+        "reference": (evaluation, judge),
+    }
+    engines = _engines(plan(run, "u1"), tmp_path)
+    assert len(engines) == 9  # principles, evaluate-0, reference, 3 x (generate, evaluate)
+    for stage_id, got in engines.items():
+        assert got == expected[stage_id.split("-")[0]], stage_id
 
 
 def test_without_a_judge_no_baseline_is_planned(run):

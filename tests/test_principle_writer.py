@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sami_worker import chat, principle_writer, storage
+from sami_operator.models import EngineSpec
+from sami_worker import chat, common, principle_writer, storage
 from sami_worker.common import PRINCIPLES_FILE
 from sami_worker.principle_writer import ParseError, parse_principles, write_principles
 from sami_worker.tasks import TaskError, WritePrinciplesTask, dump_task
@@ -242,6 +243,39 @@ def test_no_key_over_plain_http_without_the_opt_in(replay_endpoint, tmp_path, mo
         "principles.writer.endpoint.allowInsecureApiKey: true"
     )
     assert len(replay.requests) == 2
+
+
+def test_a_writer_model_is_opened_with_its_own_engine(tiny_llama, tmp_path, monkeypatch, capsys):
+    """principles.writer.model: the worker program, from its task file, loads the writer with
+    generation.backend and principles.writer.engine over generation.engine (recorded by
+    wrapping the backend factory, common.open_backend, that every engine is built through).
+    The tiny random model writes no usable principles: bad input, nothing published."""
+    opened = []
+    real_open = common.open_backend
+
+    def recording_open(kind, model_dir, model, engine, seed, scoring=False):
+        opened.append((kind, model.uri, engine))
+        return real_open(kind, model_dir, model, engine, seed=seed, scoring=scoring)
+
+    monkeypatch.setattr(common, "open_backend", recording_open)
+    writer = {
+        "model": str(tiny_llama),
+        "instruction": "a helpful assistant",
+        "count": 1,
+        "maxTokens": 16,
+        "engine": {"maxModelLen": 1024, "enforceEager": False},
+    }
+    generation = {"backend": "transformers", "engine": VLLM_CPU}
+    task = WritePrinciplesTask.model_validate(
+        {"output": str(tmp_path / "p"), "writer": writer, "generation": generation}
+    )
+    result = run_main(task, tmp_path, capsys)
+    assert result["exit_code"] == 65
+    assert "no usable principles after 3 attempts" in result["error"]
+    engine = EngineSpec(gpu_memory_utilization=0.3, enforce_eager=False, max_model_len=1024)
+    assert task.engine == engine
+    assert opened == [("transformers", str(tiny_llama), engine)]
+    assert not storage.is_complete(storage.open_storage(str(tmp_path / "p")), "")
 
 
 @pytest.mark.vllm

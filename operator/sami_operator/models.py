@@ -250,13 +250,29 @@ class Endpoint(APIModel):
 class PrincipleWriter(APIModel):
     """An LM that writes principles and antitheses from a short instruction."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.engine) || has(self.model)",
+                    "message": "principles.writer.engine needs principles.writer.model",
+                }
+            ]
+        }
+    )
+
     model: str | None = Field(
         default=None,
-        description="Writer model run locally with vLLM (URI as in spec.model.uri). "
-        "Exactly one of model and endpoint.",
+        description="Writer model run locally with generation.backend (URI as in "
+        "spec.model.uri). Exactly one of model and endpoint.",
     )
     endpoint: Endpoint | None = Field(
         default=None, description="Writer behind an OpenAI-compatible endpoint."
+    )
+    engine: EngineOverrides | None = Field(
+        default=None,
+        description="vLLM options of the writer model's engine, each over generation.engine's "
+        "(only those set here differ); default: generation.engine. Only with model.",
     )
     instruction: str = Field(
         min_length=1,
@@ -270,6 +286,12 @@ class PrincipleWriter(APIModel):
     def _one_source(self) -> PrincipleWriter:
         if (self.model is None) == (self.endpoint is None):
             raise ValueError("set exactly one of 'model' and 'endpoint'")
+        if self.engine is not None and self.model is None:
+            raise ValueError(
+                "engine: vLLM options for a writer model that the principles worker loads "
+                "itself (principles.writer.model), but the writer is an endpoint; remove "
+                "principles.writer.engine"
+            )
         return self
 
 
@@ -500,9 +522,9 @@ class EngineSpec(APIModel):
         default=1,
         ge=1,
         le=64,
-        description="GPUs per engine (tensor parallelism). Above 1, the pods that run the "
-        "engine (generate, evaluate, and principles with a writer model) must ask for at "
-        "least this many GPUs.",
+        description="GPUs per engine (tensor parallelism). Above 1, the pods of every stage "
+        "whose engine has it (generate; evaluate and, with a writer model, principles, unless "
+        "their engine overrides it) must ask for at least this many GPUs.",
     )
     max_model_len: int | None = Field(
         default=None,
@@ -517,6 +539,42 @@ class EngineSpec(APIModel):
         description="Fraction of GPU memory vLLM may use (on CPU builds: of host memory).",
     )
     enforce_eager: bool = Field(default=False, description="Skip CUDA graph capture / compilation.")
+
+
+class EngineOverrides(APIModel):
+    """One engine's vLLM options that differ from generation.engine: each field left out (or
+    null) is generation.engine's. No defaults of its own, so neither the API server nor a task
+    file fills in a field the user did not set."""
+
+    tensor_parallel_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="GPUs per engine (tensor parallelism); default generation.engine's. Above "
+        "1, the pods of the stage that runs this engine must ask for at least this many GPUs.",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=64,
+        le=1_048_576,
+        description="Context length cap; default generation.engine's.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory vLLM may use; default generation.engine's.",
+    )
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="Skip CUDA graph capture / compilation; default generation.engine's.",
+    )
+
+    def merged_over(self, default: EngineSpec) -> EngineSpec:
+        """The engine: these options, falling back field by field to `default`. A null counts
+        as unset: the API server drops nulls and task files are written without them."""
+        own = {f: v for f in type(self).model_fields if (v := getattr(self, f)) is not None}
+        return default.model_copy(update=own)
 
 
 class FiltersSpec(APIModel):
@@ -556,7 +614,18 @@ class GenerationSpec(APIModel):
         description="Turn markers: responses are cut at the first one.",
     )
     filters: FiltersSpec = Field(default_factory=FiltersSpec, description="Post-filters.")
-    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine options.")
+    engine: EngineSpec = Field(
+        default_factory=EngineSpec,
+        description="vLLM engine options of every engine a run builds: generation's, and, "
+        "unless evaluation.engine, evaluation.judge.engine or principles.writer.engine "
+        "override some of them, evaluation's, the judge model's and the writer model's.",
+    )
+
+    def engine_with(self, overrides: EngineOverrides | None) -> EngineSpec:
+        """One engine's vLLM options: `engine`, with a stage's `overrides` (evaluation.engine,
+        evaluation.judge.engine, principles.writer.engine) over it field by field. The one
+        place these are resolved: the spec's GPU checks and the workers call it."""
+        return self.engine if overrides is None else overrides.merged_over(self.engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,7 +809,11 @@ class JudgeSpec(APIModel):
                     "rule": "has(self.endpoint) != has(self.model)",
                     "message": "set exactly one of evaluation.judge.endpoint and "
                     "evaluation.judge.model",
-                }
+                },
+                {
+                    "rule": "!has(self.engine) || has(self.model)",
+                    "message": "evaluation.judge.engine needs evaluation.judge.model",
+                },
             ]
         }
     )
@@ -754,8 +827,14 @@ class JudgeSpec(APIModel):
         default=None,
         min_length=1,
         description="A judge model that the evaluation worker loads itself, after the evaluated "
-        "model, with generation.backend and generation.engine (URI as in spec.model.uri; "
+        "model, with generation.backend and evaluation.judge.engine (URI as in spec.model.uri; "
         "prompted with its chat template). No server needed; a small model is a weak judge.",
+    )
+    engine: EngineOverrides | None = Field(
+        default=None,
+        description="vLLM options of the judge model's engine, each over generation.engine's "
+        "(only those set here differ; evaluation.engine does not apply to the judge); default: "
+        "generation.engine. Only with model.",
     )
     reference: ReferenceModelSpec | None = Field(
         default=None,
@@ -800,6 +879,12 @@ class JudgeSpec(APIModel):
                 f"set exactly one of 'endpoint' (an OpenAI-compatible server) and 'model' (a "
                 f"model the evaluation worker loads itself); {given} set"
             )
+        if self.engine is not None and self.model is None:
+            raise ValueError(
+                "engine: vLLM options for a judge model that the evaluation worker loads "
+                "itself (evaluation.judge.model), but the judge is an endpoint; remove "
+                "evaluation.judge.engine"
+            )
         return self
 
 
@@ -843,6 +928,13 @@ class EvaluationSpec(APIModel):
         "response again (that much more evaluation time) and the metrics report their spread "
         "over seeds (seedStderr), beside the spread over queries. Only sampled decoding "
         "(generation.temperature > 0) differs by seed.",
+    )
+    engine: EngineOverrides | None = Field(
+        default=None,
+        description="vLLM options of the engine that generates and scores the evaluated model's "
+        "responses (evaluate and reference stages), each over generation.engine's (only those "
+        "set here differ, e.g. a lower gpuMemoryUtilization for headroom while scoring); "
+        "default: generation.engine.",
     )
     judge: JudgeSpec | None = Field(
         default=None,
@@ -1270,27 +1362,42 @@ class SAMIRunSpec(APIModel):
                 f"training.procsPerNode: {n} processes per node but {where} asks for "
                 f"{gpus[0]} {gpus[1]}; set procsPerNode <= {gpus[0]} or ask for more GPUs"
             )
-        tp = self.generation.engine.tensor_parallel_size
-        if self.generation.backend != "vllm" or tp == 1:
+        if self.generation.backend != "vllm":
             return self  # the transformers backend has no tensor parallelism
-        stages = ["generate", "evaluate"]
-        if self.principles.writer is not None and self.principles.writer.model is not None:
-            stages.insert(0, "principles")  # the writer model runs on the same engine
-        for stage in stages:
+        for stage, field, overrides in self._engines():
+            tp = self.generation.engine_with(overrides).tensor_parallel_size
+            if tp == 1:
+                continue
+            if overrides is None or overrides.tensor_parallel_size is None:
+                field = "generation.engine"  # where this engine's tensorParallelSize comes from
             where, gpus = self._pod_gpus(stage)
             if gpus is None:
                 raise ValueError(
-                    f"generation.engine.tensorParallelSize: {tp} GPUs per vLLM engine but "
-                    f"{where} asks for no GPUs; ask for at least {tp} GPUs (e.g. nvidia.com/gpu: "
-                    f"{tp}) or set tensorParallelSize: 1"
+                    f"{field}.tensorParallelSize: {tp} GPUs per vLLM engine but {where} asks "
+                    f"for no GPUs; ask for at least {tp} GPUs (e.g. nvidia.com/gpu: {tp}) or set "
+                    "tensorParallelSize: 1"
                 )
             if tp > gpus[0]:
                 raise ValueError(
-                    f"generation.engine.tensorParallelSize: {tp} GPUs per vLLM engine but "
-                    f"{where} asks for {gpus[0]} {gpus[1]}; set tensorParallelSize <= "
-                    f"{gpus[0]} or ask for more GPUs"
+                    f"{field}.tensorParallelSize: {tp} GPUs per vLLM engine but {where} asks "
+                    f"for {gpus[0]} {gpus[1]}; set tensorParallelSize <= {gpus[0]} or ask for "
+                    "more GPUs"
                 )
         return self
+
+    def _engines(self) -> list[tuple[str, str, EngineOverrides | None]]:
+        """Every vLLM engine a run builds: (the stage whose pods run it, the field of its
+        overrides, the overrides); generation.engine under the overrides."""
+        engines: list[tuple[str, str, EngineOverrides | None]] = []
+        writer = self.principles.writer
+        if writer is not None and writer.model is not None:
+            engines.append(("principles", "principles.writer.engine", writer.engine))
+        engines.append(("generate", "generation.engine", None))
+        engines.append(("evaluate", "evaluation.engine", self.evaluation.engine))
+        judge = self.evaluation.judge
+        if judge is not None and judge.model is not None:
+            engines.append(("evaluate", "evaluation.judge.engine", judge.engine))
+        return engines
 
     def _pod_gpus(self, stage: str) -> tuple[str, tuple[int, str] | None]:
         """Where a stage's pods get their resources from (spec.pods.<stage>, else
