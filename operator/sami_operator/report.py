@@ -221,7 +221,8 @@ def write_win_rate_plot(
 ) -> Path | None:
     """The win rate against one baseline per iteration (the paper's win-rate plots; see
     docs/paper.md) with 95% intervals, raw and length-corrected, training and held-out
-    principles, and the 0.5 line (no better than the baseline)."""
+    principles, and the 0.5 line (no better than the baseline); its title says whose responses
+    were judged (WinRate.constitutions)."""
     series = []
     for label, pick, field, style in [
         ("raw", lambda r: r.metrics, "", "o-"),
@@ -252,6 +253,13 @@ def write_win_rate_plot(
     ax.set_ylim(0, 1)
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"win rate vs {_BASELINE_MODELS.get(baseline, baseline)}")
+    judged = {
+        w.constitutions
+        for r in results
+        for m in (r.metrics, r.held_out)
+        if (w := win_rate(m, baseline)) is not None
+    }
+    ax.set_title(", ".join(JUDGED[c] for c in sorted(judged, reverse=True)), fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
