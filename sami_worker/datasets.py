@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 from pydantic import ValidationError
 
-from sami_operator.models import HFAdapter, Principle, QuerySource, query_sources
+from sami_operator.models import HFAdapter, Principle, QuerySource
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def load_query_sources(
     if isinstance(sources, QuerySource):
         return load_queries(sources, read_bytes=read_bytes, offset=offset)
     queries: list[str] = []
-    for index, source in enumerate(query_sources(sources)):
+    for index, source in enumerate(sources):
         try:
             queries += load_queries(source, read_bytes=read_bytes, offset=offset)
         except DatasetError as err:

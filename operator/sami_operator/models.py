@@ -1322,7 +1322,7 @@ class SAMIRunSpec(APIModel):
             per = self.constitutions.principles_per_constitution
             sets = {name: min(n, per) for name, n in sets.items()}
         sizes = set(sets.values())
-        if k == 2 or sizes == {k.bit_length() - 1} and k & (k - 1) == 0:
+        if k == 2 or (k & (k - 1) == 0 and sizes == {k.bit_length() - 1}):  # k = 2^n
             return
         valid = sorted({2} | ({2 ** sizes.pop()} if len(sizes) == 1 else set()))
         counts = " and ".join(f"{n} {name}" for name, n in sets.items())
