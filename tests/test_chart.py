@@ -6,6 +6,7 @@ missing RBAC rule fails the reconcile test.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -145,7 +146,9 @@ def test_every_value_is_commented_and_in_the_schema(chart):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"replicas": 2}, "at '': additional properties 'replicas' not allowed"),
+        ({"replica": 2}, "at '': additional properties 'replica' not allowed"),
+        ({"replicas": 0}, "at '/replicas': minimum: got 0, want 1"),
+        ({"operator": {"leaseSeconds": 1}}, "at '/operator/leaseSeconds': minimum: got 1, want 3"),
         (
             {"operator": {"watchNamespace": ["team-a"]}},
             "at '/operator': additional properties 'watchNamespace' not allowed",
@@ -208,14 +211,22 @@ def test_default_install(chart):
         ("CustomResourceDefinition", "samiruns.sami.dev"),
         ("Deployment", "sami-sami-operator"),
         ("NetworkPolicy", "sami-sami-operator"),
+        ("PodDisruptionBudget", "sami-sami-operator"),
+        ("Role", "sami-sami-operator-lease"),
+        ("RoleBinding", "sami-sami-operator-lease"),
         ("Service", "sami-sami-operator-metrics"),
         ("ServiceAccount", "sami-sami-operator"),
         ("ServiceAccount", "sami-sami-operator-worker"),
     ]
     deployment = one(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # An active replica and a standby; a rolling update starts the new pod (a standby) before
+    # the old one stops and hands over its Lease.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "sami-sami-operator"
     container = pod["containers"][0]
@@ -229,6 +240,11 @@ def test_default_install(chart):
         "SAMI_WORKER_SERVICE_ACCOUNT": "sami-sami-operator-worker",
         "SAMI_NAMESPACES": "",
         "SAMI_RECONCILE_SECONDS": "5",
+        "SAMI_CREATES_PER_SECOND": "50",
+        "SAMI_LEADER_ELECTION": "sami-sami-operator",
+        "SAMI_LEADER_ELECTION_NAMESPACE": "sami-system",
+        "SAMI_LEASE_SECONDS": "15",
+        "SAMI_POD_NAME": None,  # the pod's name, from the downward API
         "SAMI_PREFIX": "sami.dev",
         "SAMI_PYTHON": "python",
         "SAMI_LIVENESS_PORT": "8080",
@@ -240,10 +256,26 @@ def test_default_install(chart):
     labels = pod and spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
     assert one(docs, "Service")["spec"]["selector"].items() <= labels.items()
+    container_spec = pod["containers"][0]
+    pod_name = next(e for e in container_spec["env"] if e["name"] == "SAMI_POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     binding = one(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "sami-sami-operator", "namespace": "sami-system"}
     ]
+    # The Lease: created by any replica, read and renewed by name only.
+    lease = one(docs, "Role", "sami-sami-operator-lease")
+    assert lease["metadata"]["namespace"] == "sami-system"
+    assert [(r["verbs"], r.get("resourceNames")) for r in lease["rules"]] == [
+        (["create"], None),
+        (["get", "update"], ["sami-sami-operator"]),
+    ]
+    assert one(docs, "RoleBinding", "sami-sami-operator-lease")["subjects"] == binding["subjects"]
+    # A drain never evicts both replicas at once; one replica gets no budget.
+    budget = one(docs, "PodDisruptionBudget")["spec"]
+    assert budget["maxUnavailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    assert not [d for d in render(chart, {"replicas": 1}) if d["kind"] == "PodDisruptionBudget"]
     worker = one(docs, "ServiceAccount", "sami-sami-operator-worker")
     assert worker["automountServiceAccountToken"] is False
     # The worker ServiceAccount holds no role.
@@ -258,9 +290,15 @@ def test_default_install(chart):
 
 def test_namespaced_install(chart):
     docs = render(chart, NAMESPACED)
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [
+        d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith("-lease")
+    ]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    role_bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    role_bindings = [
+        d
+        for d in docs
+        if d["kind"] == "RoleBinding" and not d["metadata"]["name"].endswith("-lease")
+    ]
     assert sorted(b["metadata"]["namespace"] for b in role_bindings) == ["team-a", "team-b"]
     for binding in role_bindings:
         assert binding["roleRef"]["kind"] == "Role"
@@ -616,8 +654,18 @@ def test_the_operator_binds_its_endpoints_to_the_addresses(chart, monkeypatch):
     served, ran = [], []
 
     class Kube:
+        """No API server here: what configure asks of kube.Kube, recorded."""
+
+        made: list[dict] = []
+
+        def __init__(self, **limits):
+            Kube.made.append(limits)
+
         def served_launchers(self):
             return frozenset({"Job"})
+
+        def watch(self, namespaces, notify):
+            Kube.made.append({"watch": namespaces})
 
     monkeypatch.setattr(handlers, "_state", {})  # configure fills it; restored afterwards
     monkeypatch.setattr(handlers.kube_module, "Kube", Kube)
@@ -625,9 +673,14 @@ def test_the_operator_binds_its_endpoints_to_the_addresses(chart, monkeypatch):
         prometheus_client, "start_http_server", lambda *a, **k: served.append((a, k))
     )
     monkeypatch.setattr(handlers, "SETTINGS", from_env(env))
-    handlers.configure(kopf.OperatorSettings())
+    asyncio.run(handlers.configure(kopf.OperatorSettings()))
     assert served == [((9090,), {"addr": "127.0.0.1"})]
+    # The chart's backpressure setting reaches the client that creates children.
+    assert Kube.made == [{"creates_per_second": 50.0, "create_burst": 50}, {"watch": ()}]
 
+    # Without the Lease election (it needs an API server: the failover test in
+    # tests/test_operator.py runs it), main goes straight to Kopf.
+    env = {k: v for k, v in env.items() if v is not None} | {"SAMI_LEADER_ELECTION": ""}
     monkeypatch.setattr(os, "environ", {**os.environ, **env})
     monkeypatch.setattr(kopf, "run", lambda **kwargs: ran.append(kwargs))
     monkeypatch.setattr(kopf, "configure", lambda **_: None)
@@ -787,6 +840,8 @@ def test_operator_reconciles_with_only_the_charts_rbac(
     # The stage pods' NetworkPolicy too: the API server takes both policies (this control plane
     # enforces none, so they change nothing else).
     values: dict[str, Any] = {
+        # One replica: no PodDisruptionBudget, whose policy/v1 this 1.20 server predates.
+        "replicas": 1,
         "operator": {"reconcileSeconds": 1},
         "networkPolicy": WORKER_POLICY["networkPolicy"],
     }
@@ -853,7 +908,9 @@ def test_operator_reconciles_with_only_the_charts_rbac(
         run["spec"]["cleanup"] = {"children": "delete"}  # uses the delete rules too
         cp.kubectl("apply", "-n", run_ns, "-f", "-", input=json.dumps(run), token=user_token)
 
-        env = container_env(deployment)
+        # As the chart sets it, but SAMI_POD_NAME (the downward API's): the host's name. The
+        # operator reconciles only once it holds the Lease, with the chart's Lease RBAC.
+        env = {k: v for k, v in container_env(deployment).items() if v is not None}
         env.update(SAMI_METRICS_PORT="0", SAMI_LIVENESS_PORT=str(free_port()))
         operator = OperatorProcess(cp, token, env, tmp_path).start()
         name = run["metadata"]["name"]

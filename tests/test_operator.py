@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Operator:
     """`python -m sami_operator` as a process, watching one namespace."""
 
-    def __init__(self, control_plane, namespace: str, log: Path):
+    def __init__(self, control_plane, namespace: str, log: Path, **env: str):
         self.env = {
             **os.environ,
             "KUBECONFIG": str(control_plane.kubeconfig),
@@ -35,6 +35,7 @@ class Operator:
             "SAMI_RECONCILE_SECONDS": "1",
             "SAMI_METRICS_PORT": str(free_port()),
             "SAMI_LIVENESS_PORT": str(free_port()),
+            **env,
         }
         self.log = log
         self.proc = None
@@ -364,6 +365,88 @@ def test_a_run_waits_for_its_launcher_and_proceeds_once_it_is_served(bare_contro
         operator.kill()
 
 
+@pytest.mark.k8s
+def test_a_standby_replica_takes_over_when_the_active_one_is_killed(
+    control_plane, k8s_namespace, tmp_path
+):
+    """Two replicas elect the active one on a Lease: only it acts, the other waits (and answers
+    its liveness probe). The active one killed (SIGKILL: no release), the standby takes the
+    Lease once it expires and carries the run on to its next stage; no child is created twice
+    (one Job per stage, one attempt each, one StageCreated event each). Each stage before the
+    next is marked finished, as its controller would (no kubelet here)."""
+    import httpx
+
+    cp, ns = control_plane, k8s_namespace
+    election = {
+        "SAMI_LEADER_ELECTION": "sami-operator",
+        "SAMI_LEADER_ELECTION_NAMESPACE": ns,
+        "SAMI_LEASE_SECONDS": "3",
+    }
+    replicas = [
+        Operator(cp, ns, tmp_path / f"replica-{i}.log", SAMI_POD_NAME=f"replica-{i}", **election)
+        for i in range(2)
+    ]
+    for replica in replicas:
+        replica.start()
+    try:
+        cp.apply(yaml.safe_load((EXAMPLES / "samirun.yaml").read_text()), namespace=ns)
+        jobs = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/sami-operator"
+        with cp.client() as api:
+            holder = None
+
+            def first_child():
+                nonlocal holder
+                holder = api.get(lease_path)["spec"]["holderIdentity"]
+                return api.get(f"{jobs}/mistral-hh-it0-evaluate")
+
+            follow(cp, replicas[0], "the first child", first_child)
+            (active,) = [r for i, r in enumerate(replicas) if holder.startswith(f"replica-{i}_")]
+            standby = replicas[1 - replicas.index(active)]
+            assert "standby: waiting for Lease" in standby.log.read_text()
+            assert "leading:" not in standby.log.read_text()
+            probe = f"http://127.0.0.1:{standby.env['SAMI_LIVENESS_PORT']}/healthz"
+            assert httpx.get(probe).status_code == 200  # a standby is alive
+
+            active.kill()
+            evaluate = (f"{jobs}/mistral-hh-it0-evaluate", "Complete")
+
+            def next_child():
+                mark_finished(api, *evaluate)
+                return api.get(f"{jobs}/mistral-hh-it1-generate")
+
+            follow(cp, standby, "the standby to create the next child", next_child)
+            taken = api.get(lease_path)["spec"]["holderIdentity"]
+            assert taken.startswith(f"replica-{replicas.index(standby)}_"), taken
+            assert "leading: holding Lease" in standby.log.read_text()
+
+            def recorded():
+                status = get_run(cp, ns, "mistral-hh").get("status", {})
+                return status.get("stage") == "generate-1" and status
+
+            status = follow(cp, standby, "the status to show generate-1", recorded)
+        names = cp.kubectl(
+            "get", "jobs", "-n", ns, "-l", "sami.dev/run=mistral-hh", "-o", "name"
+        ).stdout.split()
+        assert sorted(names) == [
+            "job.batch/mistral-hh-it0-evaluate",
+            "job.batch/mistral-hh-it1-generate",
+        ]
+        (it0, it1) = status["iterations"][:2]
+        assert (it0["evaluate"]["attempts"], it1["generate"]["attempts"]) == (1, 1), status
+        events = cp.kubectl_json("get", "events", "-n", ns)["items"]
+        created = [
+            (e["message"], e.get("count", 1)) for e in events if e["reason"] == "StageCreated"
+        ]
+        assert sorted(created) == [
+            ("evaluate-0: created mistral-hh-it0-evaluate", 1),
+            ("generate-1: created mistral-hh-it1-generate", 1),
+        ]
+    finally:
+        for replica in replicas:
+            replica.kill()
+
+
 def pods_of(control_plane, namespace: str, selector: str) -> list[dict]:
     return control_plane.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
 
@@ -500,7 +583,9 @@ def test_samirun_tiny_rides_out_a_missing_secret_s3_down_and_a_lost_training_pod
 # ------------------------------------------------------------------------- JobSet launcher
 def _training_jobset(name: str, script: str) -> dict:
     """A JobSet labelled as a SAMIRun's training child: 2 Jobs of one pod running `script`
-    with its Job's index in $INDEX."""
+    with its Job's index in $INDEX. Its pods carry the run's labels, as builders.build_jobset
+    gives them (the operator watches pods by those labels)."""
+    labels = {"sami.dev/run": "r", "app.kubernetes.io/managed-by": "sami-operator"}
     index = {"fieldRef": {"fieldPath": "metadata.annotations['jobset.sigs.k8s.io/job-index']"}}
     container = {
         "name": "worker",
@@ -511,10 +596,7 @@ def _training_jobset(name: str, script: str) -> dict:
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
-        "metadata": {
-            "name": name,
-            "labels": {"sami.dev/run": "r", "app.kubernetes.io/managed-by": "sami-operator"},
-        },
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "failurePolicy": {"maxRestarts": 0},
             "replicatedJobs": [
@@ -525,7 +607,8 @@ def _training_jobset(name: str, script: str) -> dict:
                         "spec": {
                             "backoffLimit": 0,
                             "template": {
-                                "spec": {"restartPolicy": "Never", "containers": [container]}
+                                "metadata": {"labels": labels},
+                                "spec": {"restartPolicy": "Never", "containers": [container]},
                             },
                         }
                     },
@@ -535,10 +618,12 @@ def _training_jobset(name: str, script: str) -> dict:
     }
 
 
-def test_the_operator_reads_jobset_state(control_plane, k8s_namespace, kubelet, jobset_controller):
-    """kube.Kube against the emulated JobSet controller: a JobSet has no Running condition, so
-    active child Jobs mean running; Completed is success with rank 0's termination message;
-    Failed carries the exit code and message of the pod that failed."""
+def test_the_operator_reads_jobset_state(
+    control_plane, k8s_namespace, kubelet, jobset_controller, request
+):
+    """kube.Kube's watches against the emulated JobSet controller: a JobSet has no Running
+    condition, so active child Jobs mean running; Completed is success with rank 0's
+    termination message; Failed carries the exit code and message of the pod that failed."""
     from kubernetes import config
 
     from sami_operator.kube import Kube
@@ -546,6 +631,8 @@ def test_the_operator_reads_jobset_state(control_plane, k8s_namespace, kubelet, 
 
     cp, ns = control_plane, k8s_namespace
     kube = Kube(config.new_client_from_config(config_file=str(cp.kubeconfig)))
+    kube.watch([ns])  # what it reads, it reads from its watches
+    request.addfinalizer(kube.stop_watching)
     done = "sleep 4; echo rank-$INDEX > /dev/termination-log"
     bad = 'if [ "$INDEX" = 1 ]; then echo bad input > /dev/termination-log; exit 65; fi; sleep 60'
     cp.apply([_training_jobset("r-it1-train", done), _training_jobset("r-it2-train", bad)], ns)
@@ -581,14 +668,16 @@ def test_the_operator_reads_jobset_state(control_plane, k8s_namespace, kubelet, 
 # ----------------------------------------------------------------------- TrainJob launcher
 def _training_trainjob(name: str, script: str) -> dict:
     """A TrainJob labelled as a SAMIRun's training child: 2 nodes running `script` with the
-    node rank the torch runtime gives each in $PET_NODE_RANK, on the example runtime."""
+    node rank the torch runtime gives each in $PET_NODE_RANK, on the example runtime. Its
+    pods get the run's labels through spec.runtimePatches, as builders.build_trainjob gives
+    them (the TrainJob's own labels are not copied to its pods)."""
+    labels = {"sami.dev/run": "r", "app.kubernetes.io/managed-by": "sami-operator"}
+    pod_labels = {"template": {"spec": {"template": {"metadata": {"labels": labels}}}}}
+    runtime = {"template": {"spec": {"replicatedJobs": [{"name": "node", **pod_labels}]}}}
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "labels": {"sami.dev/run": "r", "app.kubernetes.io/managed-by": "sami-operator"},
-        },
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "runtimeRef": {"name": "sami-torch-distributed"},
             "trainer": {
@@ -596,17 +685,18 @@ def _training_trainjob(name: str, script: str) -> dict:
                 "image": "sami-worker:test",
                 "command": ["sh", "-c", script],
             },
+            "runtimePatches": [{"manager": "test", "trainingRuntimeSpec": runtime}],
         },
     }
 
 
 def test_the_operator_reads_trainjob_state(
-    control_plane, k8s_namespace, kubelet, trainjob_controller
+    control_plane, k8s_namespace, kubelet, trainjob_controller, request
 ):
-    """kube.Kube against the emulated TrainJob controller (a JobSet underneath) and the example
-    ClusterTrainingRuntime: no Running condition, so active Jobs in status.jobsStatus mean
-    running; Complete is success with rank 0's termination message; Failed carries the exit
-    code and message of the pod that failed."""
+    """kube.Kube's watches against the emulated TrainJob controller (a JobSet underneath) and
+    the example ClusterTrainingRuntime: no Running condition, so active Jobs in
+    status.jobsStatus mean running; Complete is success with rank 0's termination message;
+    Failed carries the exit code and message of the pod that failed."""
     from kubernetes import config
 
     from sami_operator.kube import Kube
@@ -616,6 +706,8 @@ def test_the_operator_reads_trainjob_state(
     cp.apply((ROOT / "examples" / "clustertrainingruntime-sami.yaml").read_text())
     kube = Kube(config.new_client_from_config(config_file=str(cp.kubeconfig)))
     assert "TrainJob" in kube.served_launchers()
+    kube.watch([ns])  # what it reads, it reads from its watches
+    request.addfinalizer(kube.stop_watching)
     done = "sleep 4; echo rank-$PET_NODE_RANK > /dev/termination-log"
     bad = 'if [ "$PET_NODE_RANK" = 1 ]; then echo bad input > /dev/termination-log; exit 65; fi; '
     bad += "sleep 60"

@@ -229,6 +229,8 @@ def test_the_start_deadline_counts_until_each_stage_runs(run):
     observed = {"mistral-hh-it1-generate": waiting}
     on_time = decide(run, "uid-1", records, observed, SETTINGS, later + timedelta(seconds=599), T0)
     assert on_time.failure is None
+    # Nothing of the run changes by then, but a pass is due when the deadline is.
+    assert on_time.wake_at == later + timedelta(seconds=600)
     late = decide(run, "uid-1", records, observed, SETTINGS, later + timedelta(seconds=601), T0)
     assert late.failure == "StartDeadlineExceeded"
     assert "did not run within 600s" in late.records["generate-1"].message
@@ -236,6 +238,16 @@ def test_the_start_deadline_counts_until_each_stage_runs(run):
     running = {"mistral-hh-it1-generate": ChildState(StagePhase.running)}
     hours = decide(run, "uid-1", records, running, SETTINGS, later + timedelta(hours=9), T0)
     assert hours.failure is None
+    # A pass is due when a deadline of the stage in progress is: none once it runs, but the
+    # run's own (activeSeconds).
+    fresh = _succeed(
+        run, decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records, "mistral-hh-it0-evaluate"
+    )
+    running_on = decide(run, "uid-1", fresh.records, running, SETTINGS, later, T0)
+    assert (running_on.failure, running_on.wake_at) == (None, None)
+    run.spec.deadlines.active_seconds = 86400
+    running_on = decide(run, "uid-1", fresh.records, running, SETTINGS, later, T0)
+    assert running_on.wake_at == T0 + timedelta(days=1)
 
 
 def test_stuck_pods_set_the_stalled_condition_and_one_event(run):
@@ -588,6 +600,9 @@ class FakeKubeWithoutChildren:
     def observe_children(self, namespace, run, look_into=None):
         return {}
 
+    def changes(self, namespace, run):
+        return 0
+
     def create(self, obj):
         self.created.append((obj["kind"], obj["metadata"]["name"]))
         return True
@@ -626,6 +641,147 @@ def test_a_reconcile_pass_plans_the_run_once(samirun_doc, monkeypatch):
         ("Job", "mistral-hh-it0-evaluate"),
     ]
     assert patch.status["stage"] == "evaluate-0"
+
+
+class FakeKubeThatRemembers:
+    """In-memory stand-in for sami_operator.kube over several handler passes (the real API
+    server and watches are in tests/test_operator.py): what it created shows as pending
+    children; `changes` moves when the test says a child changed; every call is counted."""
+
+    def __init__(self):
+        self.created: list[tuple[str, str]] = []
+        self.observed = 0
+        self.version = 0
+
+    def observe_children(self, namespace, run, look_into=None):
+        self.observed += 1
+        return {
+            name: ChildState(StagePhase.pending) for kind, name in self.created if kind == "Job"
+        }
+
+    def changes(self, namespace, run):
+        return self.version
+
+    def create(self, obj):
+        self.created.append((obj["kind"], obj["metadata"]["name"]))
+        return True
+
+
+def test_a_pass_that_learns_nothing_new_does_nothing(samirun_doc, monkeypatch):
+    """After the pass that created a stage, a pass over the run as that pass left it patches
+    nothing and emits nothing; one over the same run and children is not even a pass (it
+    reads nothing); a child's change is worth a full pass again, which finds nothing to do."""
+    import logging
+
+    import kopf
+
+    from sami_operator import handlers
+
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    samirun_doc["metadata"].update(
+        namespace="team-a", uid="u1", generation=1, creationTimestamp=created, resourceVersion="1"
+    )
+    kube = FakeKubeThatRemembers()
+    events: list[tuple[str, str]] = []
+    monkeypatch.setattr(handlers, "SETTINGS", SETTINGS)
+    monkeypatch.setattr(handlers, "_quiet", {})
+    monkeypatch.setitem(handlers._state, "kube", kube)
+    monkeypatch.setitem(handlers._state, "launchers", frozenset({"Job", "PyTorchJob"}))
+    monkeypatch.setitem(handlers._state, "launchers_at", float("inf"))  # no rediscovery
+    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: events.append(reason))
+    log = logging.getLogger(__name__)
+
+    def one_pass(body) -> kopf.Patch:
+        patch = kopf.Patch()
+        handlers._reconcile(body, patch, log)
+        return patch
+
+    first = one_pass(samirun_doc)
+    assert kube.created == [
+        ("ConfigMap", "mistral-hh-it0-evaluate"),
+        ("Job", "mistral-hh-it0-evaluate"),
+    ]
+    assert first.status["stage"] == "evaluate-0" and events == ["StageCreated"]
+    # The watch brings the run back with the status that pass wrote (a new resourceVersion).
+    body = {**samirun_doc, "status": dict(first.status)}
+    body["metadata"] = {**samirun_doc["metadata"], "resourceVersion": "2"}
+    assert one_pass(body) == {}
+    assert (len(kube.created), events, kube.observed) == (2, ["StageCreated"], 2)
+    assert one_pass(body) == {} and kube.observed == 2  # nothing new: nothing read
+    kube.version += 1  # say its pod was created
+    assert one_pass(body) == {}
+    assert (len(kube.created), events, kube.observed) == (2, ["StageCreated"], 3)
+
+
+def test_a_child_that_already_exists_is_adopted_not_created_again(samirun_doc, monkeypatch):
+    """An operator stopped between creating a stage's child and recording it in the status:
+    the next pass (another replica's) finds it there (HTTP 409) and says it adopted it; the
+    StageCreated event stays the one the first pass posted."""
+    import logging
+
+    import kopf
+
+    from sami_operator import handlers
+
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    samirun_doc["metadata"].update(
+        namespace="team-a", uid="u1", generation=1, creationTimestamp=created, resourceVersion="1"
+    )
+
+    class Existing(FakeKubeThatRemembers):
+        def create(self, obj):
+            return False  # created before, by the replica that stopped
+
+    events: list[tuple[str, str]] = []
+    monkeypatch.setattr(handlers, "SETTINGS", SETTINGS)
+    monkeypatch.setattr(handlers, "_quiet", {})
+    monkeypatch.setitem(handlers._state, "kube", Existing())
+    monkeypatch.setitem(handlers._state, "launchers", frozenset({"Job", "PyTorchJob"}))
+    monkeypatch.setitem(handlers._state, "launchers_at", float("inf"))
+    monkeypatch.setattr(
+        kopf, "event", lambda body, type, reason, message: events.append((reason, message))
+    )
+    patch = kopf.Patch()
+    handlers._reconcile(samirun_doc, patch, logging.getLogger(__name__))
+    assert events == [("StageAdopted", "evaluate-0: adopted mistral-hh-it0-evaluate")]
+    assert patch.status["iterations"][0]["evaluate"]["child"] == "mistral-hh-it0-evaluate"
+
+
+def test_a_pass_waits_for_the_run_its_last_patch_wrote(monkeypatch):
+    """A body older than the operator's last patch of the run is not passed over (it would
+    redo what that patch recorded): numeric resource versions are compared, others wait for
+    that very version or two intervals."""
+    from sami_operator import handlers
+
+    clock = [0.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(handlers, "_written", {"ns/r": ("120", 10.0)})
+    assert handlers._older_than_written("ns/r", "119")
+    clock[0] = 1000.0  # however late: the watch brings it in the end
+    assert handlers._older_than_written("ns/r", "119")
+    assert not handlers._older_than_written("ns/r", "121")
+    assert "ns/r" not in handlers._written
+    handlers._written["ns/r"] = ("b", 1010.0)
+    assert handlers._older_than_written("ns/r", "a")
+    assert not handlers._older_than_written("ns/r", "b")
+    handlers._written["ns/r"] = ("b", 1010.0)
+    clock[0] = 1011.0
+    assert not handlers._older_than_written("ns/r", "a")
+    assert not handlers._older_than_written("ns/other", "1")
+
+
+def test_creates_are_rate_limited(monkeypatch):
+    """Backpressure: a burst, then one create per 1/rate seconds, however many threads ask
+    (a clock that moves only when the limiter sleeps)."""
+    from sami_operator import kube as kube_module
+
+    clock = [0.0]
+    monkeypatch.setattr(kube_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(kube_module.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    limit = kube_module.RateLimit(per_second=10.0, burst=5)
+    for _ in range(25):
+        limit.acquire()
+    assert clock[0] == pytest.approx((25 - 5) / 10.0)
 
 
 PREFIX = "s3://sami-runs/experiments/team-a/mistral-hh/u1"
@@ -728,6 +884,7 @@ def test_served_launchers_are_rediscovered(monkeypatch):
 
     class Discovery:
         calls = 0
+        watched: list[frozenset] = []
 
         def served_launchers(self):
             Discovery.calls += 1
@@ -735,6 +892,9 @@ def test_served_launchers_are_rediscovered(monkeypatch):
             if isinstance(answer, Exception):
                 raise answer
             return answer
+
+        def watch_launchers(self, served):
+            Discovery.watched.append(served)
 
     clock = [1000.0]
     monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
@@ -751,6 +911,7 @@ def test_served_launchers_are_rediscovered(monkeypatch):
     assert Discovery.calls == 0
     assert handlers._served_launchers("PyTorchJob") == {"Job", "PyTorchJob"}
     assert Discovery.calls == 1
+    assert Discovery.watched == [{"Job", "PyTorchJob"}]  # its workloads are watched from now
     clock[0] += handlers.LAUNCHERS_TTL_SECONDS - 1
     assert handlers._served_launchers("JobSet") == {"Job", "PyTorchJob"}  # rechecked...
     assert Discovery.calls == 2  # ...and failed: the last answer stands

@@ -1,15 +1,21 @@
 """Kopf handlers (kopf is imported in this module only). Thin and idempotent: each pass
 rebuilds the run's state from its status and its children, asks `reconcile.decide` what to do,
-does it, and writes the whole status back.
+does it, and patches the status when it changed.
 
-One timer per SAMIRun drives everything, so passes over one run never overlap; watching the
-children is not needed for correctness (a pass every `SAMI_RECONCILE_SECONDS` reads them).
+One daemon per SAMIRun drives it, so passes over one run never overlap. The daemon sleeps until
+a child of its run, a child's pod or a failed-create event about one changes (the watches of
+kube.Kube call back), or at the latest `SAMI_RECONCILE_SECONDS` later (a spec edit, a
+deadline). The children come from those watches, so a pass
+costs no API call to read them; a pass that finds the run and its children as the last full
+pass left them, with no deadline due, returns at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -53,11 +59,17 @@ STAGE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("sami_reconcile_errors_total", "Reconcile passes that raised")
 _phases: dict[str, str] = {}
+_phases_lock = threading.Lock()
+for _phase in Phase:
+    RUNS.labels(phase=_phase.value).set(0)
 _state: dict[str, Any] = {}
+# Per run ("namespace/name"): what its last full pass saw (its resourceVersion and its
+# children's version in the watches) and when a deadline is next due, if it settled there.
+_quiet: dict[str, tuple[tuple[str, int], datetime | None]] = {}
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     prefix = SETTINGS.prefix
     settings.persistence.finalizer = SETTINGS.finalizer
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
@@ -67,15 +79,29 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.posting.level = logging.WARNING
-    kube = kube_module.Kube()
-    _state["kube"] = kube
-    _state["launchers"] = kube.served_launchers()
-    _state["launchers_at"] = time.monotonic()
-    logging.getLogger(__name__).info("training launchers served: %s", sorted(_state["launchers"]))
+    loop = asyncio.get_running_loop()
+
+    def changed(namespace: str, name: str) -> None:  # on a watch's thread
+        loop.call_soon_threadsafe(_wake, f"{namespace}/{name}")
+
+    await asyncio.to_thread(_connect, changed)
     if SETTINGS.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(SETTINGS.metrics_port, addr=SETTINGS.metrics_address)
+
+
+def _connect(changed) -> None:
+    """The API client, the training launchers served, and the watches of the children."""
+    kube = kube_module.Kube(
+        creates_per_second=SETTINGS.creates_per_second,
+        create_burst=max(1, round(SETTINGS.creates_per_second)),
+    )
+    _state["kube"] = kube
+    _state["launchers"] = kube.served_launchers()
+    _state["launchers_at"] = time.monotonic()
+    logging.getLogger(__name__).info("training launchers served: %s", sorted(_state["launchers"]))
+    kube.watch(SETTINGS.namespaces, notify=changed)
 
 
 # How long the served launchers (API discovery) are trusted, and how often they are looked up
@@ -104,6 +130,7 @@ def _served_launchers(wanted: str) -> frozenset[str]:
         log.info(
             "training launchers served: %s (were %s)", sorted(served), sorted(_state["launchers"])
         )
+        _state["kube"].watch_launchers(served)
     _state["launchers"], _state["launchers_at"] = served, time.monotonic()
     return served
 
@@ -132,7 +159,8 @@ def _await_launcher(body, patch, run: SAMIRun, launcher: str) -> str:
     stalled.last_transition_time = (
         before.last_transition_time if before is not None and before.status == "True" else now
     )
-    patch.status.update(status.model_dump(mode="json", by_alias=True))
+    if status != previous:
+        patch.status.update(status.model_dump(mode="json", by_alias=True))
     if not waiting:
         kopf.event(body, type="Warning", reason=LAUNCHER_UNAVAILABLE, message=status.message)
     return status.phase.value
@@ -167,13 +195,85 @@ def _invalid(body, patch, message: str, reason: str = "InvalidSpec") -> None:
     patch.status.update(status.model_dump(mode="json", by_alias=True))
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_seconds)
-def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+_wakers: dict[str, asyncio.Event] = {}
+# Per run: the resourceVersion its last patch produced, and until when (time.monotonic()) a
+# pass waits for the watch to bring the run at that version: a body older than what the
+# operator wrote would have it redo what it just did.
+_written: dict[str, tuple[str, float]] = {}
+
+
+def _wake(key: str) -> None:
+    waker = _wakers.get(key)
+    if waker is not None:
+        waker.set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+async def drive(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **_: Any) -> None:
+    """The run's passes, one at a time: when a child of it changed (the watches wake it), and
+    at the latest SAMI_RECONCILE_SECONDS after the last (a spec edit, a deadline). `body` is
+    Kopf's live view of the run."""
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    waker = _wakers.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            waker.clear()
+            snapshot = {k: body[k] for k in body}  # the run as the watch last showed it
+            await asyncio.to_thread(_drive_once, snapshot, logger)
+            await _sleep(waker, stopped, SETTINGS.reconcile_seconds)
+    finally:
+        _wakers.pop(key, None)
+        _written.pop(key, None)
+
+
+async def _sleep(waker: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until the run is woken or its daemon stopped (the run deleted, the operator exiting),
+    at most `seconds`."""
+
+    async def until_stopped() -> None:
+        await stopped.wait()
+
+    waits = [asyncio.ensure_future(waker.wait()), asyncio.ensure_future(until_stopped())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+def _drive_once(body, logger: logging.Logger) -> None:
+    """One pass, its patch applied (status and, once, the default-storage annotation)."""
+    meta = body["metadata"]
+    key = f"{meta['namespace']}/{meta['name']}"
+    if _older_than_written(key, meta.get("resourceVersion", "")):
+        return
+    patch = kopf.Patch()
     try:
         _reconcile(body, patch, logger)
+        if patch:
+            written = _state["kube"].patch_run(meta["namespace"], meta["name"], dict(patch))
+            _written[key] = (written, time.monotonic() + 2 * SETTINGS.reconcile_seconds)
     except Exception:
         RECONCILE_ERRORS.inc()
-        raise
+        _quiet.pop(key, None)
+        logger.exception("A reconcile pass failed with an exception; trying again")
+
+
+def _older_than_written(key: str, version: str) -> bool:
+    """Whether the run's body predates the operator's last patch of it: however long the watch
+    takes to bring it where resource versions are numbers (etcd's are); where they are not,
+    until it brings that very version or two reconcile intervals pass."""
+    written = _written.get(key)
+    if written is None:
+        return False
+    wrote, until = written
+    try:
+        stale = int(version) < int(wrote)
+    except ValueError:
+        stale = version != wrote and time.monotonic() <= until
+    if not stale:
+        del _written[key]
+    return stale
 
 
 def _finished(body) -> bool:
@@ -232,8 +332,15 @@ def _reconcile(body, patch, logger) -> None:
     if meta.get("deletionTimestamp"):
         return  # being deleted: the delete handler owns it now
     if _finished(body):
+        _quiet.pop(key, None)
         _count(key, status_doc["phase"])
         return
+    kube: kube_module.Kube = _state["kube"]
+    seen = (meta.get("resourceVersion", ""), kube.changes(meta["namespace"], meta["name"]))
+    now = _now()
+    if _nothing_new(key, seen, now):
+        return
+    _quiet.pop(key, None)
     try:
         run = _parse(body, patch)
     except SpecError as err:
@@ -256,7 +363,6 @@ def _reconcile(body, patch, logger) -> None:
     previous = SAMIRunStatus.model_validate(status_doc) if status_doc.get("phase") else None
     records = records_from_status(run, uid, previous)
     before = {stage_id: record.message for stage_id, record in records.items()}
-    kube: kube_module.Kube = _state["kube"]
     # Only the children whose outcome is not yet recorded need their pods looked at.
     unsettled = {
         r.child
@@ -264,17 +370,19 @@ def _reconcile(body, patch, logger) -> None:
         if r.child and r.phase not in (StagePhase.succeeded, StagePhase.failed)
     }
     observed = kube.observe_children(meta["namespace"], meta["name"], unsettled)
-    now = _now()
     created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
     stages = plan(run, uid)  # once per pass: decide and derive_status walk the same stages
     decision = decide(run, uid, records, observed, SETTINGS, now, created, stages)
+    refused = False
     for obj in decision.create:
         try:
             if not kube.create(obj):
                 name = obj["metadata"]["name"]
                 logger.info("%s %s already exists; adopting it", obj["kind"], name)
+                _adopted(decision, name)
         except kube_module.CreateRefusedError as err:
             create_refused(decision, err.refused, before, now)
+            refused = True
             break
     for name in decision.delete:
         kube.delete_child(meta["namespace"], name)
@@ -283,8 +391,32 @@ def _reconcile(body, patch, logger) -> None:
         if reason == "StageSucceeded":
             _observe_duration(decision.records, message)
     status = derive_status(run, uid, decision.records, _stamp(now), previous, stages)
-    patch.status.update(status.model_dump(mode="json", by_alias=True))
+    if previous is None or status != previous:
+        patch.status.update(status.model_dump(mode="json", by_alias=True))
+    if not refused:  # a refused create is tried again on the next pass
+        _quiet[key] = (seen, decision.wake_at)
     _count(key, status.phase.value)
+
+
+def _adopted(decision, name: str) -> None:
+    """A child created by an earlier pass whose status never recorded it (an operator stopped
+    in between): its StageCreated event was posted then; this pass says it adopted it."""
+    created = f"created {name}"
+    decision.events = [
+        ("Normal", "StageAdopted", message.replace(created, f"adopted {name}"))
+        if reason == "StageCreated" and message.endswith(created)
+        else (kind, reason, message)
+        for kind, reason, message in decision.events
+    ]
+
+
+def _nothing_new(key: str, seen: tuple[str, int], now: datetime) -> bool:
+    """The run and its children are as the last full pass saw them, and no deadline is due."""
+    quiet = _quiet.get(key)
+    if quiet is None or quiet[0] != seen:
+        return False
+    wake_at = quiet[1]
+    return wake_at is None or now < wake_at
 
 
 def _observe_duration(records, message: str) -> None:
@@ -296,16 +428,26 @@ def _observe_duration(records, message: str) -> None:
         STAGE_SECONDS.labels(stage=stage_id.split("-")[0]).observe((end - start).total_seconds())
 
 
-def _count(key: str, phase: str) -> None:
-    _phases[key] = phase
-    for value in Phase:
-        RUNS.labels(phase=value.value).set(sum(p == value.value for p in _phases.values()))
+def _count(key: str, phase: str | None) -> None:
+    """The sami_runs gauge: the run `key` is in `phase` now (None: gone). Passes run on
+    several threads."""
+    with _phases_lock:
+        before = _phases.pop(key, None)
+        if phase is not None:
+            _phases[key] = phase
+        if before != phase:
+            if before is not None:
+                RUNS.labels(phase=before).dec()
+            if phase is not None:
+                RUNS.labels(phase=phase).inc()
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def forget(body: kopf.Body, **_: Any) -> None:
     """Children go with their owner (ownerReferences); only the metrics forget the run."""
-    _phases.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    _count(key, None)
+    _quiet.pop(key, None)
 
 
 def _deletes_storage(spec: kopf.Spec, **_: Any) -> bool:

@@ -1,26 +1,26 @@
-"""The one module that talks to the Kubernetes API server (besides Kopf itself)."""
+"""The one module that talks to the Kubernetes API server (besides Kopf itself): it creates
+and deletes children, at a bounded rate, and reads them from the watches (watches.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
-from datetime import datetime
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from sami_operator.builders import MANAGED_BY
-from sami_operator.launchers import BY_KIND, CUSTOM, JOB, LAUNCHERS
-from sami_operator.models import GROUP, StagePhase
+from sami_operator.launchers import BY_KIND, CUSTOM, JOB, Workload
+from sami_operator.models import GROUP, PLURAL, VERSION, StagePhase
 from sami_operator.reconcile import ChildState, CreateRefused
+from sami_operator.watches import Watches
 
 log = logging.getLogger(__name__)
 
-JOB_API = JOB.api
-# How each workload kind labels its pods (rank 0's pod sorts first by name: launchers.py).
-_POD_SELECTORS = {w.api: w.pod_selector for w in LAUNCHERS.values()}
 # Waiting reasons that do not go away by themselves: shown in the run's status.
 STUCK_REASONS = {
     "CreateContainerConfigError",
@@ -30,9 +30,7 @@ STUCK_REASONS = {
     "InvalidImageName",
     "CrashLoopBackOff",
 }
-# Events of a workload controller that could not create a pod (the Job and JobSet
-# controllers': FailedCreate; Kubeflow's training operator: FailedCreatePod).
-FAILED_CREATE = ("FailedCreate", "FailedCreatePod")
+UNSCHEDULABLE = "Unschedulable"
 # Pod status reasons of pods taken away rather than failed: node-pressure eviction, graceful
 # node shutdown, a lost node, preemption.
 DISRUPTION_REASONS = {"Evicted", "Shutdown", "NodeShutdown", "Terminated", "NodeLost", "Preempting"}
@@ -52,8 +50,35 @@ def _api_message(err: ApiException) -> str:
         return str(err.reason)
 
 
+class RateLimit:
+    """A token bucket: `acquire` takes one token, waiting for it when there is none; tokens
+    come back at `per_second`, up to `burst`. Shared by every thread that creates."""
+
+    def __init__(self, per_second: float, burst: int):
+        self.per_second, self.burst = per_second, burst
+        self._tokens, self._at = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+            self._at = now
+            self._tokens -= 1  # may go negative: later callers wait their turn behind it
+            wait = -self._tokens / self.per_second if self._tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
+
+
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None):
+    def __init__(
+        self,
+        api_client: client.ApiClient | None = None,
+        creates_per_second: float = 50.0,
+        create_burst: int = 50,
+    ):
+        self.create_limit = RateLimit(creates_per_second, create_burst)
+        self.watches: Watches | None = None
         if api_client is None:
             try:
                 config.load_incluster_config()
@@ -78,10 +103,12 @@ class Kube:
     # --- children ----------------------------------------------------------------------------
 
     def create(self, obj: dict[str, Any]) -> bool:
-        """Create an object; False when it already exists (created by an earlier pass).
-        Raises CreateRefusedError with the API server's message when it refuses it."""
-        ns = obj["metadata"]["namespace"]
+        """Create an object, waiting for the create rate limit first; False when it already
+        exists (created by an earlier pass). Raises CreateRefusedError with the API server's
+        message when it refuses it."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         kind = obj["kind"]
+        self.create_limit.acquire()
         try:
             if kind == "ConfigMap":
                 self.core.create_namespaced_config_map(ns, obj)
@@ -92,11 +119,29 @@ class Kube:
                 self.custom.create_namespaced_custom_object(group, version, ns, plural, obj)
         except ApiException as err:
             if err.status == 409:
+                self._expect(kind, ns, name)
                 return False
-            raise CreateRefusedError(
-                CreateRefused(kind, obj["metadata"]["name"], err.status, _api_message(err))
-            ) from err
+            refused = CreateRefused(kind, name, err.status, _api_message(err))
+            raise CreateRefusedError(refused) from err
+        self._expect(kind, ns, name)
         return True
+
+    def _expect(self, kind: str, namespace: str, name: str) -> None:
+        if kind in BY_KIND and self.watches is not None:
+            self.watches.expect(namespace, name)
+
+    def patch_run(self, namespace: str, name: str, patch: dict[str, Any]) -> str:
+        """Merge-patch a SAMIRun: its metadata, then its status (the status subresource).
+        Returns the resourceVersion it has after."""
+        written = ""
+        for part, call in (
+            ("metadata", self.custom.patch_namespaced_custom_object),
+            ("status", self.custom.patch_namespaced_custom_object_status),
+        ):
+            if patch.get(part):
+                obj = call(GROUP, VERSION, namespace, PLURAL, name, {part: patch[part]})
+                written = obj["metadata"]["resourceVersion"]
+        return written
 
     def delete_child(self, namespace: str, name: str) -> None:
         """Delete a stage's workload (its pods go with it, in the background) and its task
@@ -119,215 +164,190 @@ class Kube:
                 if err.status != 404:  # 404: not of this kind, already gone, or not served
                     raise
 
+    def watch(
+        self,
+        namespaces: Iterable[str] = (),
+        notify: Callable[[str, str], None] | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        """Start watching the children in `namespaces` (none: all), with every training
+        launcher this cluster serves, and wait until each watch has its first list.
+        `notify(namespace, run)` is called (on a watch's thread) when anything of a run's
+        children changes."""
+        served = self.served_launchers()
+        self.watches = Watches(self.api, namespaces, notify)
+        self.watches.start(w for w in CUSTOM if w.launcher.value in served)
+        self.watches.wait_listed(timeout)
+
+    def stop_watching(self) -> None:
+        if self.watches is not None:
+            self.watches.stop()
+
+    def watch_launchers(self, served: Iterable[str]) -> None:
+        """Watch the workloads of launchers served since `watch` (their CRDs installed)."""
+        self.watches.watch_workloads(w for w in CUSTOM if w.launcher.value in served)
+
+    def changes(self, namespace: str, run: str) -> int:
+        """A number that moves whenever anything of the run's children changes."""
+        return self.watches.version(namespace, run)
+
     def observe_children(
         self, namespace: str, run: str, look_into: Collection[str] | None = None
     ) -> dict[str, ChildState]:
-        """Every workload of a run, by name, with its phase; with its pods' story (rank 0's
-        exit, why they wait) only for those in `look_into` (None: all), so that children
-        whose outcome is already recorded cost no pod listing."""
-        selector = f"{GROUP}/run={run},app.kubernetes.io/managed-by={MANAGED_BY}"
+        """Every workload of a run, by name, with its phase, as the watches show it (no API
+        call); with its pods' story (rank 0's exit, why they wait) only for those in
+        `look_into` (None: all). A child created but not yet in the watch is pending."""
         found: dict[str, ChildState] = {}
-        for job in self.batch.list_namespaced_job(namespace, label_selector=selector).items:
-            if look_into is not None and job.metadata.name not in look_into:
-                found[job.metadata.name] = ChildState(_job_phase(job))
-                continue
-            found[job.metadata.name] = self._job_state(namespace, job)
-        for api in (w.api for w in CUSTOM):
-            group, version, plural = api
-            try:
-                items = self.custom.list_namespaced_custom_object(
-                    group, version, namespace, plural, label_selector=selector
-                )["items"]
-            except ApiException as err:
-                if err.status == 404:
-                    continue  # the API is not served here
-                raise
-            for obj in items:
-                name = obj["metadata"]["name"]
-                if look_into is not None and name not in look_into:
-                    found[name] = ChildState(_custom_phase(obj))
-                    continue
-                found[name] = self._custom_state(namespace, api, obj)
+        for name, (workload, obj) in self.watches.children(namespace, run).items():
+            if workload is None:
+                found[name] = ChildState(StagePhase.pending)
+            elif look_into is not None and name not in look_into:
+                found[name] = ChildState(phase_of(workload, obj))
+            else:
+                pods = self.watches.pods(namespace, run, workload, name)
+                events = self.watches.failed_creates(namespace, name)
+                found[name] = child_state(workload, obj, pods, events)
         return found
 
-    def _pods(self, namespace: str, api, name: str) -> list:
-        selector = _POD_SELECTORS[api].format(name=name)
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        return sorted(pods, key=lambda p: p.metadata.name)
 
-    def _unfinished(
-        self, namespace: str, api, name: str, created: datetime | None, since: datetime | None
-    ) -> ChildState:
-        """A child still waiting for or running its pods. Running once every pod of it runs
-        (a Job's `active` and a JobSet's active Jobs count Pending pods too); else waiting
-        since its oldest Pending pod was created, or since the child was (`since`: when it
-        was queued, if it was), with what stalls it, if anything does."""
-        pods = self._pods(namespace, api, name)
-        pending = [p for p in pods if p.status.phase in (None, "Pending")]
-        if pods and not pending:
-            return ChildState(StagePhase.running)
-        if pending:
-            since = min(p.metadata.creation_timestamp for p in pending)
-        stalled, message = stuck(pending)
-        if not pods:
-            stalled, message = self._failed_create(namespace, name)
-        return ChildState(
-            StagePhase.pending, message=message, waiting_since=since or created, stalled=stalled
-        )
-
-    def _failed_create(self, namespace: str, name: str) -> tuple[str | None, str | None]:
-        """The latest event saying a workload controller could not create the child's pods
-        (a quota, Pod Security or a webhook refusing them, a missing ServiceAccount)."""
-        try:
-            found = self.core.list_namespaced_event(namespace, field_selector="type=Warning")
-        except ApiException as err:
-            if err.status != 403:
-                raise
-            log.warning("cannot list events in %s (RBAC: list events): %s", namespace, err.reason)
-            return None, None
-        events = found.items
-        mine = [
-            e
-            for e in events
-            if e.reason in FAILED_CREATE
-            and (e.involved_object.name == name or e.involved_object.name.startswith(f"{name}-"))
-        ]
-        if not mine:
-            return None, None
-        latest = max(
-            mine, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp
-        )
-        return (
-            "FailedCreate",
-            f"{latest.involved_object.kind} {latest.involved_object.name}: {latest.message}",
-        )
-
-    def _job_state(self, namespace: str, job) -> ChildState:
-        conditions = {c.type: c for c in (job.status.conditions or [])}
-        name, phase = job.metadata.name, _job_phase(job)
-        if phase in (StagePhase.succeeded, StagePhase.failed):
-            return self._terminal(namespace, JOB_API, name, phase)
-        created = job.metadata.creation_timestamp
-        if phase == StagePhase.queued:
-            return ChildState(phase, waiting_since=_since(conditions, created))
-        return self._unfinished(namespace, JOB_API, name, created, None)
-
-    def _custom_state(self, namespace: str, api, obj: dict[str, Any]) -> ChildState:
-        conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", []) or []}
-        name, phase = obj["metadata"]["name"], _custom_phase(obj)
-        if phase in (StagePhase.succeeded, StagePhase.failed):
-            return self._terminal(namespace, api, name, phase)
-        created = _parse_time(obj["metadata"].get("creationTimestamp"))
-        since = _since(conditions, created)
-        if phase == StagePhase.queued:
-            return ChildState(phase, waiting_since=since)
-        # Resumed (admitted again): its wait starts when it was.
-        resumed = since if "Suspended" in conditions else None
-        return self._unfinished(namespace, api, name, created, resumed)
-
-    def _terminal(self, namespace: str, api, name: str, phase: StagePhase) -> ChildState:
-        pods = self._pods(namespace, api, name)
-        disrupted = phase == StagePhase.failed and disruption(pods)
-        # Pods being deleted (a launcher stopping the survivors of a failure) were killed:
-        # their exit code would hide the one that says why the workload failed.
-        pods = [p for p in pods if p.metadata.deletion_timestamp is None] or pods
-        for pod in pods:
-            for status in pod.status.container_statuses or []:
-                terminated = status.state.terminated if status.state else None
-                if terminated is not None:
-                    return ChildState(
-                        phase,
-                        terminated.exit_code,
-                        terminated.message,
-                        terminated.reason,
-                        disrupted=disrupted,
-                    )
-        return ChildState(phase, disrupted=disrupted)
+def child_state(workload: Workload, obj: dict, pods: list[dict], events: list[dict]) -> ChildState:
+    """What a workload, its pods (rank 0 first) and the failed-create events about it say."""
+    phase = phase_of(workload, obj)
+    if phase in (StagePhase.succeeded, StagePhase.failed):
+        return _terminal(phase, pods)
+    conditions = _conditions(obj)
+    created = _parse_time(obj["metadata"].get("creationTimestamp"))
+    since = _since(conditions, created)
+    if phase == StagePhase.queued:
+        return ChildState(phase, waiting_since=since)
+    # A custom workload resumed (admitted again): its wait starts when it was.
+    resumed = since if workload.custom and "Suspended" in conditions else None
+    return _unfinished(pods, events, created, resumed)
 
 
-def stuck(pods: list) -> tuple[str | None, str | None]:
+def _unfinished(
+    pods: list[dict], events: list[dict], created: datetime | None, since: datetime | None
+) -> ChildState:
+    """A child still waiting for or running its pods. Running once every pod of it runs
+    (a Job's `active` and a JobSet's active Jobs count Pending pods too); else waiting
+    since its oldest Pending pod was created, or since the child was (`since`: when it
+    was queued, if it was), with what stalls it, if anything does."""
+    pending = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending")]
+    if pods and not pending:
+        return ChildState(StagePhase.running)
+    if pending:
+        since = min(_parse_time(p["metadata"]["creationTimestamp"]) for p in pending)
+    stalled, message = stuck(pending)
+    if not pods:
+        stalled, message = _failed_create(events)
+    return ChildState(
+        StagePhase.pending, message=message, waiting_since=since or created, stalled=stalled
+    )
+
+
+def _failed_create(events: list[dict]) -> tuple[str | None, str | None]:
+    """The latest event saying a workload controller could not create the child's pods
+    (a quota, Pod Security or a webhook refusing them, a missing ServiceAccount)."""
+    if not events:
+        return None, None
+
+    def when(event: dict) -> str:
+        stamp = event.get("lastTimestamp") or event.get("eventTime")
+        return stamp or event["metadata"].get("creationTimestamp") or ""
+
+    latest = max(events, key=lambda e: _parse_time(when(e)) or datetime.min.replace(tzinfo=UTC))
+    involved = latest.get("involvedObject") or {}
+    return "FailedCreate", f"{involved.get('kind')} {involved.get('name')}: {latest.get('message')}"
+
+
+def _terminal(phase: StagePhase, pods: list[dict]) -> ChildState:
+    disrupted = phase == StagePhase.failed and disruption(pods)
+    # Pods being deleted (a launcher stopping the survivors of a failure) were killed:
+    # their exit code would hide the one that says why the workload failed.
+    pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")] or pods
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated")
+            if terminated is not None:
+                return ChildState(
+                    phase,
+                    terminated.get("exitCode"),
+                    terminated.get("message"),
+                    terminated.get("reason"),
+                    disrupted=disrupted,
+                )
+    return ChildState(phase, disrupted=disrupted)
+
+
+def stuck(pods: list[dict]) -> tuple[str | None, str | None]:
     """(reason, message) of the first pod stuck for a reason someone must act on: a
     container (or init container) that cannot start, or a pod the scheduler cannot place."""
     for pod in pods:
-        statuses = [
-            *(pod.status.init_container_statuses or []),
-            *(pod.status.container_statuses or []),
+        status, name = pod.get("status") or {}, pod["metadata"]["name"]
+        containers = [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
         ]
-        for status in statuses:
-            waiting = status.state.waiting if status.state else None
-            if waiting is not None and waiting.reason in STUCK_REASONS:
-                return (
-                    waiting.reason,
-                    f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".rstrip(
-                        ": "
-                    ),
-                )
-        for condition in pod.status.conditions or []:
-            if condition.type == "PodScheduled" and condition.reason == "Unschedulable":
-                return (
-                    "Unschedulable",
-                    f"pod {pod.metadata.name}: Unschedulable: {condition.message or ''}",
-                )
+        for container in containers:
+            waiting = (container.get("state") or {}).get("waiting")
+            if waiting is not None and waiting.get("reason") in STUCK_REASONS:
+                reason = waiting["reason"]
+                return reason, f"pod {name}: {reason}: {waiting.get('message') or ''}".rstrip(": ")
+        for condition in status.get("conditions") or []:
+            if (condition.get("type"), condition.get("reason")) == ("PodScheduled", UNSCHEDULABLE):
+                why = condition.get("message") or ""
+                return UNSCHEDULABLE, f"pod {name}: {UNSCHEDULABLE}: {why}"
     return None, None
 
 
-def disruption(pods: list) -> bool:
+def disruption(pods: list[dict]) -> bool:
     """Whether a failed child's pods were taken away rather than failing: none is left, or
     every one left is being deleted (a node drained or lost on clusters without disruption
     conditions; a pod that failed on its own stays), or one carries Kubernetes' DisruptionTarget
     condition (1.26+: eviction, preemption, taint manager, node shutdown) or a kubelet
     eviction's reason."""
-    if all(p.metadata.deletion_timestamp is not None for p in pods):
+    if all(p["metadata"].get("deletionTimestamp") for p in pods):
         return True
     for pod in pods:
-        if pod.status.reason in DISRUPTION_REASONS:
+        status = pod.get("status") or {}
+        if status.get("reason") in DISRUPTION_REASONS:
             return True
-        for condition in pod.status.conditions or []:
-            if condition.type == "DisruptionTarget" and condition.status == "True":
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
                 return True
     return False
 
 
-def _job_phase(job) -> StagePhase:
-    """What a Job's conditions say (pending: not finished; its pods tell whether it runs)."""
-    conditions = {c.type: c for c in (job.status.conditions or [])}
-    if _true(conditions.get("Complete")):
-        return StagePhase.succeeded
-    if _true(conditions.get("Failed")):
-        return StagePhase.failed
-    return StagePhase.queued if job.spec.suspend else StagePhase.pending
-
-
-def _custom_phase(obj: dict[str, Any]) -> StagePhase:
-    """The same for a training launcher's workload, by its conditions (launchers.py)."""
-    workload = BY_KIND[obj["kind"]]
-    conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", []) or []}
+def phase_of(workload: Workload, obj: dict) -> StagePhase:
+    """What a workload's conditions say (pending: not finished; its pods tell whether it
+    runs). A Job is queued while spec.suspend; a custom workload by its Suspended condition
+    (launchers.py)."""
+    conditions = _conditions(obj)
     if any(_true(conditions.get(c)) for c in workload.succeeded):
         return StagePhase.succeeded
     if any(_true(conditions.get(c)) for c in workload.failed):
         return StagePhase.failed
-    suspended = any(_true(conditions.get(c)) for c in workload.suspended)
+    if workload.custom:
+        suspended = any(_true(conditions.get(c)) for c in workload.suspended)
+    else:
+        suspended = bool((obj.get("spec") or {}).get("suspend"))
     return StagePhase.queued if suspended else StagePhase.pending
 
 
-def _true(condition) -> bool:
-    if condition is None:
-        return False
-    status = condition["status"] if isinstance(condition, dict) else condition.status
-    return status == "True"
+def _conditions(obj: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
 
 
-def _since(conditions: dict, created: datetime | None) -> datetime | None:
+def _true(condition: dict | None) -> bool:
+    return condition is not None and condition.get("status") == "True"
+
+
+def _since(conditions: dict[str, dict], created: datetime | None) -> datetime | None:
     """When the Suspended condition last changed (queued, or admitted again), else `created`."""
     suspended = conditions.get("Suspended")
     if suspended is None:
         return created
-    when = (
-        suspended.get("lastTransitionTime")
-        if isinstance(suspended, dict)
-        else suspended.last_transition_time
-    )
-    return _parse_time(when) if isinstance(when, str) else (when or created)
+    return _parse_time(suspended.get("lastTransitionTime")) or created
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -74,6 +74,9 @@ class Decision:
     delete: list[str] = field(default_factory=list)  # children (workload and ConfigMap)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     failure: str | None = None  # condition reason when the run failed in this pass
+    # The earliest moment a deadline (spec.deadlines) could fail the stage in progress: a
+    # pass then has something to decide even if nothing of the run changed.
+    wake_at: datetime | None = None
 
 
 def records_from_status(run: SAMIRun, uid: str, status: SAMIRunStatus | None) -> dict:
@@ -189,6 +192,7 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
             _fail(decision, record, stamp, "StartDeadlineExceeded", late + why)
             return
 
+        decision.wake_at = _next_deadline(ctx, never_started, state)
         if record.child is None or state is None:
             if not run.spec.suspend:
                 _create(ctx, decision, stage, record)
@@ -255,6 +259,23 @@ def _start_overdue(ctx: _Pass, never_started: bool, state: ChildState | None) ->
 
 
 _WAITING = (StagePhase.pending, StagePhase.queued)
+
+
+def _next_deadline(ctx: _Pass, never_started: bool, state: ChildState | None) -> datetime | None:
+    """When deadlines.activeSeconds or deadlines.startSeconds would next fail the stage in
+    progress as it stands (the same clocks as the checks above), or None."""
+    deadlines = ctx.run.spec.deadlines
+    moments = []
+    if deadlines.active_seconds:
+        moments.append(ctx.created + timedelta(seconds=deadlines.active_seconds))
+    if deadlines.start_seconds and not ctx.run.spec.suspend:
+        limit = timedelta(seconds=deadlines.start_seconds)
+        waiting = state.waiting_since if state and state.phase in _WAITING else None
+        if waiting is not None:
+            moments.append(waiting + limit)
+        elif never_started:
+            moments.append(ctx.created + limit)
+    return min(moments, default=None)
 
 
 def _create(ctx: _Pass, decision: Decision, stage: Stage, record: StageRecord) -> None:

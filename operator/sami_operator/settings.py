@@ -3,7 +3,20 @@
 SAMI_WORKER_IMAGE        default image for stage pods (spec.pods.*.image overrides it)
 SAMI_WORKER_SERVICE_ACCOUNT  default service account for stage pods
 SAMI_NAMESPACES          comma-separated namespaces to watch; empty = all namespaces
-SAMI_RECONCILE_SECONDS   how often each run is reconciled from observed state (default 5)
+SAMI_RECONCILE_SECONDS   how often each run's timer looks for news (default 5): a pass reads the
+                         run's children from watches, and runs in full only when the run or a
+                         child of it changed, or a deadline is due
+SAMI_CREATES_PER_SECOND  backpressure: at most this many objects (workloads and their task
+                         ConfigMaps) created per second, over all runs (default 50; bursts of as
+                         many)
+SAMI_LEADER_ELECTION     the name of the Lease (coordination.k8s.io/v1) replicas elect the active
+                         one with; empty: no election, this process is active at once (one
+                         replica only)
+SAMI_LEADER_ELECTION_NAMESPACE  the Lease's namespace (default: the pod's, from the service
+                         account; else "default")
+SAMI_LEASE_SECONDS       how long a Lease is held without renewal before a standby takes over
+                         (default 15; renewed every 2 s, given up after 10 s of failed renewals)
+SAMI_POD_NAME            this replica's name in the Lease (default: the host name)
 SAMI_LIVENESS_PORT       liveness endpoint port (default 8080)
 SAMI_LIVENESS_ADDRESS    IP address the liveness endpoint binds to (default 0.0.0.0: the kubelet
                          probes the pod IP; :: for every IPv6 and IPv4 address)
@@ -27,6 +40,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -50,6 +64,11 @@ class OperatorSettings:
     default_storage: StorageSpec | None = None
     storage_cleanup_attempts: int = 3
     storage_cleanup_seconds: float = 3600.0
+    creates_per_second: float = 50.0
+    leader_election: str | None = None  # the Lease's name
+    leader_election_namespace: str = "default"
+    lease_seconds: float = 15.0
+    identity: str = "sami-operator"
 
     @property
     def finalizer(self) -> str:
@@ -89,7 +108,40 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         storage_cleanup_seconds=float(
             env.get("SAMI_STORAGE_CLEANUP_SECONDS", defaults.storage_cleanup_seconds)
         ),
+        creates_per_second=_positive(
+            "SAMI_CREATES_PER_SECOND", env.get("SAMI_CREATES_PER_SECOND"), 50.0, 0.1
+        ),
+        leader_election=env.get("SAMI_LEADER_ELECTION", "").strip() or None,
+        leader_election_namespace=(
+            env.get("SAMI_LEADER_ELECTION_NAMESPACE", "").strip() or _pod_namespace()
+        ),
+        lease_seconds=_positive("SAMI_LEASE_SECONDS", env.get("SAMI_LEASE_SECONDS"), 15.0, 3.0),
+        identity=env.get("SAMI_POD_NAME") or socket.gethostname(),
     )
+
+
+def _positive(variable: str, text: str | None, default: float, least: float) -> float:
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= least:
+        raise ValueError(f"{variable}: {text!r} is not a number >= {least:g}")
+    return value
+
+
+# Where Kubernetes mounts a pod's service account: its namespace is the pod's.
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _pod_namespace() -> str:
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
 
 
 def _cleanup_attempts(text: str) -> int:

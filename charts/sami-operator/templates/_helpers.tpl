@@ -114,43 +114,44 @@ why; there are no wildcards (tests/test_chart.py checks both).
   resources: ["samiruns/finalizers"]
   verbs: ["update"]
 # Stage workloads for the Job launcher (and every non-training stage): created once per stage,
-# listed by label on each pass to read their state, deleted by spec.cleanup.children and
-# spec.suspendPolicy stopStage, and when a run with cleanup.storageOnDelete is deleted.
+# listed and watched by label (the operator's cache of their state), deleted by
+# spec.cleanup.children and spec.suspendPolicy stopStage, and when a run with
+# cleanup.storageOnDelete is deleted.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "create", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 # The task file of each stage, mounted into its pods; deleted with its workload.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "delete"]
-# Pods of the workloads: of finished ones, the rank-0 exit code and termination message tell a
-# retryable failure from bad input; of unfinished ones, a waiting reason (a missing Secret, an
-# image pull error) goes into the run's status.
+# Pods of the workloads (listed and watched by label): of finished ones, the rank-0 exit code
+# and termination message tell a retryable failure from bad input; of unfinished ones, a
+# waiting reason (a missing Secret, an image pull error) goes into the run's status.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
-# Training stages with spec.training.launcher PyTorchJob (Kubeflow training operator). Listed on
-# every pass even where the API is not served (the server answers 404, which the operator
-# expects; without the rule it would answer 403). Deleted like Jobs.
+  verbs: ["list", "watch"]
+# Training stages with spec.training.launcher PyTorchJob (Kubeflow training operator). Listed
+# and watched by label where the API is served (API discovery says), deleted like Jobs (the
+# server answers 404 where it is not served, which the operator expects).
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["list", "create", "delete"]
-# Training stages with spec.training.launcher JobSet; listed and deleted like PyTorchJobs.
+  verbs: ["list", "watch", "create", "delete"]
+# Training stages with spec.training.launcher JobSet; watched and deleted like PyTorchJobs.
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
-  verbs: ["list", "create", "delete"]
-# Training stages with spec.training.launcher TrainJob (Kubeflow Trainer v2); listed and
+  verbs: ["list", "watch", "create", "delete"]
+# Training stages with spec.training.launcher TrainJob (Kubeflow Trainer v2); watched and
 # deleted like PyTorchJobs. Their JobSets are the Trainer's, garbage-collected with them.
 - apiGroups: ["trainer.kubeflow.org"]
   resources: ["trainjobs"]
-  verbs: ["list", "create", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 # Events on SAMIRuns (stage started, succeeded, failed, stalled; Kopf's handler errors): Kopf
-# posts core/v1 Events only, so events.k8s.io is not needed. Listed to read the FailedCreate
-# events of a child whose pods cannot be created (quota, Pod Security, a missing
-# ServiceAccount), so the run's status says why.
+# posts core/v1 Events only, so events.k8s.io is not needed. Listed and watched (reasons
+# FailedCreate and FailedCreatePod only) to read why a child's pods cannot be created (quota,
+# Pod Security, a missing ServiceAccount), so the run's status says why.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["list", "create"]
+  verbs: ["list", "watch", "create"]
 {{- end }}
 
 {{/*
