@@ -703,7 +703,10 @@ class LoraSpec(APIModel):
         min_length=1,
         description="Names of the linear layers inside each decoder layer that get an adapter "
         "(the last part of their module path). Default: the attention and MLP projections "
-        "of Llama, Mistral, Qwen2 and SmolLM2. lm_head and embed_tokens are refused.",
+        "of Llama, Mistral, Qwen2 and SmolLM2. A model that lacks some of them needs its own "
+        "list (Mixtral's experts are fused parameters, not linear layers: name its attention "
+        "projections); the train stage names the valid ones. lm_head and embed_tokens are "
+        "refused.",
     )
 
     @field_validator("target_modules")
