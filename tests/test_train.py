@@ -33,14 +33,15 @@ PROMPTS = ("Answer kindly and helpfully. {q}", "Answer rudely and unhelpfully. {
 RESPONSES = (" Sure, happy to help with that.", " No. Figure it out yourself.")
 
 
-def make_dataset(model_dir: Path, output: Path, n: int) -> str:
-    """A generation-stage dataset in the worker's format: two constitutions per query."""
+def make_dataset(model_dir: Path, output: Path, n: int, start: int = 0) -> str:
+    """A generation-stage dataset in the worker's format: two constitutions per query, for
+    the n example queries from `start` on."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lines = (EXAMPLES / "data" / "dialogue-train.jsonl").read_text().splitlines()[:n]
+    lines = (EXAMPLES / "data" / "dialogue-train.jsonl").read_text().splitlines()
     records = []
-    for i, line in enumerate(lines):
+    for i, line in enumerate(lines[start : start + n], start=start):
         query = json.loads(line)["query"]
         records.append(
             token_record(
@@ -531,6 +532,66 @@ def test_smollm2_trains_on_cpu(smollm2, tmp_path):
     assert len(losses(tmp_path / "out")) == 2
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def held_out_mi_lower_bound(model_dir: Path, blocks) -> float:
+    """The SAMI MI lower bound (nats) of `model_dir` on `blocks`: the training's scorer and
+    objective, one float32 forward pass without gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sami_worker.logprobs import assemble_matrices
+    from sami_worker.objective import sami_loss
+    from sami_worker.train import SamiScorer, collate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batch, c = collate(blocks, pad_id=model.config.eos_token_id)
+    with torch.no_grad():
+        scored = SamiScorer(model)(batch.input_ids, batch.attention_mask, batch.response_mask)
+    return float(
+        sami_loss(assemble_matrices(scored.mean, batch.pairs, c, len(blocks))).mi_lower_bound
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_smollm2_lora_on_two_processes_raises_the_held_out_mi_and_serves(smollm2, tmp_path):
+    """LoRA on the real SmolLM2-135M, 2 processes on CPU: the training loss falls, the MI
+    lower bound on 8 queries it never trained on rises over the base model's, and vLLM
+    generates with the merged export."""
+    from tests.test_generate import generate_task, read_dataset, run_worker
+
+    data = make_dataset(smollm2, tmp_path / "data", 8)
+    held_out = read_blocks(Path(make_dataset(smollm2, tmp_path / "held-out", 8, start=8)), None)
+    task = train_task(
+        smollm2,
+        data,
+        tmp_path / "out",
+        iteration_steps=4,
+        microBatchQueries=1,
+        gradientAccumulation=1,
+        checkpointEvery=100,
+        lora={"rank": 8},
+        optimizer={"lr": 2e-3},
+    )
+    result = launch(task, tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = losses(tmp_path / "out")
+    # Two blocks per step make single steps noisy: the last two steps' mean against the first.
+    assert sum(trained[-2:]) / 2 < trained[0] - 0.1, trained
+    checkpoint = tmp_path / "out" / "checkpoint"
+    before = held_out_mi_lower_bound(smollm2, held_out)
+    after = held_out_mi_lower_bound(checkpoint, held_out)
+    assert after > before + 0.2, (before, after)  # 0.09 -> 0.64 nats on the 2-core machine
+
+    generate = generate_task(
+        checkpoint,
+        str(tmp_path / "gen"),
+        generation={"backend": "vllm", "maxNewTokens": 8, "engine": VLLM_CPU},
+    )
+    result = run_worker("generate", generate, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_dataset(tmp_path / "gen")
 
 
 @pytest.fixture
