@@ -514,6 +514,50 @@ def test_exported_checkpoint_generates_with_vllm(tiny_llama, dataset, tmp_path, 
     assert read_dataset(tmp_path / "gen")
 
 
+# Greedy token ids from vLLM for one prompt: the base model alone, then with the adapter of
+# argv[2] (vLLM's LoRA serving). Run in a child process, as the workers run vLLM.
+VLLM_LORA_SCRIPT = """
+import json, os, sys
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+llm = LLM(model=sys.argv[1], dtype="float32", enable_lora=True, max_lora_rank=8, seed=0,
+          gpu_memory_utilization=0.3, enforce_eager=True)
+greedy, prompt = SamplingParams(max_tokens=8, temperature=0), [{"prompt_token_ids": PROMPT}]
+base = llm.generate(prompt, greedy)[0].outputs[0].token_ids
+adapted = llm.generate(prompt, greedy, lora_request=LoRARequest("sami", 1, sys.argv[2]))
+print(json.dumps([list(base), list(adapted[0].outputs[0].token_ids)]))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_adapter_export_serves_with_vllm_lora(tiny_llama, dataset, tmp_path):
+    """adapter/ on top of the base model in vLLM's LoRA serving generates what the merged
+    checkpoint generates, and not what the base model does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    task = train_task(tiny_llama, dataset, tmp_path / "out", lora={"rank": 8}, optimizer=LORA_LR)
+    result = launch(task, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompt = [1, 5, 9, 30, 200]
+    script = VLLM_LORA_SCRIPT.replace("PROMPT", json.dumps(prompt))
+    served = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama), str(tmp_path / "out" / "adapter")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    base, adapted = json.loads(served.stdout.strip().splitlines()[-1])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint")
+    ids = merged.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert adapted == ids[0, len(prompt) :].tolist()
+    assert adapted != base
+
+
 @pytest.mark.slow
 def test_smollm2_trains_on_cpu(smollm2, tmp_path):
     data = make_dataset(smollm2, tmp_path / "data", 4)
