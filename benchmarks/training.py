@@ -28,6 +28,19 @@ neither side's peak; then per repetition (same blocks as the timing)
    -> matrix -> loss -> backward into hidden and the head weight, with its peak increase.
 Peak memory is measured by `benchmarks.common.PeakMemory` (see README.md).
 On CUDA the timing child also reports model FLOPs for the MFU entry.
+
+LoRA vs full (`lora_vs_full`, training.lora): the real worker, `torchrun --standalone
+--nproc_per_node 2 -m sami_worker train`, FSDP2 over 2 processes, on SmolLM2-135M (fp32 on
+CPU, bf16 on CUDA) with the same blocks (`benchmarks.data`, "short", one block per process per
+step) and AdamW, once with every weight trained and once with `lora: {}` (rank 16, alpha 32,
+the 7 default projections), the order of the two alternating over repetitions. Unlike the
+comparison above, each step includes the optimizer step, which is where LoRA saves most.
+tokens/s is the worker's own per-step figure (all processes together) over steps 2..N of each
+run; memory is the largest rank's peak in the worker's train phase (`summary.json`'s `memory`:
+the host's resident high-water mark, reset when the phase starts, on CPU; the CUDA
+allocator's peak on a GPU), with the frozen or trained weights, gradients and optimizer state
+resident. Both runs set glibc to return freed memory at once (`CPU_MALLOC_ENV`), which slows
+both alike.
 """
 
 from __future__ import annotations
@@ -287,7 +300,81 @@ def run(quick: bool, device: str) -> list[dict]:
                 "step (prompt sharing does fewer, so this counts useful work); no FSDP"
             )
             entries.append(entry(name, [peak] * len(achieved), achieved, "TFLOP/s", None, note))
-    return entries
+    return entries + lora_vs_full(quick, device)
+
+
+def lora_vs_full(quick: bool, device: str) -> list[dict]:
+    """Two entries, LoRA / full: tokens/s of a training step and the largest rank's peak
+    memory in training, same model, blocks and processes."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import CPU_MALLOC_ENV, entry
+    from benchmarks.data import make_records, write_dataset
+    from benchmarks.scaling import _Run, _tps
+    from sami_worker.smollm2 import prepare_smollm2
+
+    steps, reps = (3, 1) if quick else (4, 2)
+    dtype = "fp32" if device == "cpu" else "bf16"
+    model_dir = str(prepare_smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sides = {"full": None, "lora": {}}
+    tps = {side: [] for side in sides}
+    peak = {side: [] for side in sides}
+    trainable = {}
+    with tempfile.TemporaryDirectory(prefix="sami-bench-lora-") as tmp:
+        workdir = Path(tmp)
+        data = write_dataset(make_records(tokenizer, 16, "short"), workdir / "data")
+        for rep in range(reps):
+            for side in sides if rep % 2 == 0 else list(sides)[::-1]:
+                training = {
+                    "microBatchQueries": 1,
+                    "gradientAccumulation": 1,
+                    "precision": dtype,
+                    "checkpointEvery": steps + 1,
+                    "optimizer": {"name": "adamw", "lr": 1e-6},
+                }
+                if sides[side] is not None:
+                    training["lora"] = sides[side]
+                task_doc = {
+                    "kind": "train",
+                    "model": {"uri": model_dir},
+                    "datasets": [str(data)],
+                    "iterationSteps": steps,
+                    "training": training,
+                }
+                print(f"  training: {side}, 2 processes, {steps} steps", file=sys.stderr)
+                run_ = _Run(task_doc, workdir, f"{side}-{rep}", 2, device, env=CPU_MALLOC_ENV)
+                tps[side] += _tps(run_.rows())
+                summary = json.loads((run_.output / "summary.json").read_text())
+                peak[side].append(max(r["train"] for r in summary["memory"]["ranks"]))
+                trainable[side] = summary["trainable_parameters"]
+    setup = (
+        f"SmolLM2-135M {dtype}, AdamW, 2 processes (FSDP2), 1 block per process per step, "
+        f"steps 2..{steps} of {reps} run(s) per side; trainable parameters: full "
+        f"{trainable['full']:,}, LoRA {trainable['lora']:,} (rank 16, 7 projections)"
+    )
+    where = "host resident high-water mark" if device == "cpu" else "CUDA allocated"
+    return [
+        entry(
+            f"LoRA vs full training step tokens/s ({device}, {dtype})",
+            tps["full"],
+            tps["lora"],
+            "tokens/s",
+            None,
+            "forward + backward + optimizer step, the worker's own figure; " + setup,
+        ),
+        entry(
+            f"LoRA vs full training peak memory per rank ({device}, {dtype})",
+            peak["full"],
+            peak["lora"],
+            "MiB",
+            None,
+            f"largest rank's train-phase peak ({where}; lower is better), weights, gradients "
+            "and optimizer state included; " + setup,
+        ),
+    ]
 
 
 def skipped_on_cpu() -> list[dict]:

@@ -6,7 +6,9 @@ each all-gather; rank 0 keeps the result), put back under the checkpoint's names
 the dtype the model was published in, and written straight into safetensors files of at most
 `max_shard_bytes` each. Each file's header is written before its data, from a plan made on
 meta tensors, so no file is ever held in memory; `on_file` hears of each finished file while
-the next is written (the training worker uploads it then).
+the next is written (the training worker uploads it then). LoRA adapters (training.lora) are
+merged into their base weights group by group as they are gathered (`lora.merge_adapters`), so
+the folder is the same full model a full-weight run writes.
 
 Why not `save_pretrained`: it needs the full state dict on one host, about 140 GB for a 70B
 model in bfloat16 (280 GB in float32). Why not torch.distributed.checkpoint's Hugging Face
@@ -32,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from sami_worker import distributed
 from sami_worker.hf import to_checkpoint_format
+from sami_worker.lora import merge_adapters, scalings
 
 MAX_SHARD_BYTES = 5 * 10**9  # the Hugging Face hub's customary shard size
 INDEX_FILE = "model.safetensors.index.json"
@@ -104,10 +107,10 @@ def safetensors_header(entries: list[tuple[str, torch.Size, torch.dtype]]) -> by
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _gathered(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _gathered(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on this rank (an all-gather for a sharded one: every rank calls it)."""
     full = t.full_tensor() if isinstance(t, DTensor) else t
-    return full.detach().to(dtype)
+    return full.detach()
 
 
 def export_weights(
@@ -121,9 +124,15 @@ def export_weights(
     are several). Every rank must call it; rank 0 writes and returns the file names."""
     main = distributed.is_main()
     groups = export_groups(model)
+    scaling = scalings(model)
     planned = [
         to_checkpoint_format(
-            model, {n: torch.empty(t.shape, dtype=dtype, device="meta") for n, t in group}
+            model,
+            merge_adapters(
+                {n: torch.empty(t.shape, dtype=dtype, device="meta") for n, t in group},
+                scaling,
+                dtype,
+            ),
         )
         for group in groups
     ]
@@ -140,10 +149,11 @@ def export_weights(
                 on_file(names[current])
 
     for group, meta in zip(groups, planned, strict=True):
-        full = {name: _gathered(t, dtype) for name, t in group}
+        full = {name: _gathered(t) for name, t in group}
         if not main:
             continue
-        converted = to_checkpoint_format(model, {n: t.cpu() for n, t in full.items()})
+        merged = merge_adapters({n: t.cpu() for n, t in full.items()}, scaling, dtype)
+        converted = to_checkpoint_format(model, merged)
         for name, planned_tensor in meta.items():
             tensor = converted[name].contiguous()
             if tensor.shape != planned_tensor.shape or tensor.dtype != dtype:

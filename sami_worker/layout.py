@@ -8,6 +8,7 @@ writes to its own prefix, complete once its manifest is there:
     iterations/<t>/<stage>/    generate, train and evaluate of iteration t (evaluate-0: the
                                base model)
     iterations/<t>/train/checkpoint/   the Hugging Face model trained in iteration t
+    iterations/<t>/train/adapter/      with training.lora: its adapter alone (peft's format)
 
 run_key is relative to the storage URI, the other keys to the run prefix. The planner joins
 them to it for the tasks it writes, the report parses them back from a listing. Under its own
@@ -27,6 +28,7 @@ PRINCIPLES = "principles"
 REFERENCE = "reference"
 ITERATIONS = "iterations"
 CHECKPOINT = "checkpoint"  # under the train stage's prefix
+ADAPTER = "adapter"  # beside it, with training.lora: the adapter alone, in peft's format
 
 _STAGE_KEY = re.compile(rf"{ITERATIONS}/(\d+)/([a-z]+)")
 

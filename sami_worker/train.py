@@ -13,7 +13,9 @@ Differences from the paper's code:
 - gradient accumulation accumulates: the paper-era code zeroed gradients at every micro-step,
   so each optimizer step saw only the last micro-batch;
 - the data order is a deterministic function of (seed, step), so a resumed run and a run with
-  a different number of processes see the same blocks at the same step.
+  a different number of processes see the same blocks at the same step;
+- training.lora trains LoRA adapters on a frozen base instead of every weight (the paper
+  trains every weight; `sami_worker/lora.py`, docs/method.md, 'LoRA').
 
 Run it:
     CPU, one process:   python -m sami_worker train --task task.json
@@ -25,7 +27,8 @@ Run it:
 Outputs under the task's output prefix: state/step-NNNNNNNN/ (resumable sharded state, every
 `checkpointEvery` steps; the newest complete one is resumed automatically; deleted once the
 stage is complete unless the task keeps them), checkpoint/ (the
-Hugging Face model vLLM loads next), metrics.jsonl (one line per optimizer step) and
+Hugging Face model vLLM loads next; with LoRA the adapter merged into it), adapter/ (with LoRA:
+the adapter alone, as peft saves one), metrics.jsonl (one line per optimizer step) and
 summary.json; the stage's manifest, written last, lists the latter two.
 """
 
@@ -55,8 +58,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from sami_worker import distributed, storage
+from sami_worker import distributed, lora, storage
 from sami_worker.backends import resolve_model_dir
 from sami_worker.common import fetch_model, open_uri, scratch_dir
 from sami_worker.export import MAX_SHARD_BYTES, export_weights
@@ -67,7 +71,7 @@ from sami_worker.hf import (
     load_tokenizer,
     published_dtype,
 )
-from sami_worker.layout import CHECKPOINT
+from sami_worker.layout import ADAPTER, CHECKPOINT
 from sami_worker.logprobs import (
     assemble_matrices,
     block_pairs,
@@ -88,6 +92,11 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATES = "state"  # under the stage prefix: the resumable training states, one per folder
 KEEP_STATES = 2
+# A training state holds what training changes: the frozen base weights of a LoRA run are
+# read from the model folder again on resume, not saved every checkpointEvery steps. Loading
+# is not strict about them only: dcp.load fails on any trainable key the state lacks.
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +270,14 @@ def build_sharded_scorer(model_dir: str, task: TrainTask, device: torch.device) 
     dtype, mp = PRECISIONS[t.precision]
     model = build_empty_model(model_dir, task.model, dtype)
     model.config.use_cache = False
+    if t.lora is not None:
+        # Before sharding: the adapters are sharded with their decoder layer like its weights.
+        lora.add_adapters(model, t.lora)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Training mode: Hugging Face layers checkpoint only when training (the checkpointed
-    # forward is skipped in eval mode); the architectures trained here have no dropout.
+    # forward is skipped in eval mode); the architectures trained here have no dropout (LoRA's
+    # adapters may: training.lora.dropout).
     model.train()
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     scorer = shard_model(SamiScorer(model), mp)
@@ -273,6 +286,8 @@ def build_sharded_scorer(model_dir: str, task: TrainTask, device: torch.device) 
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
     load_weights(model, model_dir, task, dtype)
+    if t.lora is not None:
+        fill_adapters(model, lora.initial_adapters(model, task.seed))
     return scorer
 
 
@@ -285,11 +300,12 @@ def load_weights(model: nn.Module, model_dir: str, task: TrainTask, dtype: torch
     or pickled .bin files) rank 0 loads the model whole and broadcasts each tensor's shards,
     so that rank alone holds one full copy for the duration of the load.
     """
-    state = model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if not lora.is_adapter(k)}
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()
     }
-    wanted = {k: v for k, v in state.items() if k not in tied}
+    # Under the checkpoint's names: a LoRA-wrapped layer's weight is its base_layer's.
+    wanted = {lora.checkpoint_name(k): v for k, v in state.items() if k not in tied}
     stored: set[str] = set()
     if any(Path(model_dir).glob("*.safetensors")) and not has_weight_conversions(model):
         stored = set(HuggingFaceStorageReader(model_dir).read_metadata().state_dict_metadata)
@@ -303,13 +319,35 @@ def load_weights(model: nn.Module, model_dir: str, task: TrainTask, dtype: torch
     )
     full = {}
     if distributed.is_main():
-        full = load_model(model_dir, task.model, dtype=dtype).state_dict()
+        loaded = load_model(model_dir, task.model, dtype=dtype).state_dict()
+        full = {k: loaded[lora.checkpoint_name(k)] for k in state}
+    # Not strict with adapters: fill_adapters sets them next.
+    strict = len(state) == len(model.state_dict())
     set_model_state_dict(
-        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        model,
+        full,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict),
     )
 
 
+def fill_adapters(model: nn.Module, adapters: dict[str, torch.Tensor]) -> None:
+    """Set each sharded adapter parameter from the full tensor every rank holds
+    (`lora.initial_adapters`): each rank keeps its own shard, no communication."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, full in adapters.items():
+            param = params[name]
+            value = full.to(device=param.device, dtype=param.dtype)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(
+                    value, param.device_mesh, param.placements, src_data_rank=None
+                )
+            param.copy_(value)
+
+
 def build_optimizer(params, task: TrainTask):
+    """The optimizer over `params`: the trainable ones only (with LoRA, the adapters)."""
+    params = [p for p in params if p.requires_grad]
     o = task.training.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -355,7 +393,7 @@ def save_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -
     state, so a resumed run keeps its history."""
     rank = distributed.rank()
     local = workdir / _state_name(step)
-    model_sd, optim_sd = get_state_dict(scorer, optimizer)
+    model_sd, optim_sd = get_state_dict(scorer, optimizer, options=STATE_OPTIONS)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local))
     torch.save(
         {"rng": torch.get_rng_state(), "py_rng": random.getstate()}, local / f"rng-{rank}.pt"
@@ -482,11 +520,15 @@ class StateReader(FileSystemReader):
 def load_state(states, scorer, optimizer, scheduler, step: int, workdir: Path) -> None:
     local = workdir / f"resume-{_state_name(step)}"
     reader = StateReader(states, _state_name(step), local)
-    model_sd, optim_sd = get_state_dict(scorer, optimizer)
+    model_sd, optim_sd = get_state_dict(scorer, optimizer, options=STATE_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, storage_reader=reader)
     set_state_dict(
-        scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        scorer,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=LOAD_OPTIONS,
     )
     mine = f"rng-{distributed.rank()}.pt"
     reader.fetch(["trainer.json", METRICS_FILE] + ([mine] if mine in reader.listed else []))
@@ -544,6 +586,30 @@ def export_checkpoint(out, scorer, tokenizer, dtype: torch.dtype, workdir: Path,
         entries += storage.upload_files(out, CHECKPOINT, local, rest)
         storage.publish_manifest(out, CHECKPOINT, entries, stage="checkpoint", meta=meta)
     distributed.barrier()
+
+
+def export_adapter(out, scorer, task: TrainTask, dtype: torch.dtype, workdir: Path) -> None:
+    """With training.lora, the adapter alone under adapter/, as peft saves one
+    (adapter_config.json, adapter_model.safetensors): for peft, or vLLM's LoRA serving on top
+    of the model the iteration started from. Every rank must call it (the adapters are
+    gathered); rank 0 writes."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, param in scorer.model.named_parameters():
+        if lora.is_adapter(name):
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            tensors[name] = full.detach().to(dtype).cpu().contiguous()
+    if not distributed.is_main():
+        return
+    config = lora.lora_config(task.training.lora, base_model=task.init_uri or task.model.uri)
+    config.inference_mode = True
+    config.save_pretrained(workdir / ADAPTER)
+    files = {
+        lora.ADAPTER_CONFIG: (workdir / ADAPTER / lora.ADAPTER_CONFIG).read_bytes(),
+        lora.ADAPTER_WEIGHTS: save(lora.peft_names(tensors), metadata={"format": "pt"}),
+    }
+    storage.write_stage_files(out, ADAPTER, files, stage="adapter")
 
 
 def _upload_and_drop(out, local: Path, name: str) -> list:
@@ -640,6 +706,8 @@ def setup(task: TrainTask, device: torch.device, workdir: Path) -> TrainRun:
     save_dtype = published_dtype(init_dir)  # the export goes back to the model's dtype
     scorer = build_sharded_scorer(init_dir, task, device)
     optimizer = build_optimizer(scorer.parameters(), task)
+    total = sum(p.numel() for p in scorer.parameters())
+    log.info("training %d of %d parameters", trainable_parameters(scorer), total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(
@@ -704,9 +772,11 @@ def publish(task: TrainTask, r: TrainRun) -> dict:
     summary = {}
     if r.rank == 0:
         rows = [json.loads(line) for line in r.metrics_path.read_text().splitlines()]
-        summary = summarize(rows, task, r.world, r.schedule.n)
+        summary = summarize(rows, r.world, r.schedule.n, trainable_parameters(r.scorer))
     r.peaks.start("export")
     export_checkpoint(r.out, r.scorer, r.tokenizer, r.save_dtype, r.workdir, summary)
+    if task.training.lora is not None:
+        export_adapter(r.out, r.scorer, task, r.save_dtype, r.workdir)
     r.peaks.end()
     memory = distributed.gather_objects(r.peaks.report())
     if r.rank == 0:
@@ -794,7 +864,13 @@ def train_step(scorer, optimizer, schedule, step, task: TrainTask, pad_id, devic
     }
 
 
-def summarize(rows: list[dict], task: TrainTask, world: int, n_blocks: int) -> dict:
+def trainable_parameters(scorer: nn.Module) -> int:
+    """Elements of the parameters the optimizer updates (whole tensors, not this rank's
+    shards): every weight in full-weight training, the adapters alone with LoRA."""
+    return sum(p.numel() for p in scorer.parameters() if p.requires_grad)
+
+
+def summarize(rows: list[dict], world: int, n_blocks: int, trainable: int) -> dict:
     first, last = rows[0], rows[-1]
     return {
         "steps": len(rows),
@@ -807,4 +883,5 @@ def summarize(rows: list[dict], task: TrainTask, world: int, n_blocks: int) -> d
         "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
         "checkpoint": CHECKPOINT,
+        "trainable_parameters": trainable,
     }

@@ -116,6 +116,55 @@ BROKEN = [
         {"model": "x", "instruction": "be nice"},
         "spec.principles: set exactly one of 'inline' and 'writer'",
     ),
+    (
+        "spec.training.lora.rank",
+        0,
+        "spec.training.lora.rank: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "spec.training.lora.rank",
+        4096,
+        "spec.training.lora.rank: Input should be less than or equal to 1024 (got 4096)",
+    ),
+    ("spec.training.lora.alpha", 0, "spec.training.lora.alpha: Input should be greater than 0"),
+    (
+        "spec.training.lora.dropout",
+        1.0,
+        "spec.training.lora.dropout: Input should be less than 1 (got 1.0)",
+    ),
+    (
+        "spec.training.lora.dropout",
+        -0.1,
+        "spec.training.lora.dropout: Input should be greater than or equal to 0 (got -0.1)",
+    ),
+    (
+        "spec.training.lora.targetModules",
+        [],
+        "spec.training.lora.targetModules: List should have at least 1 item",
+    ),
+    (
+        "spec.training.lora.targetModules",
+        ["q_proj", "lm_head"],
+        "spec.training.lora.targetModules: ['lm_head'] are outside the decoder layers and "
+        "cannot get an adapter; valid: linear layers inside a decoder layer, such as "
+        "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']",
+    ),
+    (
+        "spec.training.lora.targetModules",
+        ["q_proj", "q_proj"],
+        "spec.training.lora.targetModules: names a module more than once: ['q_proj']",
+    ),
+    (
+        "spec.training.lora.targetModules",
+        ["layers.0.q_proj"],
+        "spec.training.lora.targetModules: ['layers.0.q_proj']: a target is one module name",
+    ),
+    (
+        "spec.training.lora.ranks",
+        8,
+        "spec.training.lora.ranks: unknown field; valid fields here: "
+        "alpha, dropout, rank, targetModules",
+    ),
 ]
 
 
@@ -361,6 +410,34 @@ def test_missing_and_wrong_kind(samirun_doc):
 def test_repeated_yaml_keys_are_errors():
     with pytest.raises(yaml.YAMLError, match="repeated key 'nodes'"):
         load_manifests("spec:\n  nodes: 1\n  nodes: 2\n")
+
+
+def test_lora_is_off_unless_set_and_absent_changes_no_digest(samirun_doc):
+    """training.lora absent or null is full-weight training, and the spec reads exactly as it
+    did before the field existed: to_api (what `sami run` hashes into the run's uid, what the
+    API server stores) has no `lora` key. Set, it fills in its defaults."""
+    from sami_operator.local import run_uid
+
+    run = parse_samirun(samirun_doc)
+    assert run.spec.training.lora is None
+    assert "lora" not in run.to_api()["spec"]["training"]
+    nulled = copy.deepcopy(samirun_doc)
+    nulled["spec"]["training"]["lora"] = None
+    assert parse_samirun(nulled).to_api() == run.to_api()
+    assert run_uid(parse_samirun(nulled)) == run_uid(run)
+
+    with_lora = copy.deepcopy(samirun_doc)
+    with_lora["spec"]["training"]["lora"] = {"rank": 8}
+    lora = parse_samirun(with_lora)
+    assert lora.to_api()["spec"]["training"]["lora"] == {
+        "rank": 8,
+        "alpha": 32.0,
+        "dropout": 0.0,
+        "targetModules": [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ],
+    }  # fmt: skip
+    assert run_uid(lora) != run_uid(run)
 
 
 def test_steps_grow_per_iteration():

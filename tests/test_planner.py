@@ -70,6 +70,23 @@ def test_training_steps_grow_and_init_follows_the_spec(run):
     assert stages["train-3"].task.init_uri == checkpoint_uri(run_prefix(run, "u1"), 2)
 
 
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "targetModules": ["q_proj", "v_proj"]}])
+def test_train_tasks_carry_lora_and_leave_it_out_when_unset(samirun_doc, tmp_path, lora):
+    """Every train task carries training.lora as the spec has it; without it the task file
+    has no `lora` key at all, as before the field existed."""
+    if lora is not None:
+        samirun_doc["spec"]["training"]["lora"] = lora
+    run = parse_samirun(samirun_doc)
+    for stage in plan(run, "u1"):
+        if stage.name != "train":
+            continue
+        path = tmp_path / f"{stage.id}.json"
+        path.write_text(dump_task(stage.task))
+        written = json.loads(path.read_text())["training"]
+        assert ("lora" in written) == (lora is not None)
+        assert load_task(path, "train").training.lora == run.spec.training.lora
+
+
 def test_a_principle_writer_comes_first_and_feeds_every_stage(samirun_doc):
     writer = {"model": "s3://models/writer", "instruction": "be good"}
     samirun_doc["spec"]["principles"] = {"writer": writer}

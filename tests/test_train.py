@@ -33,14 +33,15 @@ PROMPTS = ("Answer kindly and helpfully. {q}", "Answer rudely and unhelpfully. {
 RESPONSES = (" Sure, happy to help with that.", " No. Figure it out yourself.")
 
 
-def make_dataset(model_dir: Path, output: Path, n: int) -> str:
-    """A generation-stage dataset in the worker's format: two constitutions per query."""
+def make_dataset(model_dir: Path, output: Path, n: int, start: int = 0) -> str:
+    """A generation-stage dataset in the worker's format: two constitutions per query, for
+    the n example queries from `start` on."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lines = (EXAMPLES / "data" / "dialogue-train.jsonl").read_text().splitlines()[:n]
+    lines = (EXAMPLES / "data" / "dialogue-train.jsonl").read_text().splitlines()
     records = []
-    for i, line in enumerate(lines):
+    for i, line in enumerate(lines[start : start + n], start=start):
         query = json.loads(line)["query"]
         records.append(
             token_record(
@@ -147,6 +148,101 @@ def test_training_lowers_the_loss_and_raises_the_mi_bound(tiny_llama, dataset, t
     assert after.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
+# A LoRA run on the tiny Llama: rank 8 on three of the seven default projections, so that the
+# untouched ones show the merged export changes only what was targeted. LoRA needs a larger
+# learning rate than full-weight training to move as far in 6 steps.
+LORA = {"rank": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj", "down_proj"]}
+LORA_LR = {"lr": 3e-3}
+
+
+def lora_elements(config, spec: dict) -> int:
+    """Adapter parameters of the tiny Llama: rank x (in + out) per targeted layer."""
+    h, m = config.hidden_size, config.intermediate_size
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h)}
+    shapes |= {"gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    per_layer = sum(spec["rank"] * sum(shapes[t]) for t in spec["targetModules"])
+    return per_layer * config.num_hidden_layers
+
+
+def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_llama, dataset, tmp_path):
+    """training.lora on 2 processes (FSDP2 over the adapted model): the loss falls and the MI
+    bound rises as with 1 process accumulating the same blocks; the optimizer and the training
+    state hold the adapters alone; checkpoint/ is the base with W + (alpha / r) B A in exactly
+    the targeted layers, and adapter/ loads with peft to the same outputs."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sami_worker.train import load_dcp_metadata
+
+    runs = {}
+    for nproc, accumulation, micro in ((2, 2, 1), (1, 2, 2)):
+        out = tmp_path / f"procs-{nproc}"
+        task = train_task(
+            tiny_llama,
+            dataset,
+            out,
+            lora=LORA,
+            optimizer=LORA_LR,
+            gradientAccumulation=accumulation,
+            microBatchQueries=micro,
+        ).model_copy(update={"keep_states": True})
+        result = launch(task, tmp_path, nproc=nproc)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[nproc] = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
+    rows = runs[2]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    assert rows[-1]["mi_lower_bound"] > rows[0]["mi_lower_bound"] + 0.1
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in runs[1]], abs=1e-4)
+
+    out = tmp_path / "procs-2"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    summary = storage.read_manifest(storage.open_storage(str(out)), "").meta
+    assert summary["trainable_parameters"] == lora_elements(base.config, LORA)
+    # The optimizer's state (and the model's part of the training state) is the adapters'.
+    metadata = load_dcp_metadata(out / "state" / "step-00000003" / ".metadata")
+    keys = set(metadata.state_dict_metadata)
+    model_keys = {k for k in keys if k.startswith("model.")}
+    optim_keys = {k for k in keys if k.startswith("optim.state.")}
+    assert len(model_keys) == 2 * len(LORA["targetModules"]) * base.config.num_hidden_layers
+    assert optim_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys | optim_keys)
+
+    assert storage.is_complete(storage.open_storage(str(out)), "checkpoint")
+    assert storage.is_complete(storage.open_storage(str(out)), "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    scaling = LORA["alpha"] / LORA["rank"]
+    before, after = base.state_dict(), merged.state_dict()
+    assert set(before) == set(after)
+    targeted = 0
+    for name, weight in before.items():
+        layer = name.removesuffix(".weight")
+        if layer.rsplit(".", 1)[-1] not in LORA["targetModules"]:
+            assert torch.equal(after[name], weight), name
+            continue
+        a = adapter[f"base_model.model.{layer}.lora_A.weight"]
+        b = adapter[f"base_model.model.{layer}.lora_B.weight"]
+        assert not torch.equal(after[name], weight), name
+        assert torch.allclose(after[name], weight + scaling * b @ a, atol=1e-6), name
+        targeted += 1
+    assert targeted == len(LORA["targetModules"]) * base.config.num_hidden_layers
+
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[1, 5, 9, 30, 200]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_lora_targets_must_name_linear_layers_of_the_decoder(tiny_llama, dataset, tmp_path):
+    task = train_task(tiny_llama, dataset, tmp_path / "out", lora={"targetModules": ["c_attn"]})
+    result = launch(task, tmp_path)
+    assert result.returncode == 65
+    assert "training.lora.targetModules: ['c_attn'] match no linear layer" in result.stderr
+    assert "valid here: ['down_proj', 'gate_proj', 'k_proj'" in result.stderr
+
+
 def test_same_trajectory_with_1_or_2_processes_and_with_accumulation(tiny_llama, dataset, tmp_path):
     """4 blocks per optimizer step, four ways: 1 process accumulating 2 micro-steps of 2;
     2 processes (torchrun, gloo) with 2 each; the same deferring the gradient reduce-scatter
@@ -221,10 +317,20 @@ def test_two_nodes_from_the_kubeflow_env_contract(tiny_llama, dataset, tmp_path)
     assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
 
 
-def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_llama, dataset, tmp_path):
+@pytest.mark.parametrize(
+    "training", [{}, {"lora": LORA, "optimizer": LORA_LR}], ids=["full", "lora"]
+)
+def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_llama, dataset, tmp_path, training):
+    """With LoRA the state holds the adapters alone: the resumed run reads the frozen base
+    from the model folder again and still follows the uninterrupted trajectory."""
     steps = 40
     reference = train_task(
-        tiny_llama, dataset, tmp_path / "reference", iteration_steps=steps, checkpointEvery=4
+        tiny_llama,
+        dataset,
+        tmp_path / "reference",
+        iteration_steps=steps,
+        checkpointEvery=4,
+        **training,
     )
     assert launch(reference, tmp_path).returncode == 0
 
@@ -389,11 +495,15 @@ def test_learning_rate_schedules():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_exported_checkpoint_generates_with_vllm(tiny_llama, dataset, tmp_path):
+@pytest.mark.parametrize(
+    "training", [{}, {"lora": LORA, "optimizer": LORA_LR}], ids=["full", "lora-merged"]
+)
+def test_exported_checkpoint_generates_with_vllm(tiny_llama, dataset, tmp_path, training):
     from tests.test_generate import generate_task, read_dataset, run_worker
 
     trained = tmp_path / "out"
-    assert launch(train_task(tiny_llama, dataset, trained), tmp_path).returncode == 0
+    result = launch(train_task(tiny_llama, dataset, trained, **training), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     task = generate_task(
         trained / "checkpoint",
         str(tmp_path / "gen"),
@@ -402,6 +512,50 @@ def test_exported_checkpoint_generates_with_vllm(tiny_llama, dataset, tmp_path):
     result = run_worker("generate", task, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_dataset(tmp_path / "gen")
+
+
+# Greedy token ids from vLLM for one prompt: the base model alone, then with the adapter of
+# argv[2] (vLLM's LoRA serving). Run in a child process, as the workers run vLLM.
+VLLM_LORA_SCRIPT = """
+import json, os, sys
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+llm = LLM(model=sys.argv[1], dtype="float32", enable_lora=True, max_lora_rank=8, seed=0,
+          gpu_memory_utilization=0.3, enforce_eager=True)
+greedy, prompt = SamplingParams(max_tokens=8, temperature=0), [{"prompt_token_ids": PROMPT}]
+base = llm.generate(prompt, greedy)[0].outputs[0].token_ids
+adapted = llm.generate(prompt, greedy, lora_request=LoRARequest("sami", 1, sys.argv[2]))
+print(json.dumps([list(base), list(adapted[0].outputs[0].token_ids)]))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_adapter_export_serves_with_vllm_lora(tiny_llama, dataset, tmp_path):
+    """adapter/ on top of the base model in vLLM's LoRA serving generates what the merged
+    checkpoint generates, and not what the base model does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    task = train_task(tiny_llama, dataset, tmp_path / "out", lora={"rank": 8}, optimizer=LORA_LR)
+    result = launch(task, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompt = [1, 5, 9, 30, 200]
+    script = VLLM_LORA_SCRIPT.replace("PROMPT", json.dumps(prompt))
+    served = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama), str(tmp_path / "out" / "adapter")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    base, adapted = json.loads(served.stdout.strip().splitlines()[-1])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint")
+    ids = merged.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert adapted == ids[0, len(prompt) :].tolist()
+    assert adapted != base
 
 
 @pytest.mark.slow
@@ -422,6 +576,66 @@ def test_smollm2_trains_on_cpu(smollm2, tmp_path):
     assert len(losses(tmp_path / "out")) == 2
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def held_out_mi_lower_bound(model_dir: Path, blocks) -> float:
+    """The SAMI MI lower bound (nats) of `model_dir` on `blocks`: the training's scorer and
+    objective, one float32 forward pass without gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sami_worker.logprobs import assemble_matrices
+    from sami_worker.objective import sami_loss
+    from sami_worker.train import SamiScorer, collate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batch, c = collate(blocks, pad_id=model.config.eos_token_id)
+    with torch.no_grad():
+        scored = SamiScorer(model)(batch.input_ids, batch.attention_mask, batch.response_mask)
+    return float(
+        sami_loss(assemble_matrices(scored.mean, batch.pairs, c, len(blocks))).mi_lower_bound
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_smollm2_lora_on_two_processes_raises_the_held_out_mi_and_serves(smollm2, tmp_path):
+    """LoRA on the real SmolLM2-135M, 2 processes on CPU: the training loss falls, the MI
+    lower bound on 8 queries it never trained on rises over the base model's, and vLLM
+    generates with the merged export."""
+    from tests.test_generate import generate_task, read_dataset, run_worker
+
+    data = make_dataset(smollm2, tmp_path / "data", 8)
+    held_out = read_blocks(Path(make_dataset(smollm2, tmp_path / "held-out", 8, start=8)), None)
+    task = train_task(
+        smollm2,
+        data,
+        tmp_path / "out",
+        iteration_steps=4,
+        microBatchQueries=1,
+        gradientAccumulation=1,
+        checkpointEvery=100,
+        lora={"rank": 8},
+        optimizer={"lr": 2e-3},
+    )
+    result = launch(task, tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = losses(tmp_path / "out")
+    # Two blocks per step make single steps noisy: the last two steps' mean against the first.
+    assert sum(trained[-2:]) / 2 < trained[0] - 0.1, trained
+    checkpoint = tmp_path / "out" / "checkpoint"
+    before = held_out_mi_lower_bound(smollm2, held_out)
+    after = held_out_mi_lower_bound(checkpoint, held_out)
+    assert after > before + 0.2, (before, after)  # 0.09 -> 0.64 nats on the 2-core machine
+
+    generate = generate_task(
+        checkpoint,
+        str(tmp_path / "gen"),
+        generation={"backend": "vllm", "maxNewTokens": 8, "engine": VLLM_CPU},
+    )
+    result = run_worker("generate", generate, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_dataset(tmp_path / "gen")
 
 
 @pytest.fixture

@@ -663,6 +663,70 @@ class OptimizerSpec(APIModel):
     grad_clip: float = Field(default=1.0, ge=0, description="Max global grad norm; 0 disables.")
 
 
+# The attention and MLP projections of Llama, Mistral, Qwen2 and SmolLM2 (module names inside
+# each decoder layer): LoRA on all of them is what the QLoRA paper found to match full
+# fine-tuning best, and what TRL's and OpenRLHF's examples target.
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Modules outside the decoder layers: the scorer reads the LM head's weight directly
+# (sami_worker/train.py, SamiScorer) and the embeddings are looked up, so an adapter on either
+# would be skipped or unsupported.
+LORA_REFUSED_TARGETS = ("lm_head", "embed_tokens")
+
+
+class LoraSpec(APIModel):
+    """LoRA adapters (Hu et al., 2021): W + (alpha / rank) * B A on each targeted linear
+    layer, B zero at the start, only A and B trained."""
+
+    rank: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="r, the adapters' inner dimension: trainable parameters grow linearly with "
+        "it (16: about 0.6% of a 7B model's weights on the default targets).",
+    )
+    alpha: float = Field(
+        default=32.0,
+        gt=0,
+        le=4096,
+        description="Scale of the adapter's update: W + (alpha / rank) * B A. Keeping "
+        "alpha / rank fixed when changing rank keeps the learning rate meaningful.",
+    )
+    dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input in training. 0 keeps a run's trajectory "
+        "the same for any number of processes.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGETS),
+        min_length=1,
+        description="Names of the linear layers inside each decoder layer that get an adapter "
+        "(the last part of their module path). Default: the attention and MLP projections "
+        "of Llama, Mistral, Qwen2 and SmolLM2. A model that lacks some of them needs its own "
+        "list (Mixtral's experts are fused parameters, not linear layers: name its attention "
+        "projections); the train stage names the valid ones. lm_head and embed_tokens are "
+        "refused.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, names: list[str]) -> list[str]:
+        refused = sorted(set(names) & set(LORA_REFUSED_TARGETS))
+        if refused:
+            raise ValueError(
+                f"{refused} are outside the decoder layers and cannot get an adapter; "
+                f"valid: linear layers inside a decoder layer, such as {list(LORA_DEFAULT_TARGETS)}"
+            )
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise ValueError(f"{bad}: a target is one module name (letters, digits, '_')")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"names a module more than once: {repeated}")
+        return names
+
+
 class TrainingSpec(APIModel):
     """SAMI fine-tuning per iteration."""
 
@@ -727,6 +791,18 @@ class TrainingSpec(APIModel):
         description="Keep only each decoder layer's input and recompute the layer's "
         "activations in backward: far less activation memory for about one extra forward "
         "pass of compute (the paper uses it for llama3-70b).",
+    )
+    lora: LoraSpec | None = Field(
+        default=None,
+        description="Train LoRA adapters instead of every weight; absent or null: full-weight "
+        "training, as in the paper. LoRA suits few GPUs and memory-bound runs on large "
+        "models: the base weights stay frozen (no gradients, no optimizer state: only the "
+        "adapters, well under 1% of the weights, are in the optimizer), so a 70B model in "
+        "bf16 needs about 2 bytes per parameter sharded instead of 8. It changes what is "
+        "learnt (a low-rank update), so results may differ from the paper's. Each "
+        "iteration's checkpoint is the adapter merged into a full Hugging Face model, loaded "
+        "by vLLM and by the next iteration like any other; the adapter alone is also saved "
+        "under the train stage's adapter/.",
     )
     checkpoint_every: int = Field(
         default=50,
