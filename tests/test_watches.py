@@ -55,14 +55,17 @@ def test_a_created_child_counts_until_its_watch_shows_it(index, monkeypatch):
     w, _ = index
     clock = [100.0]
     monkeypatch.setattr(watches.time, "monotonic", lambda: clock[0])
-    w.expect("team-a", "r-it0-evaluate")
+    w.expect("team-a", "r", "r-it0-evaluate")
     assert w.children("team-a", "r") == {"r-it0-evaluate": (None, None)}
-    assert w.children("team-a", "rr") == {}  # another run's prefix does not match
+    # Another run, even one whose name the child's begins with, never sees it.
+    w.expect("team-a", "r-it0", "r-it0-x-it0-evaluate")
+    assert "r-it0-x-it0-evaluate" not in w.children("team-a", "r")
+    assert w.children("team-a", "rr") == {}
     w._on_child(JOB, obj("r-it0-evaluate", "r"), ADDED)
     assert w.children("team-a", "r")["r-it0-evaluate"][0] is JOB
     w._on_child(JOB, obj("r-it0-evaluate", "r"), DELETED)
     assert w.children("team-a", "r") == {}  # seen, then gone: gone
-    w.expect("team-a", "r-it1-generate")
+    w.expect("team-a", "r", "r-it1-generate")
     clock[0] += watches.EXPECTATION_SECONDS + 1
     assert w.children("team-a", "r") == {}  # never shown: deleted in between
 

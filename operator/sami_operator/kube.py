@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from sami_operator.launchers import BY_KIND, CUSTOM, JOB, Workload
 from sami_operator.models import GROUP, PLURAL, VERSION, StagePhase
 from sami_operator.reconcile import ChildState, CreateRefused
-from sami_operator.watches import Watches
+from sami_operator.watches import RUN_LABEL, Watches
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +119,18 @@ class Kube:
                 self.custom.create_namespaced_custom_object(group, version, ns, plural, obj)
         except ApiException as err:
             if err.status == 409:
-                self._expect(kind, ns, name)
+                self._expect(obj)
                 return False
             refused = CreateRefused(kind, name, err.status, _api_message(err))
             raise CreateRefusedError(refused) from err
-        self._expect(kind, ns, name)
+        self._expect(obj)
         return True
 
-    def _expect(self, kind: str, namespace: str, name: str) -> None:
-        if kind in BY_KIND and self.watches is not None:
-            self.watches.expect(namespace, name)
+    def _expect(self, obj: dict[str, Any]) -> None:
+        """A workload just created (or found): its run's passes count it until it is watched."""
+        run = (obj["metadata"].get("labels") or {}).get(RUN_LABEL)
+        if obj["kind"] in BY_KIND and run and self.watches is not None:
+            self.watches.expect(obj["metadata"]["namespace"], run, obj["metadata"]["name"])
 
     def patch_run(self, namespace: str, name: str, patch: dict[str, Any]) -> str:
         """Merge-patch a SAMIRun: its metadata, then its status (the status subresource).

@@ -97,7 +97,8 @@ class Watches:
         self._lock = threading.Lock()
         self._runs: dict[tuple[str, str], _Run] = {}
         self._events: dict[str, dict[str, dict]] = {}  # namespace -> uid -> event
-        self._expected: dict[tuple[str, str], float] = {}  # created, not yet seen: monotonic
+        # Per (namespace, run): children created, not yet seen -> when (time.monotonic()).
+        self._expected: dict[tuple[str, str], dict[str, float]] = {}
         self._counter = itertools.count(1)
         self._informers: dict[tuple[str, str | None], SharedInformer] = {}
         self._listed: dict[tuple[str, str | None], threading.Event] = {}
@@ -213,7 +214,7 @@ class Watches:
                 entry.children.pop(name, None)
             else:
                 entry.children[name] = (workload, obj)
-            self._expected.pop((namespace, name), None)
+            self._expected.get(found[0], {}).pop(name, None)
             entry.version = next(self._counter)
         self._changed([found[0]])
 
@@ -253,28 +254,32 @@ class Watches:
 
     # --- reading --------------------------------------------------------------------------------
 
-    def expect(self, namespace: str, name: str) -> None:
-        """A child this operator just created: until its watch shows it (or
+    def expect(self, namespace: str, run: str, name: str) -> None:
+        """A child of `run` this operator just created: until its watch shows it (or
         EXPECTATION_SECONDS pass), `children` counts it as there, so a pass that runs before
         the watch event arrives does not take it for gone and create another."""
         with self._lock:
-            self._expected[(namespace, name)] = time.monotonic()
+            entry = self._runs.get((namespace, run))
+            if entry is None or name not in entry.children:
+                self._expected.setdefault((namespace, run), {})[name] = time.monotonic()
 
     def children(self, namespace: str, run: str) -> dict[str, tuple[Workload | None, dict | None]]:
         """The run's workloads by name: (workload, object), or (None, None) for one created
         but not yet seen."""
-        prefix = f"{run}-"
         with self._lock:
             entry = self._runs.get((namespace, run))
             found: dict[str, tuple[Workload | None, dict | None]] = dict(
                 entry.children if entry else {}
             )
+            expected = self._expected.get((namespace, run), {})
             now = time.monotonic()
-            for (ns, name), since in list(self._expected.items()):
+            for name, since in list(expected.items()):
                 if now - since > EXPECTATION_SECONDS:
-                    del self._expected[(ns, name)]
-                elif ns == namespace and name.startswith(prefix) and name not in found:
+                    del expected[name]
+                elif name not in found:
                     found[name] = (None, None)
+            if not expected:
+                self._expected.pop((namespace, run), None)
         return found
 
     def pods(self, namespace: str, run: str, workload: Workload, name: str) -> list[dict]:
