@@ -676,7 +676,7 @@ def test_the_operator_binds_its_endpoints_to_the_addresses(chart, monkeypatch):
     asyncio.run(handlers.configure(kopf.OperatorSettings()))
     assert served == [((9090,), {"addr": "127.0.0.1"})]
     # The chart's backpressure setting reaches the client that creates children.
-    assert Kube.made == [{"creates_per_second": 50.0, "create_burst": 50}, {"watch": ()}]
+    assert Kube.made == [{"creates_per_second": 50.0}, {"watch": ()}]
 
     # Without the Lease election (it needs an API server: the failover test in
     # tests/test_operator.py runs it), main goes straight to Kopf.

@@ -93,10 +93,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _connect(changed) -> None:
     """The API client, the training launchers served, and the watches of the children."""
-    kube = kube_module.Kube(
-        creates_per_second=SETTINGS.creates_per_second,
-        create_burst=max(1, round(SETTINGS.creates_per_second)),
-    )
+    kube = kube_module.Kube(creates_per_second=SETTINGS.creates_per_second)
     _state["kube"] = kube
     _state["launchers"] = kube.served_launchers()
     _state["launchers_at"] = time.monotonic()

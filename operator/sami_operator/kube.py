@@ -72,12 +72,10 @@ class RateLimit:
 
 class Kube:
     def __init__(
-        self,
-        api_client: client.ApiClient | None = None,
-        creates_per_second: float = 50.0,
-        create_burst: int = 50,
+        self, api_client: client.ApiClient | None = None, creates_per_second: float = 50.0
     ):
-        self.create_limit = RateLimit(creates_per_second, create_burst)
+        # Bursts of one second's worth, then the rate.
+        self.create_limit = RateLimit(creates_per_second, max(1, round(creates_per_second)))
         self.watches: Watches | None = None
         if api_client is None:
             try:

@@ -27,7 +27,7 @@ from kubernetes import client
 from kubernetes.informer import ADDED, DELETED, ERROR, MODIFIED, SharedInformer
 
 from sami_operator.builders import MANAGED_BY
-from sami_operator.launchers import BY_KIND, JOB, Workload
+from sami_operator.launchers import JOB, Workload
 from sami_operator.models import GROUP
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
@@ -313,6 +313,3 @@ class Watches:
         with self._lock:
             entry = self._runs.get((namespace, run))
             return entry.version if entry else 0
-
-    def kinds(self) -> set[str]:
-        return {kind for kind, _ in self._informers if kind in BY_KIND}
