@@ -266,10 +266,12 @@ def measure_once(cp, runs: int, window: float, workdir: Path) -> dict:
             )
         latencies = sorted(t - started for t in seen.values())
         # The steady state: the Job controller has made every Job's pod (no kubelet runs
-        # them), it and the operator have posted their events, and the operator has had two
-        # intervals to take in those changes.
-        settled = wait_for_pods(cp, namespace, runs, deadline=started + CHILD_TIMEOUT_S)
-        wait_for_events(cp, namespace, 2 * runs, deadline=started + CHILD_TIMEOUT_S)
+        # them), it and the operator have posted their events (each Job's SuccessfulCreate,
+        # each run's StageCreated: both drain from queues after the objects exist), and the
+        # operator has had two intervals to take in those changes.
+        listing = f"/api/v1/namespaces/{namespace}"
+        settled = wait_for_count(cp, f"{listing}/pods", runs, deadline, labelSelector=SELECTOR)
+        wait_for_count(cp, f"{listing}/events", 2 * runs, deadline)
         time.sleep(2 * RECONCILE_SECONDS)
         cpu_steady = operator.cpu_seconds()
         requests0 = api_requests(cp)
@@ -479,27 +481,14 @@ def operator_env(cp, namespace: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for_pods(cp, namespace: str, count: int, deadline: float) -> float:
-    """Until the namespace has `count` pods; returns when (time.monotonic())."""
+def wait_for_count(cp, path: str, count: int, deadline: float, **params) -> float:
+    """Until the list at `path` has `count` items; returns when (time.monotonic())."""
     with cp.client() as api:
         while time.monotonic() < deadline:
-            pods = api.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector=SELECTOR)
-            if len(pods["items"]) >= count:
+            if len(api.get(path, **params)["items"]) >= count:
                 return time.monotonic()
             time.sleep(1)
-    raise RuntimeError(f"the Job controller did not make {count} pods in {namespace} in time")
-
-
-def wait_for_events(cp, namespace: str, count: int, deadline: float) -> None:
-    """Until the namespace has `count` events (each run's StageCreated, each Job's
-    SuccessfulCreate): both the operator and the controller-manager post theirs from queues
-    that drain after the objects exist."""
-    with cp.client() as api:
-        while time.monotonic() < deadline:
-            if len(api.get(f"/api/v1/namespaces/{namespace}/events")["items"]) >= count:
-                return
-            time.sleep(1)
-    raise RuntimeError(f"fewer than {count} events in {namespace} in time")
+    raise RuntimeError(f"fewer than {count} items at {path} in time")
 
 
 def api_requests(cp) -> Counter:
