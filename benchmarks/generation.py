@@ -110,7 +110,7 @@ def child(args) -> dict:
 
     model_dir = str(prepare_smollm2())
     task = make_task(model_dir, args.dtype, args.device)
-    queries = load_task_queries(task.queries, 0, None)
+    queries = load_task_queries(task.queries, None)
     principles = load_principles(task.principles, None)
     started = time.perf_counter()
     backend = open_backend(

@@ -1,7 +1,8 @@
 """Worker programs: `python -m sami_worker <stage> --task TASK.json`.
 
-Stages: write-principles, generate, train (under torchrun for several processes), evaluate,
-and score; delete-prefix empties a deleted run's storage prefix. The same programs run in
+Stages: write-principles, generate (`--shard INDEX SHARDS`: one slice of its queries), train
+(under torchrun for several processes), evaluate, and score; delete-prefix empties a deleted
+run's storage prefix. The same programs run in
 Kubernetes pods and as local processes under `sami run`; they do not know which started them.
 
 Exit codes (sami_worker.contract), so a launcher's failure policy can tell failures apart:
@@ -43,10 +44,14 @@ MODULES = {
 }
 
 
-def _run_stage(program: str, task_path: Path) -> dict:
-    from sami_worker.tasks import load_task
+def _run_stage(program: str, task_path: Path, shard: tuple[int, int] | None = None) -> dict:
+    from sami_worker.tasks import TaskError, load_task
 
     task = load_task(task_path, program)
+    if shard is not None:
+        if not hasattr(task, "shard"):
+            raise TaskError(f"--shard: the {program} program does not shard its task")
+        task = task.shard(*shard)
     done = _completed(program, task)
     if done is not None:
         return done
@@ -119,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("stage", choices=list(PROGRAMS))
     parser.add_argument("--task", required=True, type=Path, help="Task JSON file.")
+    parser.add_argument(
+        "--shard",
+        nargs=2,
+        type=int,
+        metavar=("INDEX", "SHARDS"),
+        help="Run shard INDEX (from 0) of SHARDS of a generate task: its slice of the "
+        "queries, to its own folder under the task's output (an Indexed Job's pods pass "
+        "their completion index).",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from sami_worker.tasks import TaskError
 
     try:
-        summary = _run_stage(args.stage, args.task)
+        summary = _run_stage(args.stage, args.task, args.shard)
     except (TransientStorageError, EndpointUnavailable, DistError) as err:
         log.error("%s (retryable)", err)
         return _report(args.stage, EXIT_RETRYABLE, error=str(err))

@@ -109,10 +109,21 @@ def load_principles(ref: PrinciplesRef, spec: StorageSpec | None) -> list[Princi
 
 
 def load_task_queries(
-    sources: QuerySource | list[QuerySource], offset: int, spec: StorageSpec | None
+    sources: QuerySource | list[QuerySource],
+    spec: StorageSpec | None,
+    offset: int = 0,
+    count: int | None = None,
 ) -> list[str]:
-    """A task's queries: one source's, or each listed source's in order, concatenated."""
-    return load_query_sources(sources, read_bytes=lambda uri: read_uri(uri, spec), offset=offset)
+    """A task's queries: one source's, or each listed source's in order, concatenated; then
+    `count` of them (none: all) from position `offset` on, a shard's slice."""
+    queries = load_query_sources(sources, read_bytes=lambda uri: read_uri(uri, spec))
+    end = len(queries) if count is None else offset + count
+    if end > len(queries):
+        raise TaskError(
+            f"query_offset {offset} and query_count {count} reach past the {len(queries)} "
+            "queries of the sources"
+        )
+    return queries[offset:end]
 
 
 def scratch_dir(stage: str) -> tempfile.TemporaryDirectory:

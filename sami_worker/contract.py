@@ -121,3 +121,25 @@ def parse_result_line(text: str | bytes | None) -> ResultLine | None:
         error=typed("error", str),
         truncated=data.get("truncated") is True,
     )
+
+
+def merge_shard_summaries(shards: list[dict]) -> dict:
+    """One generation's summary from its shards' (generation.shards; sami_worker.generate
+    writes them): counts summed, the mean response length weighted by the queries each
+    kept, the wall time the slowest shard's and the throughput all of them together."""
+    kept = sum(s["kept"] for s in shards)
+    seconds = max(s["seconds"] for s in shards)
+    summed = ("queries", "kept", "responses_generated", "retokenized_responses")
+    merged = {key: sum(s[key] for s in shards) for key in summed}
+    tokens = sum(s["generated_tokens"] for s in shards)
+    mean = sum(s["mean_response_tokens"] * s["kept"] for s in shards) / kept if kept else 0.0
+    return {
+        **merged,
+        "dropped": {r: sum(s["dropped"].get(r, 0) for s in shards) for r in shards[0]["dropped"]},
+        "mean_response_tokens": mean,
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "backend": shards[0]["backend"],
+        "shards": len(shards),
+    }

@@ -449,7 +449,7 @@ def save_judge_inputs(out: storage.Storage, task: EvaluateTask, evaluated: Evalu
 
 
 def generate_and_score(task: EvaluateTask, principles: list[Principle]) -> Evaluated:
-    queries = load_task_queries(task.queries, 0, task.storage)
+    queries = load_task_queries(task.queries, task.storage)
     if not queries:
         raise TaskError("queries: the evaluation source yields no queries")
     # One engine for generating and scoring; scoring reads prompt log-probs, which vLLM does

@@ -196,7 +196,7 @@ def build_records(task: GenerateTask, backend: Backend, queries: list[str], prin
 def run(task: GenerateTask) -> dict:
     out = open_uri(task.output, task.storage)
     principles = load_principles(task.principles, task.storage)
-    queries = load_task_queries(task.queries, task.query_offset, task.storage)
+    queries = load_task_queries(task.queries, task.storage, task.query_offset, task.query_count)
     if not queries:
         raise TaskError(f"queries: the source yields no queries ({task.queries.uri})")
     backend = open_model_backend(

@@ -7,6 +7,8 @@ writes to its own prefix, complete once its manifest is there:
     reference/                 the reference model's evaluation (evaluation.judge.reference)
     iterations/<t>/<stage>/    generate, train and evaluate of iteration t (evaluate-0: the
                                base model)
+    iterations/<t>/generate/shard-<i>-of-<n>/   with generation.shards n > 1: each shard's
+                               dataset, with its own manifest (none for the folder above)
     iterations/<t>/train/checkpoint/   the Hugging Face model trained in iteration t
     iterations/<t>/train/adapter/      with training.lora: its adapter alone (peft's format)
 
@@ -46,6 +48,11 @@ def run_key(namespace: str, name: str, uid: str) -> str:
 def stage_key(name: str, iteration: int) -> str:
     """The prefix of an iteration's stage (generate, train or evaluate)."""
     return f"{ITERATIONS}/{iteration}/{name}"
+
+
+def shard_key(index: int, shards: int) -> str:
+    """A shard's folder under its stage's prefix (generation.shards)."""
+    return f"shard-{index:05d}-of-{shards:05d}"
 
 
 def checkpoint_key(iteration: int) -> str:

@@ -26,7 +26,9 @@ from sami_operator.models import (
     StorageSpec,
     Task,
     TrainingSpec,
+    query_sources,
 )
+from sami_worker import layout
 
 
 class TaskError(ValueError):
@@ -56,9 +58,12 @@ class GenerateTask(APIModel):
     query_offset: int = Field(
         default=0,
         ge=0,
-        description="Skip this many usable queries of each source first (with several "
-        "sources, every one skips as many); query ids are this offset plus the position in "
-        "the concatenated list.",
+        description="This task's slice of the queries (a shard of generation.shards) starts "
+        "here, a position in the concatenated list of every source's queries; query ids are "
+        "positions in that list, so a shard's records are the same as one whole task's.",
+    )
+    query_count: int | None = Field(
+        default=None, ge=1, description="The slice's length; none: to the end of the list."
     )
     iteration: int = Field(default=1, ge=0, description="SAMI iteration (seeds depend on it).")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
@@ -68,6 +73,24 @@ class GenerateTask(APIModel):
     def engine(self) -> EngineSpec:
         """The vLLM engine options of the sampled model: generation.engine."""
         return self.generation.engine
+
+    def shard(self, index: int, shards: int) -> GenerateTask:
+        """Shard `index` of `shards` (generation.shards): a contiguous slice of the queries,
+        as even as the slices go, written to <output>/shard-<i>-of-<n>. The planner makes
+        each shard's task with it, and a worker of an Indexed Job its own from the whole."""
+        if not 0 <= index < shards:
+            raise TaskError(f"shard {index} of {shards}: the index must be 0 to {shards - 1}")
+        total = sum(q.count for q in query_sources(self.queries))
+        if shards > total:
+            raise TaskError(f"{shards} shards for {total} queries: use 1 to {total}")
+        begin, end = total * index // shards, total * (index + 1) // shards
+        return self.model_copy(
+            update={
+                "output": f"{self.output}/{layout.shard_key(index, shards)}",
+                "query_offset": self.query_offset + begin,
+                "query_count": end - begin,
+            }
+        )
 
 
 class ScorePair(APIModel):

@@ -664,6 +664,9 @@ def test_the_operator_binds_its_endpoints_to_the_addresses(chart, monkeypatch):
         def served_launchers(self):
             return frozenset({"Job"})
 
+        def has_per_index_retries(self):
+            return False
+
         def watch(self, namespaces, notify):
             Kube.made.append({"watch": namespaces})
 

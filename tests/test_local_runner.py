@@ -257,6 +257,81 @@ def test_a_vllm_run_twice_from_scratch_gives_the_same_files_and_metrics(tiny_lla
     assert files == reproduced_files(runs[1])
 
 
+def dataset_lines(folder: Path) -> list[dict]:
+    return [json.loads(row) for row in (folder / "dataset.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_shards_with_one_killed_once_give_the_one_worker_dataset(tiny_llama, tmp_path):
+    """generation.shards 2 under `sami run`: shard 1's process is killed once; the run
+    stops after shard 0 has finished, and the same command then runs shard 1 alone (shard
+    0 is not started again) and the rest of the run. The two shards' datasets, in order,
+    are the dataset one worker generates from the whole task. Greedy: sampled responses
+    are the same only where vLLM seeds each request (on GPUs; sami_worker.backends)."""
+    manifest = mini_manifest(tiny_llama, tmp_path / "runs", backend="vllm")
+    manifest["spec"]["generation"]["shards"] = 2
+    manifest["spec"]["evaluation"] = {"includeBase": False}
+    path = write(tmp_path, manifest)
+    proc = subprocess.Popen(
+        [SAMI, "run", str(path)], cwd=tmp_path, text=True, stdout=subprocess.PIPE
+    )
+    shard_1 = "tasks/generate-1-shard-1.json"
+    while not (pids := pgrep(shard_1)):  # waits follow progress: the process is there
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.kill(int(pids[0]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode != 0, out
+    assert "generate-1: FAILED (shard 1: exit code -9" in out
+    prefix = run_dir(tmp_path / "runs")
+    generated = prefix / "iterations" / "1" / "generate"
+    shards = [generated / f"shard-0000{i}-of-00002" for i in range(2)]
+    assert (shards[0] / "_manifest.json").exists()  # the survivor finished and published
+    assert not (shards[1] / "_manifest.json").exists()
+    (shard_0_log,) = (tmp_path / ".sami").glob("**/logs/generate-1-shard-0.log")
+    first_log = shard_0_log.read_text()
+    assert "published" in first_log
+    shards_of = lambda status: [  # noqa: E731
+        (s["index"], s["phase"], s["attempts"])
+        for s in status["iterations"][0]["generate"]["shards"]
+    ]
+    status = json.loads((prefix / "status.json").read_text())
+    assert shards_of(status) == [(0, "Succeeded", 1), (1, "Failed", 1)]
+
+    result = sami_run(path, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert shard_0_log.read_text() == first_log  # shard 0 did not run again
+    status = json.loads((prefix / "status.json").read_text())
+    assert status["iterations"][0]["generate"]["sharding"] == "Processes"
+    # This run started shard 1 only (a local run counts its own attempts).
+    assert shards_of(status) == [(0, "Succeeded", 0), (1, "Succeeded", 1)]
+    assert status["phase"] == "Succeeded"
+
+    # The whole task, as one worker: the same records, in the same order.
+    (task_file,) = (tmp_path / ".sami").glob("**/tasks/generate-1-shard-0.json")
+    whole = json.loads(task_file.read_text())
+    whole.update(output=str(tmp_path / "one-worker"), queryOffset=0)
+    del whole["queryCount"]
+    (tmp_path / "whole.json").write_text(json.dumps(whole))
+    one = subprocess.run(
+        [sys.executable, "-m", "sami_worker", "generate", "--task", str(tmp_path / "whole.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    records = dataset_lines(shards[0]) + dataset_lines(shards[1])
+    ids = [r["query_id"] for r in records]
+    assert ids == sorted(set(ids)) and len(ids) > 1  # each query once, in order
+    assert records == dataset_lines(tmp_path / "one-worker")
+
+
+def pgrep(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return found.stdout.split()
+
+
 def test_without_storage_a_local_run_writes_under_its_workdir(tiny_llama, tmp_path):
     from sami_operator.local import LocalRunner, run_uid
     from sami_operator.validate import parse_samirun

@@ -580,6 +580,75 @@ def test_samirun_tiny_rides_out_a_missing_secret_s3_down_and_a_lost_training_pod
     assert "DeletingStorage" in reasons
 
 
+def dataset_records(bucket: storage.Storage, prefix: str) -> list[dict]:
+    return [json.loads(row) for row in bucket.read_bytes(f"{prefix}/dataset.jsonl").splitlines()]
+
+
+@pytest.mark.vllm
+@pytest.mark.s3
+@pytest.mark.slow
+def test_two_generation_shards_run_as_jobs_and_a_killed_one_is_retried_alone(
+    control_plane, k8s_namespace, operator, kubelet, s3_inputs, s3_server, tmp_path
+):
+    """generation.shards 2 on Kubernetes 1.20, which has no Indexed Jobs with per-index
+    retries: a Job per shard. Shard 1's pod is killed once (exit 137, as a preempted
+    node's): only shard 1 runs again, as a new Job, and the run succeeds. The shards'
+    datasets, in order, are the dataset one worker generates from the whole task."""
+    ns, cp = k8s_namespace, control_plane
+    doc = tiny_run(s3_inputs, s3_server.endpoint_url)
+    # Greedy: see generation.shards (vLLM on CPU does not seed requests one by one).
+    doc["spec"]["generation"].update(shards=2, temperature=0.0)
+    doc["spec"]["evaluation"] = {"includeBase": False}
+    cp.apply(doc, namespace=ns)
+
+    def shard_1():
+        pods = pods_of(cp, ns, "job-name=tiny-it1-generate-s1")
+        return pods and running_process(kubelet, ns, pods[0]["metadata"]["name"])
+
+    os.killpg(cp.wait_for("shard 1's pod", shard_1, timeout=600).pid, signal.SIGKILL)
+    run = wait_for_phase(cp, ns, "tiny", {"Succeeded", "Failed"}, 900, operator)
+    status = run["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
+    generate = status["iterations"][0]["generate"]
+    assert generate["sharding"] == "JobPerShard"
+    assert [(s["index"], s["phase"], s["attempts"], s["child"]) for s in generate["shards"]] == [
+        (0, "Succeeded", 1, "tiny-it1-generate-s0"),
+        (1, "Succeeded", 2, "tiny-it1-generate-s1-r2"),
+    ]
+    jobs = cp.kubectl_json("get", "jobs", "-n", ns)["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == [
+        "tiny-it1-evaluate",
+        "tiny-it1-generate-s0",
+        "tiny-it1-generate-s1",
+        "tiny-it1-generate-s1-r2",
+    ]
+    events = cp.kubectl_json("get", "events", "-n", ns)["items"]
+    retries = [e["message"] for e in events if e["reason"] == "StageRetrying"]
+    assert len(retries) == 1 and "generate-1 shard 1: exit code 137" in retries[0], retries
+
+    # The whole task, as one worker, beside the run: the same records, in the same order.
+    config_map = cp.kubectl_json("get", "configmap", "tiny-it1-generate-s0", "-n", ns)
+    whole = json.loads(config_map["data"]["task.json"])
+    bucket = open_bucket(s3_server, s3_inputs)
+    prefix = status["storageUri"].split(f"s3://{s3_inputs}/", 1)[1]
+    whole.update(output=f"s3://{s3_inputs}/one-worker", queryOffset=0)
+    del whole["queryCount"]
+    task = tmp_path / "whole.json"
+    task.write_text(json.dumps(whole))
+    one = subprocess.run(
+        [sys.executable, "-m", "sami_worker", "generate", "--task", str(task)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    shards = [f"{prefix}/iterations/1/generate/shard-0000{i}-of-00002" for i in range(2)]
+    records = dataset_records(bucket, shards[0]) + dataset_records(bucket, shards[1])
+    ids = [r["query_id"] for r in records]
+    assert ids == sorted(set(ids)) and len(ids) > 1  # each query once, in order
+    assert records == dataset_records(bucket, "one-worker")
+
+
 # ------------------------------------------------------------------------- JobSet launcher
 def _training_jobset(name: str, script: str) -> dict:
     """A JobSet labelled as a SAMIRun's training child: 2 Jobs of one pod running `script`

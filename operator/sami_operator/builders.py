@@ -73,9 +73,11 @@ TRAINER_CONTAINER = "node"
 RUNTIME_PATCH_MANAGER = f"{GROUP}/sami-operator"
 
 
-def child_name(run_name: str, stage: Stage, attempt: int = 1) -> str:
-    """`<run>-it<N>-<stage>[-r<attempt>]`, at most MAX_NAME characters."""
+def child_name(run_name: str, stage: Stage, attempt: int = 1, shard: int | None = None) -> str:
+    """`<run>-it<N>-<stage>[-s<shard>][-r<attempt>]`, at most MAX_NAME characters (`shard`:
+    a shard's own Job, generation.shards on clusters without per-index retries)."""
     stem = stage.name if stage.iteration is None else f"it{stage.iteration}-{stage.name}"
+    stem += "" if shard is None else f"-s{shard}"
     name = f"{run_name}-{stem}" + (f"-r{attempt}" if attempt > 1 else "")
     name = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
     if len(name) <= MAX_NAME:
@@ -128,12 +130,13 @@ def _metadata(
     }
 
 
-def build_config_map(run: SAMIRun, stage: Stage, name: str, uid: str) -> dict[str, Any]:
+def build_config_map(run: SAMIRun, stage: Stage, name: str, uid: str, task=None) -> dict[str, Any]:
+    """The ConfigMap with the task (`task`: a shard's; by default the stage's)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(run, stage, name, uid),
-        "data": {"task.json": dump_task(stage.task)},
+        "data": {"task.json": dump_task(task or stage.task)},
     }
 
 
@@ -560,16 +563,49 @@ TRAINING_WORKLOADS: dict[Launcher, Callable[..., dict[str, Any]]] = {
 }
 
 
+def build_indexed_job(
+    metadata: dict[str, Any], run: SAMIRun, stage: Stage, settings: OperatorSettings, name: str
+) -> dict[str, Any]:
+    """A sharded stage as one Indexed Job: a pod per shard, each running its slice of the
+    stage's task (`--shard $(JOB_COMPLETION_INDEX) N`; the Job controller sets the variable).
+    backoffLimitPerIndex 0 (Kubernetes 1.29+): a failed shard fails its index only, the
+    others run on, and the Job fails once all are done; the operator then decides whether
+    to retry, and the retry's pods of finished shards exit at once (their manifests are
+    there)."""
+    shards = len(stage.shards)
+    command = [*_worker_command(settings, stage), "--shard", "$(JOB_COMPLETION_INDEX)", str(shards)]
+    template = build_pod_template(run, stage, settings, name, command)
+    spec = {
+        "completionMode": "Indexed",
+        "completions": shards,
+        "parallelism": shards,
+        "backoffLimitPerIndex": 0,
+        "podFailurePolicy": IGNORE_DISRUPTIONS,
+        "template": template,
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
 def build_children(
-    run: SAMIRun, stage: Stage, uid: str, settings: OperatorSettings, attempt: int = 1
+    run: SAMIRun,
+    stage: Stage,
+    uid: str,
+    settings: OperatorSettings,
+    attempt: int = 1,
+    shard: int | None = None,
 ) -> list[dict[str, Any]]:
-    """[ConfigMap with the task, the workload], both owned by the SAMIRun."""
-    name = child_name(run.metadata.name, stage, attempt)
-    config_map = build_config_map(run, stage, name, uid)
+    """[ConfigMap with the task, the workload], both owned by the SAMIRun. A sharded stage
+    (generation.shards) is one Indexed Job of every shard, or with `shard` that shard's own
+    Job (clusters without per-index retries)."""
+    name = child_name(run.metadata.name, stage, attempt, shard)
+    task = stage.shards[shard] if shard is not None else stage.task
+    config_map = build_config_map(run, stage, name, uid, task)
     metadata = _metadata(run, stage, name, uid, workload=True)
     if stage.name == "train":
         build = TRAINING_WORKLOADS[run.spec.training.launcher]
         workload = build(metadata, run, stage, settings, name)
+    elif stage.shards and shard is None:
+        workload = build_indexed_job(metadata, run, stage, settings, name)
     else:
         command = _worker_command(settings, stage)
         workload = build_job(metadata, build_pod_template(run, stage, settings, name, command))

@@ -13,6 +13,7 @@ pass left them, with no deadline due, returns at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -93,8 +94,15 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _connect(changed) -> None:
     """The API client, the training launchers served, and the watches of the children."""
+    global SETTINGS
     kube = kube_module.Kube(creates_per_second=SETTINGS.creates_per_second)
     _state["kube"] = kube
+    # generation.shards: one Indexed Job where the Job controller retries each index on its
+    # own (Kubernetes 1.29+), else a Job per shard.
+    SETTINGS = dataclasses.replace(SETTINGS, indexed_jobs=kube.has_per_index_retries())
+    logging.getLogger(__name__).info(
+        "sharded generation runs as %s", "an Indexed Job" if SETTINGS.indexed_jobs else "Jobs"
+    )
     _state["launchers"] = kube.served_launchers()
     _state["launchers_at"] = time.monotonic()
     logging.getLogger(__name__).info("training launchers served: %s", sorted(_state["launchers"]))
@@ -363,7 +371,8 @@ def _reconcile(body, patch, logger) -> None:
     # Only the children whose outcome is not yet recorded need their pods looked at.
     unsettled = {
         r.child
-        for r in records.values()
+        for stage in records.values()
+        for r in (stage, *stage.shards)
         if r.child and r.phase not in (StagePhase.succeeded, StagePhase.failed)
     }
     observed = kube.observe_children(meta["namespace"], meta["name"], unsettled)

@@ -3,6 +3,7 @@ and deletes children, at a bounded rate, and reads them from the watches (watche
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -99,6 +100,13 @@ class Kube:
         return frozenset(served)
 
     # --- children ----------------------------------------------------------------------------
+
+    def has_per_index_retries(self) -> bool:
+        """Whether this cluster's Indexed Jobs take backoffLimitPerIndex (Kubernetes 1.29+,
+        where the feature is on by default)."""
+        version = client.VersionApi(self.api).get_code()
+        minor = int("".join(c for c in version.minor if c.isdigit()) or 0)
+        return (int(version.major), minor) >= (1, 29)
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create an object, waiting for the create rate limit first; False when it already
@@ -210,8 +218,33 @@ class Kube:
         return found
 
 
+# The label the Job controller puts on an Indexed Job's pods (Kubernetes 1.28+).
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
 def child_state(workload: Workload, obj: dict, pods: list[dict], events: list[dict]) -> ChildState:
-    """What a workload, its pods (rank 0 first) and the failed-create events about it say."""
+    """What a workload, its pods (rank 0 first) and the failed-create events about it say;
+    for an Indexed Job, each shard's result line once its pod succeeded."""
+    state = _child_state(workload, obj, pods, events)
+    shards = _shard_messages(pods)
+    return dataclasses.replace(state, shard_messages=shards) if shards else state
+
+
+def _shard_messages(pods: list[dict]) -> dict[int, str]:
+    """The termination message of each Indexed Job pod that succeeded, by completion index."""
+    found = {}
+    for pod in pods:
+        index = (pod["metadata"].get("labels") or {}).get(COMPLETION_INDEX)
+        if index is None or (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        for status in pod["status"].get("containerStatuses") or []:
+            message = ((status.get("state") or {}).get("terminated") or {}).get("message")
+            if message:
+                found[int(index)] = message
+    return found
+
+
+def _child_state(workload: Workload, obj: dict, pods: list[dict], events: list[dict]) -> ChildState:
     phase = phase_of(workload, obj)
     if phase in (StagePhase.succeeded, StagePhase.failed):
         return _terminal(phase, pods)
@@ -265,6 +298,8 @@ def _terminal(phase: StagePhase, pods: list[dict]) -> ChildState:
     # Pods being deleted (a launcher stopping the survivors of a failure) were killed:
     # their exit code would hide the one that says why the workload failed.
     pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")] or pods
+    if phase == StagePhase.failed:  # the pod that failed says why, not a finished shard's
+        pods = sorted(pods, key=lambda p: (p.get("status") or {}).get("phase") != "Failed")
     for pod in pods:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (status.get("state") or {}).get("terminated")

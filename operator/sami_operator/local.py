@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,7 @@ from sami_operator.models import (
     Reproducibility,
     SAMIRun,
     SAMIRunStatus,
+    Sharding,
     StagePhase,
     StorageSpec,
 )
@@ -40,6 +42,7 @@ from sami_operator.report import build_report
 from sami_operator.status import StageRecord, derive_status
 from sami_worker import storage
 from sami_worker.common import open_uri
+from sami_worker.contract import merge_shard_summaries
 from sami_worker.reproducibility import record as reproducibility_record
 from sami_worker.tasks import dump_task
 
@@ -195,10 +198,7 @@ class LocalRunner:
 
     def stages_done(self) -> tuple[int, int]:
         """(stages complete in storage, stages planned)."""
-        done = sum(
-            storage.is_complete(open_uri(stage.prefix, self.run.spec.storage), "")
-            for stage in self.stages
-        )
+        done = sum(self._complete(stage) for stage in self.stages)
         return done, len(self.stages)
 
     def start_lines(self, runs_dir: Path) -> list[str]:
@@ -242,10 +242,9 @@ class LocalRunner:
         for number, stage in enumerate(stages, 1):
             self.bar.set_description(stage.id)
             record = self.records.setdefault(stage.id, StageRecord())
-            stage_store = open_uri(stage.prefix, self.run.spec.storage)
-            if storage.is_complete(stage_store, ""):
+            if self._complete(stage):
                 record.phase = StagePhase.succeeded
-                record.meta = storage.read_manifest(stage_store, "").meta
+                record.meta = self._meta(stage)
                 self.echo(f"[{number}/{len(stages)}] {stage.id}: already done")
                 self.bar.update()
                 continue
@@ -254,16 +253,16 @@ class LocalRunner:
             record.phase, record.start_time = StagePhase.running, now()
             record.attempts += 1
             self._publish_status()
-            code = self._run_stage(stage)
+            failure = self._run_shards(stage, record) if stage.shards else self._run_stage(stage)
             record.completion_time = now()
-            if code != 0:
+            if failure is not None:
                 record.phase = StagePhase.failed
-                record.message = f"exit code {code}; log: {self._log_path(stage)}"
+                record.message = failure
                 self._publish_status()
                 self.echo(f"[{number}/{len(stages)}] {stage.id}: FAILED ({record.message})")
                 return self.status
             record.phase = StagePhase.succeeded
-            record.meta = storage.read_manifest(stage_store, "").meta
+            record.meta = self._meta(stage)
             self.echo(
                 f"[{number}/{len(stages)}] {stage.id}: done in {time.monotonic() - started:.0f}s"
                 + _headline(stage, record.meta)
@@ -273,34 +272,98 @@ class LocalRunner:
         self._publish_status()
         return self.status
 
-    def _log_path(self, stage: Stage) -> Path:
-        return self.workdir / "logs" / f"{stage.id}.log"
+    def _complete(self, stage: Stage) -> bool:
+        """Every output of the stage (each shard's) has its manifest."""
+        return all(self._is_complete(uri) for uri in stage.outputs)
 
-    def _run_stage(self, stage: Stage) -> int:
-        task_file = self.workdir / "tasks" / f"{stage.id}.json"
-        task_file.parent.mkdir(parents=True, exist_ok=True)
-        task_file.write_text(dump_task(stage.task))
-        log_path = self._log_path(stage)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+    def _is_complete(self, uri: str) -> bool:
+        return storage.is_complete(open_uri(uri, self.run.spec.storage), "")
+
+    def _meta(self, stage: Stage) -> dict:
+        """The stage's summary: its manifest's, or its shards' merged."""
+        metas = [
+            storage.read_manifest(open_uri(uri, self.run.spec.storage), "").meta
+            for uri in stage.outputs
+        ]
+        return merge_shard_summaries(metas) if stage.shards else metas[0]
+
+    def _log_path(self, stage: Stage, shard: int | None = None) -> Path:
+        name = stage.id if shard is None else f"{stage.id}-shard-{shard}"
+        return self.workdir / "logs" / f"{name}.log"
+
+    def _run_stage(self, stage: Stage) -> str | None:
+        """Run the stage's worker; why it failed, or None."""
+        code = self._run_processes(stage, [(stage.task, self._log_path(stage), "")])[0]
+        return None if code == 0 else f"exit code {code}; log: {self._log_path(stage)}"
+
+    def _run_shards(self, stage: Stage, record: StageRecord) -> str | None:
+        """Run every shard not yet complete side by side, and let all of them finish even
+        when one fails (what they publish is kept); why any failed, or None."""
+        record.sharding = Sharding.processes
+        todo = []
+        for index, task in enumerate(stage.shards):
+            shard = record.shard(index)
+            if self._is_complete(task.output):
+                shard.phase = StagePhase.succeeded
+                continue
+            shard.phase, shard.message = StagePhase.running, None
+            shard.attempts += 1
+            todo.append((index, task))
+        self._publish_status()
+        runs = [(task, self._log_path(stage, i), f"[shard {i}] ") for i, task in todo]
+        codes = self._run_processes(stage, runs)
+        failures = []
+        for (index, _), code in zip(todo, codes, strict=True):
+            shard = record.shard(index)
+            if code == 0:
+                shard.phase = StagePhase.succeeded
+                continue
+            shard.phase = StagePhase.failed
+            shard.message = f"exit code {code}; log: {self._log_path(stage, index)}"
+            failures.append(f"shard {index}: {shard.message}")
+        if not failures:
+            return None
+        return "; ".join(failures) + " (run again to retry only the failed shards)"
+
+    def _run_processes(self, stage: Stage, runs: list[tuple]) -> list[int]:
+        """Run one worker per (task, log file, console prefix) at once, each writing its
+        output to its log file line by line (`tail -f` follows it) and its progress to the
+        console; their exit codes, in order."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with log_path.open("w", buffering=1) as sink:  # line by line: `tail -f` follows it
-            child = subprocess.Popen(
-                stage_command(stage, task_file),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-                start_new_session=True,
-            )
-            try:
-                for line in child.stdout:
-                    sink.write(line)
-                    if any(marker in line for marker in PROGRESS_MARKERS):
-                        self.echo("    " + line.rstrip()[:160])
-                return child.wait()
-            except KeyboardInterrupt:
+        children, pumps = [], []
+        try:
+            for task, log_path, tag in runs:
+                task_file = self.workdir / "tasks" / f"{log_path.stem}.json"
+                task_file.parent.mkdir(parents=True, exist_ok=True)
+                task_file.write_text(dump_task(task))
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                child = subprocess.Popen(
+                    stage_command(stage, task_file),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=env,
+                    start_new_session=True,
+                )
+                children.append(child)
+                pump = threading.Thread(target=self._pump, args=(child, log_path, tag))
+                pump.start()
+                pumps.append(pump)
+            for pump in pumps:
+                while pump.is_alive():
+                    pump.join(0.5)  # in slices: Ctrl-C reaches this thread between them
+            return [child.wait() for child in children]
+        except KeyboardInterrupt:
+            for child in children:
                 _terminate(child)
-                raise
+            raise
+
+    def _pump(self, child: subprocess.Popen, log_path: Path, tag: str) -> None:
+        with log_path.open("w", buffering=1) as sink:
+            for line in child.stdout:
+                sink.write(line)
+                if any(marker in line for marker in PROGRESS_MARKERS):
+                    self.echo(f"    {tag}{line.rstrip()[:160]}")
 
     def _publish_status(self) -> None:
         self.status = derive_status(

@@ -591,6 +591,10 @@ class FiltersSpec(APIModel):
     )
 
 
+# generation.shards: each shard is a pod (or a local process) of its own.
+MAX_SHARDS = 512
+
+
 class GenerationSpec(APIModel):
     """Sampling of the model's own training data."""
 
@@ -614,6 +618,18 @@ class GenerationSpec(APIModel):
         description="Turn markers: responses are cut at the first one.",
     )
     filters: FiltersSpec = Field(default_factory=FiltersSpec, description="Post-filters.")
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="Generate with this many workers at once, each a contiguous slice of "
+        "data.train's queries with a dataset of its own (train reads them all, in order). "
+        "The dataset is one worker's: greedy, and sampled where vLLM seeds each request (on "
+        "GPUs; on CPUs the engine's seed applies per worker). On a cluster: an Indexed Job where "
+        "Kubernetes has per-index retries (1.29+), else one Job per shard; a failed shard "
+        "is retried alone and a finished one is never redone. `sami run` runs them as "
+        "processes side by side. At most the number of training queries.",
+    )
     engine: EngineSpec = Field(
         default_factory=EngineSpec,
         description="vLLM engine options of every engine a run builds: generation's, and, "
@@ -1382,6 +1398,12 @@ class SAMIRunSpec(APIModel):
                         f"constitution allows at most {2**k} distinct constitutions, got {c}"
                     )
         self._check_evaluation_constitutions()
+        queries = sum(q.count for q in query_sources(self.data.train))
+        if self.generation.shards > queries:
+            raise ValueError(
+                f"generation.shards: {self.generation.shards} shards for {queries} training "
+                f"queries (data.train counts); use 1 to {queries}"
+            )
         return self
 
     def _check_evaluation_constitutions(self) -> None:
@@ -1521,6 +1543,31 @@ class Condition(APIModel):
     )
 
 
+class Sharding(str, Enum):
+    """How a sharded stage (generation.shards > 1) runs its shards."""
+
+    indexed_job = "IndexedJob"
+    job_per_shard = "JobPerShard"
+    processes = "Processes"
+
+
+class ShardStatus(APIModel):
+    """One shard of a sharded stage."""
+
+    index: int = Field(ge=0, description="The shard's index: its slice of the queries.")
+    phase: StagePhase = Field(
+        default=StagePhase.pending, description="Pending, Queued, Running, Succeeded or Failed."
+    )
+    child: str | None = Field(
+        default=None, description="The shard's own Job (JobPerShard); none in an Indexed Job."
+    )
+    attempts: int = Field(default=0, ge=0, description="Times the shard was started.")
+    disruptions: int = Field(
+        default=0, ge=0, description="Attempts whose pods were taken away (not counted)."
+    )
+    message: str | None = Field(default=None, description="Why the shard is where it is.")
+
+
 class StageStatus(APIModel):
     """One stage of one iteration."""
 
@@ -1544,6 +1591,15 @@ class StageStatus(APIModel):
         description="Why the stage failed, as the Failed condition's reason: StageFailed (the "
         "worker's own error), RetriesExhausted, CreateRefused (the API server refused its "
         "workload), StartDeadlineExceeded, ActiveDeadlineExceeded.",
+    )
+    sharding: Sharding | None = Field(
+        default=None,
+        description="A sharded generation's workloads: IndexedJob (one Job, a pod per "
+        "shard), JobPerShard (clusters before Kubernetes 1.29, which has no per-index "
+        "retries) or Processes (`sami run`).",
+    )
+    shards: list[ShardStatus] = Field(
+        default_factory=list, description="Each shard of a sharded generation."
     )
 
 

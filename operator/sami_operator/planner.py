@@ -55,10 +55,19 @@ class Stage:
     iteration: int | None
     prefix: str  # storage URI of the stage's outputs (complete when its manifest exists)
     task: WritePrinciplesTask | GenerateTask | TrainTask | EvaluateTask | DeletePrefixTask
+    # generation.shards > 1: one task per shard, each its slice of the queries, written to
+    # a folder of its own under `prefix`; `task` is then the whole generation's.
+    shards: tuple[GenerateTask, ...] = ()
 
     @property
     def id(self) -> str:
         return self.name if self.iteration is None else f"{self.name}-{self.iteration}"
+
+    @property
+    def outputs(self) -> list[str]:
+        """Where the stage's results are: every shard's output, or the prefix; the stage is
+        complete when each has its manifest."""
+        return [shard.output for shard in self.shards] or [self.prefix]
 
     @property
     def program(self) -> str:
@@ -141,8 +150,9 @@ def plan(run: SAMIRun, uid: str) -> list[Stage]:
     if judge is not None and judge.reference is not None:
         stages.append(_reference_stage(ctx, judge.reference))
     for t in range(1, spec.training.iterations + 1):
-        stages.append(_generate_stage(ctx, t))
-        stages.append(_train_stage(ctx, t))
+        generate = _generate_stage(ctx, t)
+        stages.append(generate)
+        stages.append(_train_stage(ctx, t, generate.outputs))
         stages.append(_evaluate_stage(ctx, t, checkpoint_uri(ctx.prefix, t)))
     return stages
 
@@ -250,12 +260,14 @@ def _generate_stage(ctx: _Context, t: int) -> Stage:
         iteration=t,
         generation=spec.generation,
     )
-    return Stage("generate", t, uri, task)
+    n = spec.generation.shards
+    shards = tuple(task.shard(i, n) for i in range(n)) if n > 1 else ()
+    return Stage("generate", t, uri, task, shards)
 
 
-def _train_stage(ctx: _Context, t: int) -> Stage:
-    """train-t trains on generate-t's dataset, from the base model or (training.init:
-    previous) from iteration t-1's checkpoint."""
+def _train_stage(ctx: _Context, t: int, datasets: list[str]) -> Stage:
+    """train-t trains on generate-t's dataset (`datasets`: its shards' in order), from the
+    base model or (training.init: previous) from iteration t-1's checkpoint."""
     spec = ctx.spec
     uri = stage_uri(ctx.prefix, "train", t)
     init = checkpoint_uri(ctx.prefix, t - 1) if spec.training.init == "previous" and t > 1 else None
@@ -264,7 +276,7 @@ def _train_stage(ctx: _Context, t: int) -> Stage:
         storage=spec.storage,
         model=spec.model,
         init_uri=init,
-        datasets=[stage_uri(ctx.prefix, "generate", t)],
+        datasets=datasets,
         iteration_steps=spec.training.steps_for(t),
         training=spec.training,
         seed=spec.constitutions.seed + t,

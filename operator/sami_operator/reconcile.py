@@ -18,11 +18,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from sami_operator.builders import build_children, child_name
-from sami_operator.models import Metrics, SAMIRun, SAMIRunStatus, StagePhase
+from sami_operator.models import Metrics, SAMIRun, SAMIRunStatus, Sharding, StagePhase
 from sami_operator.planner import Stage, plan
 from sami_operator.settings import OperatorSettings
 from sami_operator.status import StageRecord
-from sami_worker.contract import EXIT_RETRYABLE, ResultLine, parse_result_line
+from sami_worker.contract import (
+    EXIT_RETRYABLE,
+    ResultLine,
+    merge_shard_summaries,
+    parse_result_line,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class ChildState:
     # Failed because its pods were taken away (a node drained or lost, preemption, eviction),
     # not because the worker failed: retried without spending spec.training.maxRestarts.
     disrupted: bool = False
+    # An Indexed Job's: the result line of each shard whose pod succeeded, by index.
+    shard_messages: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -157,12 +164,20 @@ def _finished_children(ctx: _Pass, records: dict[str, StageRecord]) -> list[str]
     done = [s for s in stages if records.get(s.id, StageRecord()).phase == StagePhase.succeeded]
     if policy == "keep" or (policy == "deleteOnSuccess" and len(done) < len(stages)):
         return []
-    names = {
-        child_name(ctx.run.metadata.name, stage, attempt)
-        for stage in done
-        for attempt in range(1, records[stage.id].attempts + 1)
-    }
+    names = {name for stage in done for name in _children(ctx, stage, records[stage.id])}
     return sorted(names & ctx.observed.keys())
+
+
+def _children(ctx: _Pass, stage: Stage, record: StageRecord) -> list[str]:
+    """Every child a stage's attempts created: each shard's, for a Job per shard."""
+    run_name = ctx.run.metadata.name
+    if record.sharding == Sharding.job_per_shard:
+        return [
+            child_name(run_name, stage, attempt, shard.index)
+            for shard in record.shards
+            for attempt in range(1, shard.attempts + 1)
+        ]
+    return [child_name(run_name, stage, a) for a in range(1, record.attempts + 1)]
 
 
 def _walk(ctx: _Pass, decision: Decision) -> None:
@@ -184,7 +199,8 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
             r.phase in (StagePhase.running, StagePhase.succeeded) or r.attempts > 1
             for r in records.values()
         )
-        state = ctx.observed.get(record.child) if record.child else None
+        per_shard = bool(stage.shards) and not ctx.settings.indexed_jobs
+        state = _shards_waiting(ctx, record) if per_shard else _observed(ctx, record.child)
         late = _start_overdue(ctx, never_started, state)
         if late is not None:
             detail = (state.message if state else None) or record.message
@@ -193,10 +209,16 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
             return
 
         decision.wake_at = _next_deadline(ctx, never_started, state)
+        if per_shard:
+            if _walk_shards(ctx, decision, stage, record):
+                continue
+            return
         if record.child is None or state is None:
             if not run.spec.suspend:
                 _create(ctx, decision, stage, record)
             return
+        if stage.shards:
+            _indexed_shards(record, stage, state)
         if state.phase in (StagePhase.pending, StagePhase.queued, StagePhase.running):
             if run.spec.suspend and run.spec.suspend_policy == "stopStage":
                 # Stopped now, rerun on resume (training from its last checkpoint).
@@ -212,7 +234,7 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
             return
         if state.phase == StagePhase.succeeded:
             try:
-                record.meta = stage_results(_result_line(state).summary or {})
+                record.meta = stage_results(_summary(stage, state))
             except ValueError as err:
                 why = f"{stage.id}: its result line does not parse: {err}"
                 _fail(decision, record, stamp, "StageFailed", why)
@@ -239,6 +261,124 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
         reason = "RetriesExhausted" if retryable else "StageFailed"
         _fail(decision, record, stamp, reason, f"{stage.id}: {error}")
         return
+
+
+def _observed(ctx: _Pass, child: str | None) -> ChildState | None:
+    return ctx.observed.get(child) if child else None
+
+
+def _shards_waiting(ctx: _Pass, record: StageRecord) -> ChildState | None:
+    """For the deadlines, a Job per shard: the shard that has waited longest for its pods,
+    else any shard's state."""
+    states = [s for r in record.shards if (s := _observed(ctx, r.child)) is not None]
+    waiting = [s for s in states if s.phase in _WAITING and s.waiting_since is not None]
+    if waiting:
+        return min(waiting, key=lambda s: s.waiting_since)
+    return states[0] if states else None
+
+
+def _indexed_shards(record: StageRecord, stage: Stage, state: ChildState) -> None:
+    """An Indexed Job's shards, as its pods show them."""
+    record.sharding = Sharding.indexed_job
+    for index in range(len(stage.shards)):
+        shard = record.shard(index)
+        shard.child = None
+        shard.attempts = record.attempts
+        done = index in state.shard_messages
+        shard.phase = StagePhase.succeeded if done else state.phase
+        if state.phase == StagePhase.succeeded and not done:
+            shard.phase = StagePhase.pending  # its pod is gone: the summary says nothing
+
+
+def _summary(stage: Stage, state: ChildState) -> dict[str, Any]:
+    """The stage's summary: its worker's, or an Indexed Job's shards' merged."""
+    if not stage.shards:
+        return _result_line(state).summary or {}
+    lines = [parse_result_line(m) for m in state.shard_messages.values()]
+    summaries = [line.summary for line in lines if line is not None and line.summary]
+    if len(summaries) < len(stage.shards):
+        return {}
+    return merge_shard_summaries(summaries)
+
+
+def _walk_shards(ctx: _Pass, decision: Decision, stage: Stage, record: StageRecord) -> bool:
+    """generation.shards on a cluster without per-index retries: a Job per shard, each
+    created, watched and retried on its own (a finished shard is never run again); whether
+    the stage succeeded, every shard having. A shard that fails for good fails the stage
+    and stops the others."""
+    run, stamp = ctx.run, ctx.stamp
+    record.sharding = Sharding.job_per_shard
+    states: list[ChildState] = []
+    for index in range(len(stage.shards)):
+        shard = record.shard(index)
+        if shard.phase == StagePhase.succeeded:
+            continue
+        state = _observed(ctx, shard.child)
+        if state is None:
+            if not run.spec.suspend:
+                _create_shard(ctx, decision, stage, record, index)
+            continue
+        if state.phase in (StagePhase.pending, StagePhase.queued, StagePhase.running):
+            if run.spec.suspend and run.spec.suspend_policy == "stopStage":
+                decision.delete.append(shard.child)
+                decision.events.append(("Normal", "StageStopped", f"{stage.id}: suspended"))
+                shard.child, shard.phase, shard.message = None, StagePhase.pending, None
+                continue
+            shard.phase, shard.message = state.phase, state.message
+            states.append(state)
+            continue
+        if state.phase == StagePhase.succeeded:
+            shard.meta = _result_line(state).summary or {}
+            shard.phase, shard.message = StagePhase.succeeded, None
+            continue
+        error = error_text(state)
+        retryable = state.disrupted or _retryable(state)
+        if state.disrupted:
+            shard.disruptions += 1
+            error = f"{error}; its pods were disrupted (not counted against maxRestarts)"
+        where = f"{stage.id} shard {index}"
+        if retryable and shard.attempts - shard.disruptions <= run.spec.training.max_restarts:
+            decision.events.append(("Warning", "StageRetrying", f"{where}: {error}"))
+            if run.spec.suspend:
+                shard.child = None
+            else:
+                _create_shard(ctx, decision, stage, record, index)
+            continue
+        shard.phase, shard.message = StagePhase.failed, error
+        for other in record.shards:  # stop the others: the stage has failed
+            if other.phase in (StagePhase.pending, StagePhase.queued, StagePhase.running):
+                decision.delete += [other.child] if other.child else []
+        reason = "RetriesExhausted" if retryable else "StageFailed"
+        _fail(decision, record, stamp, reason, f"{where}: {error}")
+        return False
+    if all(r.phase == StagePhase.succeeded for r in record.shards):
+        metas = [r.meta for r in record.shards]
+        record.meta = stage_results(merge_shard_summaries(metas)) if all(metas) else {}
+        record.phase, record.completion_time, record.message = StagePhase.succeeded, stamp, None
+        decision.events.append(("Normal", "StageSucceeded", f"{stage.id} ({len(metas)} shards)"))
+        return True
+    running = any(r.phase == StagePhase.running for r in record.shards)
+    record.phase = StagePhase.running if running else StagePhase.pending
+    stuck = next((s for s in states if s.stalled), None)
+    if stuck is not None and stuck.message != record.message:
+        decision.events.append(("Warning", stuck.stalled, f"{stage.id}: {stuck.message}"))
+    record.message = stuck.message if stuck else None
+    record.stalled = stuck.stalled if stuck else None
+    return False
+
+
+def _create_shard(
+    ctx: _Pass, decision: Decision, stage: Stage, record: StageRecord, index: int
+) -> None:
+    shard = record.shard(index)
+    shard.attempts += 1
+    shard.child = child_name(ctx.run.metadata.name, stage, shard.attempts, index)
+    shard.phase, shard.message = StagePhase.pending, None
+    record.attempts = max(record.attempts, shard.attempts)
+    record.start_time = record.start_time or ctx.stamp
+    children = build_children(ctx.run, stage, ctx.uid, ctx.settings, shard.attempts, index)
+    decision.create.extend(children)
+    decision.events.append(("Normal", "StageCreated", f"{stage.id}: created {shard.child}"))
 
 
 def _start_overdue(ctx: _Pass, never_started: bool, state: ChildState | None) -> str | None:
@@ -284,6 +424,8 @@ def _create(ctx: _Pass, decision: Decision, stage: Stage, record: StageRecord) -
     record.phase = StagePhase.pending
     record.start_time = record.start_time or ctx.stamp
     record.message = record.stalled = None
+    if stage.shards:
+        record.sharding = Sharding.indexed_job
     decision.create.extend(build_children(ctx.run, stage, ctx.uid, ctx.settings, record.attempts))
     decision.events.append(("Normal", "StageCreated", f"{stage.id}: created {record.child}"))
 
@@ -304,8 +446,11 @@ def create_refused(
     or, where waiting can help (quota), it is created again on a later pass without spending
     an attempt. Either way the message reaches the status, and an event is emitted once per
     new message (`before`: each stage's message before this pass)."""
-    stage_id, record = next(
-        (sid, r) for sid, r in decision.records.items() if r.child == refused.name
+    stage_id, record, attempt = next(
+        (sid, r, a)
+        for sid, r in decision.records.items()
+        for a in (r, *r.shards)
+        if a.child == refused.name
     )
     message = f"creating {refused.kind} {refused.name} was refused: {refused.message}"
     decision.events = [e for e in decision.events if e[1] != "StageCreated"]
@@ -313,8 +458,17 @@ def create_refused(
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         _fail(decision, record, stamp, "CreateRefused", f"{stage_id}: {message}")
         return
-    record.attempts -= 1
-    record.child = None
+    # `attempt`: the stage's record, or a shard's (a Job per shard) with the same fields.
+    attempt.attempts -= 1
+    attempt.child = None
+    attempt.phase = StagePhase.pending
+    if record is not attempt:
+        record.attempts = max(r.attempts for r in record.shards)
+        # The shards created after the refused one in this pass were not created either.
+        for later in record.shards[record.shards.index(attempt) + 1 :]:
+            if later.child and any(o["metadata"]["name"] == later.child for o in decision.create):
+                later.attempts -= 1
+                later.child, later.phase = None, StagePhase.pending
     if record.attempts == 0:
         record.start_time = None  # it has not started yet
     record.phase = StagePhase.pending

@@ -69,6 +69,9 @@ class OperatorSettings:
     leader_election_namespace: str = "default"
     lease_seconds: float = 15.0
     identity: str = "sami-operator"
+    # The cluster's Job controller retries each index of an Indexed Job on its own
+    # (backoffLimitPerIndex, Kubernetes 1.29+): discovered at startup, not configured.
+    indexed_jobs: bool = False
 
     @property
     def finalizer(self) -> str:

@@ -18,6 +18,8 @@ from sami_operator.models import (
     Phase,
     SAMIRun,
     SAMIRunStatus,
+    Sharding,
+    ShardStatus,
     StagePhase,
     StageStatus,
 )
@@ -27,6 +29,33 @@ CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
 # Besides the phase conditions: True while the current stage cannot progress until someone
 # acts (pods that cannot pull or be placed, a refused child), with the reason and message.
 STALLED = "Stalled"
+
+
+@dataclass
+class ShardRecord:
+    """What an executor knows about one shard of a sharded stage (generation.shards)."""
+
+    index: int
+    phase: StagePhase = StagePhase.pending
+    child: str | None = None  # its own workload (JobPerShard)
+    attempts: int = 0
+    disruptions: int = 0
+    message: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # its manifest's summary
+
+    @classmethod
+    def from_status(cls, s: ShardStatus) -> ShardRecord:
+        return cls(s.index, s.phase, s.child, s.attempts, s.disruptions, s.message)
+
+    def as_status(self) -> ShardStatus:
+        return ShardStatus(
+            index=self.index,
+            phase=self.phase,
+            child=self.child,
+            attempts=self.attempts,
+            disruptions=self.disruptions,
+            message=self.message,
+        )
 
 
 @dataclass
@@ -43,6 +72,8 @@ class StageRecord:
     reason: str | None = None  # why it failed, as a condition reason
     meta: dict[str, Any] = field(default_factory=dict)  # the stage manifest's summary
     stalled: str | None = None  # observed on this pass, not kept: a condition reason
+    sharding: Sharding | None = None  # how a sharded stage runs its shards
+    shards: list[ShardRecord] = field(default_factory=list)
 
     @classmethod
     def from_status(cls, s: StageStatus) -> StageRecord:
@@ -56,7 +87,18 @@ class StageRecord:
             completion_time=s.completion_time,
             message=s.message,
             reason=s.reason,
+            sharding=s.sharding,
+            shards=[ShardRecord.from_status(shard) for shard in s.shards],
         )
+
+    def shard(self, index: int) -> ShardRecord:
+        """The record of shard `index`, added when it has none yet."""
+        found = next((r for r in self.shards if r.index == index), None)
+        if found is None:
+            found = ShardRecord(index)
+            self.shards.append(found)
+            self.shards.sort(key=lambda r: r.index)
+        return found
 
     def as_status(self) -> StageStatus:
         return StageStatus(
@@ -68,6 +110,8 @@ class StageRecord:
             completion_time=self.completion_time,
             message=self.message,
             reason=self.reason,
+            sharding=self.sharding,
+            shards=[shard.as_status() for shard in self.shards],
         )
 
 
