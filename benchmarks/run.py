@@ -21,12 +21,14 @@ from benchmarks.common import machine, unmeasured
 
 SUITES = (
     "generation",
+    "sharding",
     "training",
     "scaling",
     "memory",
     "operator",
     "e2e",
     "download",
+    "streaming",
     "alignment",
 )
 HERE = Path(__file__).resolve().parent

@@ -60,6 +60,9 @@ class VLLMBackend:
             max_model_len=engine.max_model_len,
             gpu_memory_utilization=engine.gpu_memory_utilization,
             enforce_eager=engine.enforce_eager,
+            # An s3:// model here is streamed (engine.loadFormat: stream): the weights go
+            # from S3 into the engine through the Run:ai model streamer.
+            load_format="runai_streamer" if model_dir.startswith("s3://") else "auto",
             # Prompt log-probs are not computed for cached prefix positions, so scoring
             # engines run without the cache.
             enable_prefix_caching=not scoring,

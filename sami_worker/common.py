@@ -60,10 +60,30 @@ def open_model_backend(
     engine: EngineSpec | None = None,
 ) -> Backend:
     """The generation backend (vLLM or transformers) on `model`, fetched first when it lives
-    in storage; vLLM with `engine` (the task's resolved engine), default generation.engine."""
-    model_dir = resolve_model_dir(model.uri, lambda uri: fetch_model(uri, storage_spec))
+    in storage, or streamed from it by vLLM (engine.loadFormat: stream); vLLM with `engine`
+    (the task's resolved engine), default generation.engine."""
     engine = generation.engine if engine is None else engine
+    streamed = engine.load_format == "stream" and generation.backend == "vllm"
+    if streamed and model.uri.startswith("s3://"):
+        prepare_streaming(storage_spec)
+        model_dir = model.uri
+    else:
+        model_dir = resolve_model_dir(model.uri, lambda uri: fetch_model(uri, storage_spec))
     return open_backend(generation.backend, model_dir, model, engine, seed=seed, scoring=scoring)
+
+
+def prepare_streaming(spec: StorageSpec | None) -> None:
+    """Point the Run:ai model streamer, which vLLM loads s3:// weights with, at the task's
+    S3: its endpoint, addressing style and region, from the environment it reads (the
+    credentials it takes from boto3's chain, as storage does)."""
+    if spec is None:
+        return
+    if spec.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = spec.endpoint_url
+    if spec.force_path_style:
+        os.environ["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] = "0"
+    if spec.region:
+        os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = spec.region
 
 
 def query_prompt_ids(

@@ -33,7 +33,8 @@ The checks, in order:
    scores prompt log-probs; a transformers forward on the same device must agree: per-token
    log-probs over every position, the backends' `VLLMBackend.score` against
    `logprobs.response_logprobs` per sequence, and each greedy token within a small gap of the
-   transformers argmax.
+   transformers argmax. On a GPU also: the prompts sampled at temperature 1 in two halves
+   (two generation shards) give the tokens they give sampled at once.
 4. fsdp_checkpointing: the real training worker, `torchrun --standalone --nproc_per_node 1 -m
    sami_worker train --task ...` (FSDP2, NCCL, bf16, the chunked LM-head log-probs), two
    optimizer steps with activation checkpointing off, then on. Both must finish with the same
@@ -765,6 +766,25 @@ def greedy_numbers(reference: dict, tol: dict, failures: list[str]) -> dict:
     return numbers
 
 
+def sampled_halves_match(ctx: dict, backend) -> bool | None:
+    """What generation.shards relies on for sampled datasets: with per-request seeds (CUDA
+    builds), the prompts sampled at temperature 1 in two halves, as two shards would, give
+    the tokens they give sampled at once. None where vLLM does not seed requests one by one
+    (its CPU build), which the README says."""
+    from sami_worker.backends import SamplingSettings, request_seed
+
+    if not backend.per_request_seeds:
+        return None
+    prompts = ctx["prompts"]
+    settings = SamplingSettings(SIZES[ctx["mode"]]["new_tokens"], 1.0, 1.0, ())
+    seeds = [request_seed("gpu-smoke-shards", i) for i in range(len(prompts))]
+    whole = backend.generate(prompts, settings, seeds)
+    half = len(prompts) // 2
+    halves = backend.generate(prompts[:half], settings, seeds[:half])
+    halves += backend.generate(prompts[half:], settings, seeds[half:])
+    return [c.token_ids for c in whole] == [c.token_ids for c in halves]
+
+
 def check_vllm(ctx: dict) -> Result:
     unavailable = vllm_unavailable(ctx)
     if unavailable:
@@ -775,6 +795,7 @@ def check_vllm(ctx: dict) -> Result:
     )
     project = backend.score(sequences, starts)
     per_token = vllm_token_logprobs(backend.llm, sequences)
+    shards_match = sampled_halves_match(ctx, backend)
     close_backend(backend)
     reference = transformers_reference(ctx, ctx["model_dir"], sequences, starts)
 
@@ -799,7 +820,13 @@ def check_vllm(ctx: dict) -> Result:
         "sequence_mean_logprob_max_abs_diff": max(sequence_diffs),
         "transformers_logprob_spread": spread,
         "engine_start_seconds": round(engine_s, 1),
+        "sampled_shards_match_one_worker": shards_match,
     }
+    if shards_match is False:
+        failures.append(
+            "sampling the prompts in two halves (generation.shards 2) gave other tokens than "
+            "sampling them at once: per-request seeds do not make sampling batch-independent"
+        )
     numbers.update(greedy_numbers(reference, tol, failures))
     if not numbers["per_token_mean_abs_diff"] < tol["token_logprob"]:
         failures.append(

@@ -21,7 +21,7 @@ from sami_operator.builders import MAX_NAME, build_children, child_name
 from sami_operator.models import DNS_1035_LABEL, MAX_RUN_NAME
 from sami_operator.planner import cleanup_stage, plan
 from sami_operator.settings import OperatorSettings
-from sami_operator.validate import parse_samirun
+from sami_operator.validate import SpecError, parse_samirun
 from tests.k8s.admission import violations
 
 SETTINGS = OperatorSettings(
@@ -180,6 +180,42 @@ def test_cache_size_limits_the_cache_and_requests_the_disk(samirun_doc):
     assert pod["containers"][0]["resources"] == {"requests": {"ephemeral-storage": "20Gi"}}
 
 
+def test_a_cache_volume_replaces_the_emptydir_for_every_launcher(samirun_doc):
+    claim = {"persistentVolumeClaim": {"claimName": "sami-models"}}
+    samirun_doc["spec"]["pods"]["default"]["cacheVolume"] = claim
+    for launcher in ("PyTorchJob", "JobSet", "TrainJob", "Job"):
+        samirun_doc["spec"]["training"]["launcher"] = launcher
+        samirun_doc["spec"]["training"]["nodes"] = 1 if launcher == "Job" else 4
+        run = parse_samirun(samirun_doc)
+        for children in all_children(run):
+            for template in pod_templates(children[1]):
+                volumes = template["spec"]["volumes"]
+                cache = next(v for v in volumes if v["name"] == "cache")
+                assert cache == {"name": "cache", **claim}, children[1]["metadata"]["name"]
+                assert restricted_violations(template["spec"]) == []
+    # cacheSize sizes an emptyDir only: no ephemeral-storage request for a claim.
+    pod = _worker_pod(parse_samirun(samirun_doc), "train")
+    assert "ephemeral-storage" not in pod["containers"][0]["resources"]["requests"]
+
+
+@pytest.mark.parametrize(
+    "volume, problem",
+    [
+        ({"hostPath": {"path": "/models"}}, "exactly one of persistentVolumeClaim, ephemeral, csi"),
+        (
+            {"persistentVolumeClaim": {"claimName": "a"}, "ephemeral": {}},
+            "exactly one of persistentVolumeClaim",
+        ),
+        ({"ephemeral": "big"}, "cacheVolume.ephemeral: must be an object"),
+    ],
+)
+def test_a_cache_volume_is_one_restricted_source(samirun_doc, volume, problem):
+    samirun_doc["spec"]["pods"]["train"]["cacheVolume"] = volume
+    with pytest.raises(SpecError, match="spec.pods.train.cacheVolume") as err:
+        parse_samirun(samirun_doc)
+    assert problem in str(err.value)
+
+
 @pytest.mark.parametrize("launcher", ["PyTorchJob", "JobSet", "TrainJob", "Job"])
 def test_every_stage_pod_meets_pod_security_restricted(samirun_doc, launcher):
     run = run_with(samirun_doc, "team-a", launcher, writer=True)
@@ -251,6 +287,7 @@ def _with_knobs(samirun_doc, namespace: str, launcher: str):
         schedulerName="volcano",
         automountServiceAccountToken=True,
         labels={"fabric": "rdma"},
+        cacheVolume={"persistentVolumeClaim": {"claimName": "sami-models"}},
     )
     return run_with(samirun_doc, namespace, launcher)
 
@@ -273,6 +310,8 @@ def _check_knobs(workload: dict) -> None:
             assert pod["schedulerName"] == "volcano"
             assert pod["automountServiceAccountToken"] is True
             assert labels["fabric"] == "rdma" and "team" not in labels  # a stage's own wins
+            cache = next(v for v in pod["volumes"] if v["name"] == "cache")
+            assert cache["persistentVolumeClaim"] == {"claimName": "sami-models"}
             assert restricted_violations(pod) == [
                 "host namespaces (hostNetwork=true)",
                 f'unrestricted capabilities (container "{worker["name"]}" must not include '

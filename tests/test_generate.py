@@ -268,6 +268,46 @@ def test_smollm2_generation_into_s3_survives_a_kill(
     assert manifest.meta["tokens_per_second"] > 0
 
 
+@pytest.mark.vllm
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_model_streamed_from_s3_generates_what_the_downloaded_one_does(
+    smollm2, s3_server, s3_bucket, s3_env, tmp_path
+):
+    """engine.loadFormat: stream: vLLM reads SmolLM2's weights from the S3 server through the
+    Run:ai model streamer; nothing of the model lands in the cache volume, and the dataset is
+    the one the downloaded model gives."""
+    bucket = storage.open_storage(
+        f"s3://{s3_bucket}",
+        storage.StorageSettings(endpoint_url=s3_server.endpoint_url, force_path_style=True),
+    )
+    storage.upload_stage(bucket, smollm2, "models/smollm2", stage="model")
+    datasets = {}
+    for load in ("stream", "download"):
+        task = generate_task(
+            smollm2,
+            f"s3://{s3_bucket}/runs/{load}/generate",
+            model={"uri": f"s3://{s3_bucket}/models/smollm2", "dtype": "float32"},
+            generation={
+                "backend": "vllm",
+                "maxNewTokens": 16,
+                "engine": {**VLLM_CPU, "loadFormat": load},
+            },
+            storage={
+                "uri": f"s3://{s3_bucket}",
+                "endpointUrl": s3_server.endpoint_url,
+                "forcePathStyle": True,
+            },
+        )
+        cache = tmp_path / f"cache-{load}"
+        result = run_worker("generate", task, tmp_path, env={"SAMI_CACHE_DIR": str(cache)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        downloaded = list(cache.rglob("*.safetensors"))
+        assert bool(downloaded) == (load == "download"), downloaded
+        datasets[load] = bucket.read_bytes(f"runs/{load}/generate/{DATASET_JSONL}")
+    assert datasets["stream"] == datasets["download"]
+
+
 @pytest.mark.s3
 def test_bad_credentials_fail_without_leaking_them(tiny_llama, s3_server, s3_bucket, tmp_path):
     task = generate_task(

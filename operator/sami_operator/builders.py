@@ -225,7 +225,7 @@ def build_pod_template(
     }
     resources = pod.resources.model_dump(exclude_defaults=True) if pod.resources is not None else {}
     cache: dict[str, Any] = {}
-    if pod.cache_size is not None:
+    if pod.cache_size is not None and pod.cache_volume is None:
         cache["sizeLimit"] = str(pod.cache_size)
         # The scheduler places the pod by requests only: without one, a node with too little
         # disk takes it and the kubelet evicts it once the cache outgrows the limit. A limit
@@ -234,6 +234,8 @@ def build_pod_template(
         if "ephemeral-storage" not in asked:
             requests = resources.setdefault("requests", {})
             requests["ephemeral-storage"] = str(pod.cache_size)
+    # A volume the spec names (a claim shared by the nodes), else an emptyDir on the node.
+    cache_volume = dict(pod.cache_volume) if pod.cache_volume else {"emptyDir": cache}
     if resources:
         worker["resources"] = resources
     spec: dict[str, Any] = {
@@ -244,7 +246,7 @@ def build_pod_template(
         "volumes": [
             {"name": "task", "configMap": {"name": config_map}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}},
-            {"name": "cache", "emptyDir": cache},
+            {"name": "cache", **cache_volume},
             {"name": "tmp", "emptyDir": {}},
             *(pod.volumes or []),
         ],

@@ -515,6 +515,19 @@ class DataSpec(APIModel):
 # Generation
 
 
+# engine.loadFormat: how a vLLM engine gets an s3:// model's weights.
+LoadFormat = Literal["download", "stream"]
+LOAD_FORMAT_HELP = (
+    "How the engine gets an s3:// model's weights. download: the model folder is fetched "
+    "to the cache volume first (once per node, verified against its manifest), then "
+    "loaded. stream: vLLM's Run:ai model streamer reads the safetensors from S3 straight "
+    "into the engine, so generation starts without a full download and nothing is written "
+    "to disk (config and tokenizer files are fetched; the weights are checked by S3's "
+    "transfer, not against the manifest's digests). Local and hub models load as usual; "
+    "the transformers backend always downloads."
+)
+
+
 class EngineSpec(APIModel):
     """vLLM engine options."""
 
@@ -539,6 +552,7 @@ class EngineSpec(APIModel):
         description="Fraction of GPU memory vLLM may use (on CPU builds: of host memory).",
     )
     enforce_eager: bool = Field(default=False, description="Skip CUDA graph capture / compilation.")
+    load_format: LoadFormat = Field(default="download", description=LOAD_FORMAT_HELP)
 
 
 class EngineOverrides(APIModel):
@@ -568,6 +582,9 @@ class EngineOverrides(APIModel):
     enforce_eager: bool | None = Field(
         default=None,
         description="Skip CUDA graph capture / compilation; default generation.engine's.",
+    )
+    load_format: LoadFormat | None = Field(
+        default=None, description=LOAD_FORMAT_HELP + " Default generation.engine's."
     )
 
     def merged_over(self, default: EngineSpec) -> EngineSpec:
@@ -1194,6 +1211,17 @@ class PodSpec(APIModel):
         "lands on a node with the room. A 70B bfloat16 model needs about 141 GB for the "
         "download plus up to 5 GB per export shard in flight. Default: no limit, no request.",
     )
+    cache_volume: KubeObject | None = Field(
+        default=None,
+        description="The /var/cache/sami volume's source instead of an emptyDir, as a "
+        "Kubernetes volume without its name, with exactly one of persistentVolumeClaim, "
+        "ephemeral or csi (the sources Pod Security 'restricted' allows): e.g. "
+        "{persistentVolumeClaim: {claimName: sami-models}}. A ReadWriteMany claim shared by "
+        "the nodes fetches each model once for all pods and stages of a run (the first "
+        "process to lock a model's folder downloads it, the others wait and reuse it; models "
+        "are kept there across runs, keyed by URI); ephemeral gives each pod a fresh claim "
+        "from a storage class. cacheSize does not apply to it.",
+    )
     annotations: dict[str, str] | None = Field(default=None, description="Pod annotations.")
     labels: dict[str, str] | None = Field(
         default=None,
@@ -1250,6 +1278,19 @@ class PodSpec(APIModel):
         return self
 
     @model_validator(mode="after")
+    def _cache_volume(self) -> PodSpec:
+        if self.cache_volume is not None:
+            keys = sorted(self.cache_volume)
+            if len(keys) != 1 or keys[0] not in CACHE_VOLUME_SOURCES:
+                raise ValueError(
+                    f"cacheVolume: exactly one of {', '.join(CACHE_VOLUME_SOURCES)}, got "
+                    f"{keys or 'none'}"
+                )
+            if not isinstance(self.cache_volume[keys[0]], dict):
+                raise ValueError(f"cacheVolume.{keys[0]}: must be an object")
+        return self
+
+    @model_validator(mode="after")
     def _labels(self) -> PodSpec:
         for key, value in (self.labels or {}).items():
             _check_pod_label(key, value)
@@ -1263,6 +1304,10 @@ class PodSpec(APIModel):
         """This stage's settings, falling back field by field to `default`."""
         return default.model_copy(update={f: getattr(self, f) for f in self.model_fields_set})
 
+
+# pods.*.cacheVolume: the volume sources Pod Security 'restricted' allows that can hold a
+# shared or per-pod model cache.
+CACHE_VOLUME_SOURCES = ("persistentVolumeClaim", "ephemeral", "csi")
 
 # Pod fields a Kubeflow Trainer v2.3 TrainJob cannot set on its pods (its runtimePatches carry
 # a PodSpecPatch without them): they come from the ClusterTrainingRuntime.
