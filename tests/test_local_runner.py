@@ -257,6 +257,19 @@ def test_a_vllm_run_twice_from_scratch_gives_the_same_files_and_metrics(tiny_lla
     assert files == reproduced_files(runs[1])
 
 
+def test_more_shards_than_gpus_is_refused_before_anything_runs(tiny_llama, tmp_path):
+    """On a machine with GPUs each local shard gets its own; too few for every shard at once
+    stops `sami run` before a stage starts, naming the field."""
+    manifest = mini_manifest(tiny_llama, tmp_path / "runs", backend="vllm")
+    manifest["spec"]["generation"]["shards"] = 3
+    path = write(tmp_path, manifest)
+    result = sami_run(path, tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode == 1
+    assert "cannot run on this machine" in result.stderr
+    assert "spec.generation.shards: 3 shards of 1 GPU(s) each" in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / ".sami").exists()
+
+
 def dataset_lines(folder: Path) -> list[dict]:
     return [json.loads(row) for row in (folder / "dataset.jsonl").read_text().splitlines()]
 

@@ -296,3 +296,22 @@ def test_shard_children_of_a_stage_are_built_with_their_own_task(samirun_doc):
     assert job["spec"]["backoffLimit"] == 0 and "completionMode" not in job["spec"]
     task = json.loads(config_map["data"]["task.json"])
     assert task["output"].endswith("/shard-00001-of-00002") and task["queryOffset"] == 4
+
+
+def test_local_shards_get_gpus_of_their_own(samirun_doc, monkeypatch):
+    from sami_operator.local import local_gpus, shard_envs
+
+    samirun_doc["spec"]["generation"]["engine"]["tensorParallelSize"] = 2
+    samirun_doc["spec"]["evaluation"]["engine"] = {"tensorParallelSize": 1}
+    samirun_doc["spec"]["pods"]["generate"]["resources"]["limits"]["nvidia.com/gpu"] = 2
+    run = sharded(samirun_doc, 2, train=[8])
+    envs = shard_envs(run, ["0", "1", "2", "3"])
+    assert envs == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert shard_envs(run, []) == [{}, {}]  # no GPUs: the shards share the cores
+    with pytest.raises(ValueError) as err:
+        shard_envs(run, ["4", "5", "6"])
+    assert "spec.generation.shards: 2 shards of 2 GPU(s) each" in str(err.value)
+    assert "need 4 GPUs side by side, this machine has 3 (4,5,6); use at most 1" in str(err.value)
+    for visible, gpus in (("2,3", ["2", "3"]), ("", []), ("-1", [])):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert local_gpus() == gpus

@@ -120,7 +120,13 @@ def run(file: Path, workdir: Path | None) -> None:
     """
     import logging
 
-    from sami_operator.local import LocalRunner, default_workdir, missing_local_paths, run_uid
+    from sami_operator.local import (
+        LocalRunner,
+        default_workdir,
+        machine_problems,
+        missing_local_paths,
+        run_uid,
+    )
     from sami_operator.report import NotARun
 
     logging.basicConfig(level=logging.WARNING)
@@ -130,6 +136,12 @@ def run(file: Path, workdir: Path | None) -> None:
         where = file.resolve().parent
         click.echo(f"{file}: cannot run (relative paths resolve against {where}):", err=True)
         for problem in missing:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+    unfit = machine_problems(samirun)
+    if unfit:
+        click.echo(f"{file}: cannot run on this machine:", err=True)
+        for problem in unfit:
             click.echo(f"  {problem}", err=True)
         sys.exit(1)
     default = default_workdir(samirun, run_uid(samirun))

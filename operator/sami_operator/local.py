@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,7 +294,7 @@ class LocalRunner:
 
     def _run_stage(self, stage: Stage) -> str | None:
         """Run the stage's worker; why it failed, or None."""
-        code = self._run_processes(stage, [(stage.task, self._log_path(stage), "")])[0]
+        code = self._run_processes(stage, [(stage.task, self._log_path(stage), "", {})])[0]
         return None if code == 0 else f"exit code {code}; log: {self._log_path(stage)}"
 
     def _run_shards(self, stage: Stage, record: StageRecord) -> str | None:
@@ -310,7 +311,8 @@ class LocalRunner:
             shard.attempts += 1
             todo.append((index, task))
         self._publish_status()
-        runs = [(task, self._log_path(stage, i), f"[shard {i}] ") for i, task in todo]
+        envs = shard_envs(self.run, local_gpus())
+        runs = [(task, self._log_path(stage, i), f"[shard {i}] ", envs[i]) for i, task in todo]
         codes = self._run_processes(stage, runs)
         failures = []
         for (index, _), code in zip(todo, codes, strict=True):
@@ -326,13 +328,13 @@ class LocalRunner:
         return "; ".join(failures) + " (run again to retry only the failed shards)"
 
     def _run_processes(self, stage: Stage, runs: list[tuple]) -> list[int]:
-        """Run one worker per (task, log file, console prefix) at once, each writing its
-        output to its log file line by line (`tail -f` follows it) and its progress to the
-        console; their exit codes, in order."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        """Run one worker per (task, log file, console prefix, environment) at once, each
+        writing its output to its log file line by line (`tail -f` follows it) and its
+        progress to the console; their exit codes, in order."""
         children, pumps = [], []
         try:
-            for task, log_path, tag in runs:
+            for task, log_path, tag, extra in runs:
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
                 task_file = self.workdir / "tasks" / f"{log_path.stem}.json"
                 task_file.parent.mkdir(parents=True, exist_ok=True)
                 task_file.write_text(dump_task(task))
@@ -378,6 +380,52 @@ class LocalRunner:
         if self.status is not None:
             (directory / STATUS_FILE).write_text(json.dumps(self.status.to_api(), indent=2))
         return directory
+
+
+def local_gpus() -> list[str]:
+    """The GPUs `sami run`'s workers see: CUDA_VISIBLE_DEVICES when set, else the ones
+    nvidia-smi lists; none on a machine without NVIDIA GPUs."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        listed = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+        return [d.strip() for d in listed if d.strip() and not d.strip().startswith("-")]
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    found = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60)
+    lines = found.stdout.splitlines() if found.returncode == 0 else []
+    return [str(i) for i, line in enumerate(ln for ln in lines if ln.startswith("GPU "))]
+
+
+def shard_envs(run: SAMIRun, gpus: list[str]) -> list[dict[str, str]]:
+    """Each generation shard's environment under `sami run`: GPUs of its own
+    (CUDA_VISIBLE_DEVICES; a vLLM engine's tensorParallelSize of them), so that shards side
+    by side do not all load onto the first GPU; nothing on a machine without GPUs, where
+    they share the cores. ValueError, naming the fields, when the machine has too few GPUs
+    for every shard at once."""
+    generation = run.spec.generation
+    shards = generation.shards
+    if shards == 1 or not gpus:
+        return [{} for _ in range(shards)]
+    each = generation.engine.tensor_parallel_size if generation.backend == "vllm" else 1
+    if len(gpus) < shards * each:
+        raise ValueError(
+            f"spec.generation.shards: {shards} shards of {each} GPU(s) each "
+            f"(generation.engine.tensorParallelSize) need {shards * each} GPUs side by side, "
+            f"this machine has {len(gpus)} ({','.join(gpus)}); use at most "
+            f"{max(len(gpus) // each, 1)} shards"
+        )
+    return [
+        {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * each : (i + 1) * each])} for i in range(shards)
+    ]
+
+
+def machine_problems(run: SAMIRun) -> list[str]:
+    """What keeps this machine from running the spec, found before any stage runs."""
+    try:
+        shard_envs(run, local_gpus())
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def _terminate(child: subprocess.Popen, grace_s: float = 10) -> None:
