@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,8 +150,10 @@ def load_task_queries(
 def scratch_dir(stage: str) -> tempfile.TemporaryDirectory:
     """Scratch space on the cache volume (which pods size for it), removed on exit. A process
     that is killed leaves its folder behind, so the folders of processes that are gone are
-    removed first: each folder's name carries the process id that made it."""
-    root = cache_dir()
+    removed first: each folder's name carries the process id that made it. Under a folder of
+    this host's (a pod's name): a cache volume shared by pods (pods.*.cacheVolume) holds
+    other hosts' folders, whose process ids mean nothing here."""
+    root = cache_dir() / "scratch" / socket.gethostname()
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob(f"sami-{stage}-*"):
         match = re.match(rf"sami-{stage}-(\d+)-", old.name)

@@ -127,19 +127,22 @@ def merge_shard_summaries(shards: list[dict]) -> dict:
     """One generation's summary from its shards' (generation.shards; sami_worker.generate
     writes them): counts summed, the mean response length weighted by the queries each
     kept, the wall time the slowest shard's and the throughput all of them together."""
-    kept = sum(s["kept"] for s in shards)
-    seconds = max(s["seconds"] for s in shards)
+
+    def total(key: str) -> float:  # a key a shard lacks (another worker version's) counts 0
+        return sum(s.get(key) or 0 for s in shards)
+
+    kept = total("kept")
+    seconds = max(s.get("seconds") or 0 for s in shards)
     summed = ("queries", "kept", "responses_generated", "retokenized_responses")
-    merged = {key: sum(s[key] for s in shards) for key in summed}
-    tokens = sum(s["generated_tokens"] for s in shards)
-    mean = sum(s["mean_response_tokens"] * s["kept"] for s in shards) / kept if kept else 0.0
+    weighted = sum((s.get("mean_response_tokens") or 0) * (s.get("kept") or 0) for s in shards)
+    reasons = sorted({r for s in shards for r in s.get("dropped") or {}})
     return {
-        **merged,
-        "dropped": {r: sum(s["dropped"].get(r, 0) for s in shards) for r in shards[0]["dropped"]},
-        "mean_response_tokens": mean,
-        "generated_tokens": tokens,
+        **{key: total(key) for key in summed},
+        "dropped": {r: sum((s.get("dropped") or {}).get(r, 0) for s in shards) for r in reasons},
+        "mean_response_tokens": weighted / kept if kept else 0.0,
+        "generated_tokens": total("generated_tokens"),
         "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        "backend": shards[0]["backend"],
+        "tokens_per_second": total("generated_tokens") / seconds if seconds > 0 else 0.0,
+        "backend": shards[0].get("backend"),
         "shards": len(shards),
     }

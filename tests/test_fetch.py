@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -294,13 +295,17 @@ def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     gone = multiprocessing.Process(target=time.sleep, args=(0,))
     gone.start()
     gone.join()
-    dead = tmp_path / f"sami-train-{gone.pid}-abc"
-    live = tmp_path / f"sami-train-{os.getppid()}-def"  # pytest's parent: alive
-    unnamed = tmp_path / "sami-train-xyz"  # no process id: not ours to judge
-    for folder in (dead, live, unnamed):
+    here = tmp_path / "scratch" / socket.gethostname()
+    dead = here / f"sami-train-{gone.pid}-abc"
+    live = here / f"sami-train-{os.getppid()}-def"  # pytest's parent: alive
+    unnamed = here / "sami-train-xyz"  # no process id: not ours to judge
+    # Another pod's, on a shared cache volume: its process ids are not this host's.
+    elsewhere = tmp_path / "scratch" / "another-pod" / f"sami-train-{gone.pid}-ghi"
+    for folder in (dead, live, unnamed, elsewhere):
         (folder / "export").mkdir(parents=True)
         (folder / "export" / "model.safetensors").write_bytes(b"x" * 1000)
     with scratch_dir("train") as scratch:
         assert Path(scratch).name.startswith(f"sami-train-{os.getpid()}-")
         assert not dead.exists() and live.exists() and unnamed.exists()
+        assert elsewhere.exists()
     assert not Path(scratch).exists()

@@ -86,6 +86,22 @@ def test_generate_with_transformers_backend(tiny_llama, tmp_path):
         assert record.query in tok.decode(record.prompt_token_ids[0])
 
 
+def test_a_shard_that_keeps_nothing_publishes_an_empty_dataset(tiny_llama, tmp_path):
+    """Filters that drop every response: one worker over all the queries fails (bad
+    input), while a shard of them publishes its empty dataset, as the other shards may
+    keep plenty."""
+    every = {"filters": {"debrisMarkers": [" "]}, "backend": "transformers", "maxNewTokens": 8}
+    whole = generate_task(tiny_llama, str(tmp_path / "whole"), generation=every)
+    result = run_worker("generate", whole, tmp_path)
+    assert result.returncode == 65 and "every query was dropped" in result.stderr
+    shard = whole.shard(1, 2)
+    result = run_worker("generate", shard, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_dataset(Path(shard.output)) == []
+    manifest = storage.read_manifest(storage.open_storage(shard.output), "")
+    assert (manifest.meta["queries"], manifest.meta["kept"]) == (2, 0)
+
+
 def test_generation_is_deterministic_and_a_finished_stage_is_not_redone(
     tiny_llama, tmp_path, capsys
 ):

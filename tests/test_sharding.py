@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from kubernetes.client import ApiClient
@@ -315,3 +315,61 @@ def test_local_shards_get_gpus_of_their_own(samirun_doc, monkeypatch):
     for visible, gpus in (("2,3", ["2", "3"]), ("", []), ("-1", [])):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         assert local_gpus() == gpus
+
+
+def test_an_indexed_job_tells_a_shard_s_failure_from_a_replaced_pod(samirun_doc):
+    """Index 0's first pod was preempted (DisruptionTarget) and its replacement succeeded;
+    index 1 failed on bad input: not a disruption, and not retried."""
+    preempted = indexed_pod(0, "Failed", None, 143)
+    preempted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
+    replaced = indexed_pod(0, "Succeeded", line(summary(4, 4, 40, 2.0, 5.0)))
+    replaced["metadata"]["creationTimestamp"] = "2026-01-01T00:05:00Z"
+    bad = json.dumps({"exit_code": 65, "error": "queries: the source yields no queries"})
+    pods = [preempted, replaced, indexed_pod(1, "Failed", bad, 65)]
+    state = child_state(JOB, job_object("Failed"), pods, [])
+    assert (state.disrupted, state.exit_code) == (False, 65)
+    run = sharded(samirun_doc, 2, train=[8])
+    records = decide(run, "uid-1", {}, {}, INDEXED, T0, T0).records
+    decision = decide(run, "uid-1", records, {"mistral-hh-it1-generate": state}, INDEXED, T0, T0)
+    assert decision.failure == "StageFailed" and decision.create == []
+
+
+def test_a_refused_shard_that_waiting_cannot_fix_stops_the_others(samirun_doc):
+    run = sharded(samirun_doc, 3, train=[9])
+    decision = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0)
+    invalid = CreateRefused("Job", "mistral-hh-it1-generate-s1", 422, "spec: Invalid value")
+    create_refused(decision, invalid, {}, T0)
+    assert decision.failure == "CreateRefused"
+    assert decision.delete == ["mistral-hh-it1-generate-s0"]  # created before it this pass
+
+
+def test_the_start_deadline_counts_until_a_shard_runs_and_the_way_shards_run_is_kept(
+    samirun_doc,
+):
+    samirun_doc["spec"]["deadlines"] = {"startSeconds": 60}
+    run = sharded(samirun_doc, 2, train=[8])
+    records = decide(run, "uid-1", {}, {}, SETTINGS, T0, T0).records
+    later = T0 + timedelta(seconds=600)
+    observed = {
+        "mistral-hh-it1-generate-s0": ChildState(StagePhase.running),
+        "mistral-hh-it1-generate-s1": ChildState(StagePhase.pending, waiting_since=T0),
+    }
+    decision = decide(run, "uid-1", records, observed, SETTINGS, later, T0)
+    assert decision.failure is None  # the cluster places one shard at a time
+    del observed["mistral-hh-it1-generate-s0"]
+    observed["mistral-hh-it1-generate-s1"] = ChildState(StagePhase.pending, waiting_since=T0)
+    records["generate-1"].shards[0].phase = StagePhase.pending
+    stuck = decide(run, "uid-1", records, observed, SETTINGS, later, T0)
+    assert stuck.failure == "StartDeadlineExceeded"
+    # An operator restarted on a cluster it now finds able to run Indexed Jobs keeps the
+    # Jobs per shard it made: no Indexed Job beside them.
+    restored = records_from_status(run, "uid-1", derive_status(run, "uid-1", records, "t"))
+    again = decide(run, "uid-1", restored, {}, INDEXED, T0, T0)
+    assert all("-s" in o["metadata"]["name"] for o in again.create)
+
+
+def test_summaries_from_another_worker_version_merge_without_failing():
+    old = {"queries": 4, "kept": 3, "seconds": 2.0, "generated_tokens": 30}
+    merged = merge_shard_summaries([old, summary(4, 1, 10, 1.0, 10.0)])
+    assert (merged["queries"], merged["kept"], merged["generated_tokens"]) == (8, 4, 40)
+    assert merged["dropped"] == {"debris": 0, "empty": 0, "identical": 0}

@@ -293,8 +293,31 @@ def _failed_create(events: list[dict]) -> tuple[str | None, str | None]:
     return "FailedCreate", f"{involved.get('kind')} {involved.get('name')}: {latest.get('message')}"
 
 
+def _latest_per_index(pods: list[dict]) -> list[dict]:
+    """An Indexed Job's pods: the newest of each completion index (a pod replaced after a
+    disruption leaves the old one behind, failed)."""
+    newest: dict[str, dict] = {}
+    for pod in pods:
+        index = pod["metadata"]["labels"][COMPLETION_INDEX]
+        stamp = pod["metadata"].get("creationTimestamp") or ""
+        if index not in newest or stamp >= (
+            newest[index]["metadata"].get("creationTimestamp") or ""
+        ):
+            newest[index] = pod
+    return list(newest.values())
+
+
 def _terminal(phase: StagePhase, pods: list[dict]) -> ChildState:
     disrupted = phase == StagePhase.failed and disruption(pods)
+    if pods and all(COMPLETION_INDEX in (p["metadata"].get("labels") or {}) for p in pods):
+        # An Indexed Job: what its shards ended with, each shard's last pod (one disrupted
+        # and replaced ended on the replacement); disrupted only if every shard that failed
+        # was, so a shard's own failure is not retried for free.
+        pods = _latest_per_index(pods)
+        if phase == StagePhase.failed:
+            failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+            disrupted = bool(failed) and all(disruption([p]) for p in failed)
+            pods = failed or pods
     # Pods being deleted (a launcher stopping the survivors of a failure) were killed:
     # their exit code would hide the one that says why the workload failed.
     pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")] or pods

@@ -355,17 +355,22 @@ class LocalRunner:
                 while pump.is_alive():
                     pump.join(0.5)  # in slices: Ctrl-C reaches this thread between them
             return [child.wait() for child in children]
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or a worker that could not start: none left behind
             for child in children:
                 _terminate(child)
             raise
 
     def _pump(self, child: subprocess.Popen, log_path: Path, tag: str) -> None:
+        """Copy a worker's output to its log file and its progress to the console; reads to
+        the end whatever happens to either, so the worker never blocks on a full pipe."""
         with log_path.open("w", buffering=1) as sink:
             for line in child.stdout:
-                sink.write(line)
-                if any(marker in line for marker in PROGRESS_MARKERS):
-                    self.echo(f"    {tag}{line.rstrip()[:160]}")
+                try:
+                    sink.write(line)
+                    if any(marker in line for marker in PROGRESS_MARKERS):
+                        self.echo(f"    {tag}{line.rstrip()[:160]}")
+                except Exception as err:  # a full disk, a closed console
+                    log.warning("worker output not recorded: %s", err)
 
     def _publish_status(self) -> None:
         self.status = derive_status(
@@ -391,7 +396,11 @@ def local_gpus() -> list[str]:
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi is None:
         return []
-    found = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60)
+    try:
+        found = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.warning("nvidia-smi -L failed (%s): running shards without GPUs of their own", err)
+        return []
     lines = found.stdout.splitlines() if found.returncode == 0 else []
     return [str(i) for i, line in enumerate(ln for ln in lines if ln.startswith("GPU "))]
 

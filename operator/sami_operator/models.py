@@ -643,9 +643,11 @@ class GenerationSpec(APIModel):
         "data.train's queries with a dataset of its own (train reads them all, in order). "
         "The dataset is one worker's: greedy, and sampled where vLLM seeds each request (on "
         "GPUs; on CPUs the engine's seed applies per worker). On a cluster: an Indexed Job where "
-        "Kubernetes has per-index retries (1.29+), else one Job per shard; a failed shard "
-        "is retried alone and a finished one is never redone. `sami run` runs them as "
-        "processes side by side. At most the number of training queries.",
+        "Kubernetes has per-index retries (1.29+: the other shards run on when one fails, "
+        "and the Job is retried once all are done), else one Job per shard (a failed shard "
+        "is retried alone); a finished shard never generates again. `sami run` runs them as "
+        "processes side by side, each on GPUs of its own where there are GPUs. At most the "
+        "number of training queries.",
     )
     engine: EngineSpec = Field(
         default_factory=EngineSpec,
@@ -1606,7 +1608,12 @@ class ShardStatus(APIModel):
     child: str | None = Field(
         default=None, description="The shard's own Job (JobPerShard); none in an Indexed Job."
     )
-    attempts: int = Field(default=0, ge=0, description="Times the shard was started.")
+    attempts: int = Field(
+        default=0,
+        ge=0,
+        description="Times the shard was started (in an Indexed Job: the Job's attempt it "
+        "last ran in; under `sami run`: in this invocation).",
+    )
     disruptions: int = Field(
         default=0, ge=0, description="Attempts whose pods were taken away (not counted)."
     )

@@ -199,7 +199,7 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
             r.phase in (StagePhase.running, StagePhase.succeeded) or r.attempts > 1
             for r in records.values()
         )
-        per_shard = bool(stage.shards) and not ctx.settings.indexed_jobs
+        per_shard = _per_shard(ctx, stage, record)
         state = _shards_waiting(ctx, record) if per_shard else _observed(ctx, record.child)
         late = _start_overdue(ctx, never_started, state)
         if late is not None:
@@ -263,14 +263,28 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
         return
 
 
+def _per_shard(ctx: _Pass, stage: Stage, record: StageRecord) -> bool:
+    """Whether a sharded stage runs a Job per shard: as it started (an operator restarted
+    mid-stage keeps the way its children were made), else as this cluster allows."""
+    if not stage.shards:
+        return False
+    if record.sharding is not None:
+        return record.sharding == Sharding.job_per_shard
+    return not ctx.settings.indexed_jobs
+
+
 def _observed(ctx: _Pass, child: str | None) -> ChildState | None:
     return ctx.observed.get(child) if child else None
 
 
 def _shards_waiting(ctx: _Pass, record: StageRecord) -> ChildState | None:
-    """For the deadlines, a Job per shard: the shard that has waited longest for its pods,
-    else any shard's state."""
+    """For the deadlines, a Job per shard: a running shard's state once one runs (a cluster
+    that places some shards at a time is making progress), else the shard that has waited
+    longest for its pods, else any shard's."""
     states = [s for r in record.shards if (s := _observed(ctx, r.child)) is not None]
+    running = [s for s in states if s.phase == StagePhase.running]
+    if running:
+        return running[0]
     waiting = [s for s in states if s.phase in _WAITING and s.waiting_since is not None]
     if waiting:
         return min(waiting, key=lambda s: s.waiting_since)
@@ -282,6 +296,8 @@ def _indexed_shards(record: StageRecord, stage: Stage, state: ChildState) -> Non
     record.sharding = Sharding.indexed_job
     for index in range(len(stage.shards)):
         shard = record.shard(index)
+        if shard.phase == StagePhase.succeeded:
+            continue  # done in an earlier attempt: its pod of this one only looked
         shard.child = None
         shard.attempts = record.attempts
         done = index in state.shard_messages
@@ -345,9 +361,7 @@ def _walk_shards(ctx: _Pass, decision: Decision, stage: Stage, record: StageReco
                 _create_shard(ctx, decision, stage, record, index)
             continue
         shard.phase, shard.message = StagePhase.failed, error
-        for other in record.shards:  # stop the others: the stage has failed
-            if other.phase in (StagePhase.pending, StagePhase.queued, StagePhase.running):
-                decision.delete += [other.child] if other.child else []
+        _stop_shards(decision, record)
         reason = "RetriesExhausted" if retryable else "StageFailed"
         _fail(decision, record, stamp, reason, f"{where}: {error}")
         return False
@@ -365,6 +379,18 @@ def _walk_shards(ctx: _Pass, decision: Decision, stage: Stage, record: StageReco
     record.message = stuck.message if stuck else None
     record.stalled = stuck.stalled if stuck else None
     return False
+
+
+def _stop_shards(decision: Decision, record: StageRecord) -> None:
+    """The stage has failed: delete its shards' Jobs that have not finished (a Job per
+    shard; created in this pass or before)."""
+    for shard in record.shards:
+        if shard.child and shard.phase in (
+            StagePhase.pending,
+            StagePhase.queued,
+            StagePhase.running,
+        ):
+            decision.delete.append(shard.child)
 
 
 def _create_shard(
@@ -387,7 +413,7 @@ def _start_overdue(ctx: _Pass, never_started: bool, state: ChildState | None) ->
     and the run's first stage must start within it of the run's creation (a child the API
     server keeps refusing never waits at all). Not while suspended."""
     limit = ctx.run.spec.deadlines.start_seconds
-    if not limit or ctx.run.spec.suspend:
+    if not limit or ctx.run.spec.suspend or (state and state.phase == StagePhase.running):
         return None
     waiting = state.waiting_since if state and state.phase in _WAITING else None
     if waiting is not None:
@@ -454,21 +480,23 @@ def create_refused(
     )
     message = f"creating {refused.kind} {refused.name} was refused: {refused.message}"
     decision.events = [e for e in decision.events if e[1] != "StageCreated"]
+    # `attempt`: the stage's record, or a shard's (a Job per shard) with the same fields.
+    # Neither it nor the shards after it in this pass were created.
+    uncreated = [attempt]
+    if record is not attempt:
+        created = {o["metadata"]["name"] for o in decision.create}
+        later = record.shards[record.shards.index(attempt) + 1 :]
+        uncreated += [r for r in later if r.child in created]
+    for r in uncreated:
+        r.attempts -= 1
+        r.child, r.phase = None, StagePhase.pending
+    if record is not attempt:
+        record.attempts = max(r.attempts for r in record.shards)
     if not refused.waiting_helps():
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         _fail(decision, record, stamp, "CreateRefused", f"{stage_id}: {message}")
+        _stop_shards(decision, record)
         return
-    # `attempt`: the stage's record, or a shard's (a Job per shard) with the same fields.
-    attempt.attempts -= 1
-    attempt.child = None
-    attempt.phase = StagePhase.pending
-    if record is not attempt:
-        record.attempts = max(r.attempts for r in record.shards)
-        # The shards created after the refused one in this pass were not created either.
-        for later in record.shards[record.shards.index(attempt) + 1 :]:
-            if later.child and any(o["metadata"]["name"] == later.child for o in decision.create):
-                later.attempts -= 1
-                later.child, later.phase = None, StagePhase.pending
     if record.attempts == 0:
         record.start_time = None  # it has not started yet
     record.phase = StagePhase.pending
