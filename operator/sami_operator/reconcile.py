@@ -21,7 +21,7 @@ from sami_operator.builders import build_children, child_name
 from sami_operator.models import Metrics, SAMIRun, SAMIRunStatus, Sharding, StagePhase
 from sami_operator.planner import Stage, plan
 from sami_operator.settings import OperatorSettings
-from sami_operator.status import StageRecord
+from sami_operator.status import ShardRecord, StageRecord
 from sami_worker.contract import (
     EXIT_RETRYABLE,
     ResultLine,
@@ -244,14 +244,8 @@ def _walk(ctx: _Pass, decision: Decision) -> None:
             record.message = None
             decision.events.append(("Normal", "StageSucceeded", f"{stage.id} ({record.child})"))
             continue
-        # Failed: retry what a retry can fix, within the budget; a disruption (a drained
-        # node, preemption) is no fault of the stage and spends none of it.
-        error = error_text(state)
-        retryable = state.disrupted or _retryable(state)
-        if state.disrupted:
-            record.disruptions += 1
-            error = f"{error}; its pods were disrupted (not counted against maxRestarts)"
-        if retryable and record.attempts - record.disruptions <= run.spec.training.max_restarts:
+        error, retryable, retry = _failed(state, record, run.spec.training.max_restarts)
+        if retry:
             decision.events.append(("Warning", "StageRetrying", f"{stage.id}: {error}"))
             if run.spec.suspend:
                 record.child = None
@@ -347,13 +341,9 @@ def _walk_shards(ctx: _Pass, decision: Decision, stage: Stage, record: StageReco
             shard.meta = _result_line(state).summary or {}
             shard.phase, shard.message = StagePhase.succeeded, None
             continue
-        error = error_text(state)
-        retryable = state.disrupted or _retryable(state)
-        if state.disrupted:
-            shard.disruptions += 1
-            error = f"{error}; its pods were disrupted (not counted against maxRestarts)"
+        error, retryable, retry = _failed(state, shard, run.spec.training.max_restarts)
         where = f"{stage.id} shard {index}"
-        if retryable and shard.attempts - shard.disruptions <= run.spec.training.max_restarts:
+        if retry:
             decision.events.append(("Warning", "StageRetrying", f"{where}: {error}"))
             if run.spec.suspend:
                 shard.child = None
@@ -405,6 +395,22 @@ def _create_shard(
     children = build_children(ctx.run, stage, ctx.uid, ctx.settings, shard.attempts, index)
     decision.create.extend(children)
     decision.events.append(("Normal", "StageCreated", f"{stage.id}: created {shard.child}"))
+
+
+def _failed(
+    state: ChildState, attempt: StageRecord | ShardRecord, max_restarts: int
+) -> tuple[str, bool, bool]:
+    """(error text, whether a retry can fix it, whether to retry now) for a failed child of
+    `attempt` (a stage's record, or a shard's): retry what a retry can fix, within the
+    budget; a disruption (a drained node, preemption) is no fault of the stage and spends
+    none of it, counted on `attempt`."""
+    error = error_text(state)
+    retryable = state.disrupted or _retryable(state)
+    if state.disrupted:
+        attempt.disruptions += 1
+        error = f"{error}; its pods were disrupted (not counted against maxRestarts)"
+    within = attempt.attempts - attempt.disruptions <= max_restarts
+    return error, retryable, retryable and within
 
 
 def _start_overdue(ctx: _Pass, never_started: bool, state: ChildState | None) -> str | None:
