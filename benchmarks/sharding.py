@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import EXAMPLES, entry
+from benchmarks.common import entry
 
 QUERIES = 32
 MAX_NEW_TOKENS = 64
@@ -36,24 +36,15 @@ SHARDS = 2
 
 
 def write_task(model_dir: str, device: str, out: Path) -> Path:
-    from benchmarks.data import principles
-    from sami_worker.tasks import GenerateTask, dump_task
+    """The generation benchmark's task (benchmarks.generation.make_task) over QUERIES queries,
+    written to `out`."""
+    from benchmarks.generation import make_task
+    from sami_worker.tasks import dump_task
 
     dtype = "float32" if device == "cpu" else "bfloat16"
-    task = GenerateTask.model_validate(
-        {
-            "output": str(out),
-            "model": {"uri": model_dir, "dtype": dtype},
-            "principles": {"inline": principles("helpful-harmless")},
-            "queries": {"uri": str(EXAMPLES / "data" / "dialogue-train.jsonl"), "count": QUERIES},
-            "generation": {
-                "backend": "vllm",
-                "maxNewTokens": MAX_NEW_TOKENS,
-                "temperature": 0.0,
-                "engine": {"gpuMemoryUtilization": 0.3, "enforceEager": device == "cpu"},
-            },
-        }
-    )
+    task = make_task(model_dir, dtype, device, MAX_NEW_TOKENS)
+    queries = task.queries.model_copy(update={"count": QUERIES})
+    task = task.model_copy(update={"output": str(out), "queries": queries})
     path = out.with_suffix(".json")
     path.write_text(dump_task(task))
     return path

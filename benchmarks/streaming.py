@@ -33,7 +33,7 @@ def skipped_on_cpu() -> list[dict]:
 
 
 def run(quick: bool, device: str) -> list[dict]:
-    from benchmarks.download import _aws_env
+    from benchmarks.download import _aws_env, _settings
     from sami_worker import storage
     from sami_worker.smollm2 import prepare_smollm2
     from tests.s3server import S3Server, find_weed
@@ -52,10 +52,7 @@ def run(quick: bool, device: str) -> list[dict]:
         try:
             with _aws_env(server):
                 bucket = server.create_bucket()
-                settings = storage.StorageSettings(
-                    endpoint_url=server.endpoint_url, force_path_style=True
-                )
-                remote = storage.open_storage(f"s3://{bucket}", settings)
+                remote = storage.open_storage(f"s3://{bucket}", _settings(server))
                 model = prepare_smollm2()
                 storage.upload_stage(remote, model, "models/smollm2", stage="model")
                 size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
